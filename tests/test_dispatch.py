@@ -1,0 +1,409 @@
+"""replica_dispatch and moe_align against a plain-Python brute force, hypothesis invariants, and each other's backend.
+
+The Triton path runs under the interpreter on CPU: tiny shapes (its block is 16 pairs there, so even these
+shapes span several programs and exercise the cross-block offsets).
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moeless_kernels.dispatch import (
+    DispatchResult,
+    moe_align,
+    moe_align_reference,
+    replica_dispatch,
+    replica_dispatch_reference,
+)
+
+BACKENDS = ["torch", "triton"]
+
+
+def _plan(logcnt, num_slots, gen):
+    """log2phy [E, max(logcnt)] with every replica in its own random slot of [0, num_slots), -1 pad."""
+    num_experts, max_replicas = len(logcnt), max(1, max(logcnt))
+    slots = torch.randperm(num_slots, generator=gen).tolist()
+    log2phy = torch.full((num_experts, max_replicas), -1, dtype=torch.int64)
+    for e, n in enumerate(logcnt):
+        for j in range(n):
+            log2phy[e, j] = slots.pop()
+    return log2phy, torch.tensor(logcnt, dtype=torch.int64)
+
+
+def _brute_force_dispatch(topk_ids, log2phy, logcnt, replica_tokens, num_slots, capacity, policy, weights):
+    """Pair by pair in Python: chunk each expert's flat-ordered pairs, then apply the slot capacity."""
+    flat = topk_ids.flatten().tolist()
+    slot_of = [-1] * len(flat)
+    for e in range(log2phy.shape[0]):
+        pairs = [i for i, x in enumerate(flat) if x == e]
+        n = int(logcnt[e])
+        if replica_tokens is None:
+            sizes = [len(pairs) // n + (1 if j < len(pairs) % n else 0) for j in range(n)] if n else []
+        else:
+            sizes = replica_tokens[e, :n].tolist()
+        pos = 0
+        for j, size in enumerate(sizes):
+            for i in pairs[pos:pos + size]:
+                slot_of[i] = int(log2phy[e, j])
+            pos += size
+        assert pos == len(pairs)
+    if capacity is not None:
+        w = weights.flatten().tolist() if weights is not None else None
+        for p in range(num_slots):
+            members = [i for i, s in enumerate(slot_of) if s == p]
+            if policy == "probability":
+                members = sorted(members, key=lambda i: (-w[i], i))
+            for i in members[int(capacity[p]):]:
+                slot_of[i] = -1
+    counts = [sum(1 for s in slot_of if s == p) for p in range(num_slots)]
+    dropped = [i for i, s in enumerate(slot_of) if s < 0]
+    return slot_of, counts, dropped
+
+
+def _brute_force_align(slot_ids, num_slots, block_m, local_slots):
+    flat = slot_ids.flatten().tolist()
+    sentinel = len(flat)
+    rows, blocks = [], []
+    for p in range(num_slots):
+        if local_slots is not None and not bool(local_slots[p]):
+            continue
+        members = [i for i, s in enumerate(flat) if s == p]
+        if not members:
+            continue
+        num_blocks = -(-len(members) // block_m)
+        rows += members + [sentinel] * (num_blocks * block_m - len(members))
+        blocks += [p] * num_blocks
+    return rows, blocks
+
+
+def _assert_dispatch_equals(result, want):
+    slot_of, counts, dropped = want
+    assert isinstance(result, DispatchResult)
+    assert result.slot_ids.dtype == torch.int32 and result.slot_counts.dtype == torch.int32
+    assert result.dropped_indices.dtype == torch.int64
+    assert result.slot_ids.flatten().tolist() == slot_of
+    assert result.slot_counts.tolist() == counts
+    assert result.dropped_indices.tolist() == dropped
+    assert result.dropped_count == len(dropped)
+
+
+# (T, K, logcnt per expert, free slots, options): edge shapes commented
+DISPATCH_CASES = [
+    (1, 1, [1], 0, dict()),  # T = 1, E = 1
+    (9, 2, [1, 2, 3, 1, 2, 1, 3], 2, dict()),  # prime E, uneven replica counts, free slots
+    (13, 3, [2, 0, 3, 1, 1, 2, 1], 0, dict(idle_expert=1)),  # expert 1: no tokens, no replica
+    (11, 2, [3, 3, 3], 1, dict(one_expert=True)),  # every token to expert 2, the others share the rest
+    (8, 1, [3], 0, dict()),  # K = 1, E = 1: all pairs to one expert with three replicas
+    (7, 4, [2, 1, 3, 1], 0, dict(quotas=True)),  # K = E, explicit replica_tokens (zeros allowed)
+    (10, 2, [2, 1, 2, 1, 1], 0, dict(capacity=3, policy="position")),
+    (10, 2, [2, 1, 2, 1, 1], 1, dict(capacity="tensor", policy="position", quotas=True)),
+    (10, 2, [2, 1, 2, 1, 1], 0, dict(capacity=2, policy="probability")),
+    (12, 3, [1, 2, 1, 3, 1, 1, 2], 0, dict(capacity="tensor", policy="probability", tied_weights=True)),
+    (3, 2, [3, 2, 1, 3], 0, dict()),  # fewer pairs than replicas: some replicas get nothing
+]
+
+
+def _make_case(case, seed):
+    num_tokens, top_k, logcnt, free_slots, opts = case
+    gen = torch.Generator().manual_seed(seed)
+    num_experts = len(logcnt)
+    num_slots = sum(logcnt) + free_slots
+    log2phy, logcnt_t = _plan(logcnt, num_slots, gen)
+    experts_with_replicas = torch.tensor([e for e, n in enumerate(logcnt) if n > 0])
+    if opts.get("one_expert"):
+        # every token's first choice is expert 2; the second alternates between experts 0 and 1
+        topk_ids = torch.full((num_tokens, top_k), 2, dtype=torch.int32)
+        topk_ids[:, 1] = torch.arange(num_tokens) % 2
+    else:
+        # distinct experts per token, as a router gives
+        choice = torch.stack([experts_with_replicas[torch.randperm(len(experts_with_replicas), generator=gen)[:top_k]]
+                              for _ in range(num_tokens)]) if num_tokens else torch.zeros(0, top_k)
+        topk_ids = choice.to(torch.int32).reshape(num_tokens, top_k)
+    counts = torch.bincount(topk_ids.long().flatten(), minlength=num_experts)
+    kwargs = dict(num_slots=num_slots)
+    replica_tokens = None
+    if opts.get("quotas"):
+        replica_tokens = torch.zeros_like(log2phy)
+        for e, n in enumerate(logcnt):
+            if n:  # random composition of counts[e] into n parts, zeros allowed
+                cuts = torch.sort(torch.randint(0, int(counts[e]) + 1, (n - 1,), generator=gen)).values.tolist()
+                bounds = [0] + cuts + [int(counts[e])]
+                replica_tokens[e, :n] = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])])
+    capacity = opts.get("capacity")
+    if capacity == "tensor":
+        capacity = torch.randint(0, 4, (num_slots,), generator=gen)
+    if capacity is not None:
+        kwargs.update(slot_capacity=capacity, capacity_policy=opts["policy"])
+        if opts["policy"] == "probability":
+            weights = torch.rand(num_tokens, top_k, generator=gen)
+            if opts.get("tied_weights"):
+                weights = (weights * 3).floor() / 3  # many exact ties: the lower flat index must win
+            kwargs["topk_weights"] = weights
+    return topk_ids, log2phy, logcnt_t, replica_tokens, kwargs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case_index", range(len(DISPATCH_CASES)))
+def test_dispatch_against_brute_force(case_index, backend):
+    topk_ids, log2phy, logcnt, replica_tokens, kwargs = _make_case(DISPATCH_CASES[case_index], case_index)
+    result = replica_dispatch(topk_ids, log2phy, logcnt, replica_tokens, backend=backend, **kwargs)
+    capacity = kwargs.get("slot_capacity")
+    if isinstance(capacity, int):
+        capacity = [capacity] * kwargs["num_slots"]
+    want = _brute_force_dispatch(topk_ids, log2phy, logcnt, replica_tokens, kwargs["num_slots"], capacity,
+                                 kwargs.get("capacity_policy"), kwargs.get("topk_weights"))
+    _assert_dispatch_equals(result, want)
+
+
+def test_dispatch_reference_larger_against_brute_force():
+    gen = torch.Generator().manual_seed(11)
+    logcnt = [1, 4, 2, 1, 3, 1, 1, 2, 1, 5, 1, 1, 2]
+    topk_ids, log2phy, logcnt_t, _, _ = _make_case((200, 4, logcnt, 3, dict()), 99)
+    weights = torch.rand(200, 4, generator=gen)
+    num_slots = sum(logcnt) + 3
+    for kwargs in [dict(), dict(slot_capacity=20, capacity_policy="position"),
+                   dict(slot_capacity=20, capacity_policy="probability", topk_weights=weights)]:
+        result = replica_dispatch_reference(topk_ids, log2phy, logcnt_t, num_slots=num_slots, **kwargs)
+        want = _brute_force_dispatch(topk_ids, log2phy, logcnt_t, None, num_slots,
+                                     [20] * num_slots if kwargs else None,
+                                     kwargs.get("capacity_policy"), weights)
+        _assert_dispatch_equals(result, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dispatch_zero_tokens(backend):
+    log2phy, logcnt = _plan([1, 2], 4, torch.Generator().manual_seed(0))
+    result = replica_dispatch(torch.empty(0, 2, dtype=torch.int32), log2phy, logcnt, backend=backend)
+    assert result.slot_ids.shape == (0, 2) and result.slot_ids.dtype == torch.int32
+    assert result.slot_counts.tolist() == [0] * (int(log2phy.max()) + 1)
+    assert result.dropped_count == 0 and result.dropped_indices.numel() == 0
+
+
+def test_dispatch_default_num_slots_is_max_slot_plus_one():
+    log2phy = torch.tensor([[5, -1], [0, 2]])
+    result = replica_dispatch(torch.tensor([[0, 1], [1, 0]]), log2phy, torch.tensor([1, 2]))
+    assert result.slot_counts.shape == (6,)
+    assert result.slot_ids.tolist() == [[5, 0], [2, 5]]
+
+
+# ------------------------------------------------------------------------------------ moe_align
+
+
+ALIGN_CASES = [
+    # (T, K, P, block_m, local pattern): edge shapes commented
+    (1, 1, 1, 4, None),  # T = 1, one slot
+    (9, 2, 7, 4, None),  # prime P, T*K < a few blocks
+    (13, 3, 5, 1, None),  # block_m = 1: no padding
+    (8, 2, 6, 16, "half"),  # block_m > pairs per slot; only even slots local
+    (10, 3, 4, 4, "none_local"),  # nothing local: empty permutation
+    (6, 2, 3, 2, "drops"),  # -1 slots (dropped pairs) are skipped
+]
+
+
+def _align_inputs(case, seed):
+    num_tokens, top_k, num_slots, block_m, pattern = case
+    gen = torch.Generator().manual_seed(seed)
+    slot_ids = torch.randint(0, num_slots, (num_tokens, top_k), generator=gen, dtype=torch.int32)
+    local = None
+    if pattern == "half":
+        local = torch.arange(num_slots) % 2 == 0
+    elif pattern == "none_local":
+        local = torch.zeros(num_slots, dtype=torch.bool)
+    elif pattern == "drops":
+        slot_ids[torch.rand(num_tokens, top_k, generator=gen) < 0.4] = -1
+    return slot_ids, num_slots, block_m, local
+
+
+def _assert_align_equals(got, want):
+    sorted_ids, block_ids, n_pad = got
+    rows, blocks = want
+    assert sorted_ids.dtype == torch.int32 and block_ids.dtype == torch.int32
+    assert isinstance(n_pad, int) and n_pad == len(rows)
+    assert sorted_ids.tolist() == rows
+    assert block_ids.tolist() == blocks
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case_index", range(len(ALIGN_CASES)))
+def test_align_against_brute_force(case_index, backend):
+    slot_ids, num_slots, block_m, local = _align_inputs(ALIGN_CASES[case_index], case_index)
+    got = moe_align(slot_ids, num_slots, block_m, local, backend=backend)
+    _assert_align_equals(got, _brute_force_align(slot_ids, num_slots, block_m, local))
+
+
+def test_align_reference_larger_against_brute_force():
+    slot_ids, num_slots, block_m, local = _align_inputs((300, 4, 37, 16, "half"), 5)
+    got = moe_align_reference(slot_ids, num_slots, block_m, local)
+    _assert_align_equals(got, _brute_force_align(slot_ids, num_slots, block_m, local))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_align_zero_tokens(backend):
+    sorted_ids, block_ids, n_pad = moe_align(torch.empty(0, 2, dtype=torch.int32), 3, 4, backend=backend)
+    assert n_pad == 0 and sorted_ids.numel() == 0 and block_ids.numel() == 0
+
+
+# ------------------------------------------------------------------------------------ properties
+
+
+@st.composite
+def _dispatch_problem(draw):
+    num_experts = draw(st.integers(1, 6))
+    logcnt = draw(st.lists(st.integers(0, 3), min_size=num_experts, max_size=num_experts))
+    if not any(logcnt):
+        logcnt[0] = 1
+    routable = [e for e, n in enumerate(logcnt) if n > 0]
+    top_k = draw(st.integers(1, len(routable)))
+    num_tokens = draw(st.integers(0, 30))
+    free_slots = draw(st.integers(0, 2))
+    seed = draw(st.integers(0, 2**31 - 1))
+    skew = draw(st.booleans())  # half the time, pile tokens onto the first routable experts
+    gen = torch.Generator().manual_seed(seed)
+    num_slots = sum(logcnt) + free_slots
+    log2phy, logcnt_t = _plan(logcnt, num_slots, gen)
+    rows = []
+    for _ in range(num_tokens):
+        order = list(range(len(routable))) if skew else torch.randperm(len(routable), generator=gen).tolist()
+        rows.append([routable[i] for i in order[:top_k]])
+    topk_ids = torch.tensor(rows, dtype=torch.int32).reshape(num_tokens, top_k)
+    counts = torch.bincount(topk_ids.long().flatten(), minlength=num_experts)
+    replica_tokens = None
+    if draw(st.booleans()):
+        replica_tokens = torch.zeros_like(log2phy)
+        for e, n in enumerate(logcnt):
+            if n:
+                cuts = sorted(draw(st.lists(st.integers(0, int(counts[e])), min_size=n - 1, max_size=n - 1)))
+                bounds = [0] + cuts + [int(counts[e])]
+                replica_tokens[e, :n] = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])])
+    policy = draw(st.sampled_from(["none", "position", "probability"]))
+    kwargs = dict(num_slots=num_slots, capacity_policy=policy)
+    if policy != "none":
+        if draw(st.booleans()):
+            kwargs["slot_capacity"] = draw(st.integers(0, 4))
+        else:
+            kwargs["slot_capacity"] = torch.randint(0, 5, (num_slots,), generator=gen)
+        kwargs["topk_weights"] = (torch.rand(num_tokens, top_k, generator=gen) * 4).floor()  # ties on purpose
+    block_m = draw(st.sampled_from([1, 2, 4, 16]))
+    local = torch.rand(num_slots, generator=gen) < 0.7 if draw(st.booleans()) else None
+    return topk_ids, log2phy, logcnt_t, replica_tokens, kwargs, block_m, local
+
+
+@settings(max_examples=60, deadline=None)
+@given(_dispatch_problem())
+def test_dispatch_and_align_invariants(problem):
+    topk_ids, log2phy, logcnt, replica_tokens, kwargs, block_m, local = problem
+    num_tokens, top_k = topk_ids.shape
+    num_slots = kwargs["num_slots"]
+    num_pairs = num_tokens * top_k
+    result = replica_dispatch(topk_ids, log2phy, logcnt, replica_tokens, backend="torch", **kwargs)
+    triton_result = replica_dispatch(topk_ids, log2phy, logcnt, replica_tokens, backend="triton", **kwargs)
+    for field in ("slot_ids", "slot_counts", "dropped_indices"):
+        assert torch.equal(getattr(result, field), getattr(triton_result, field)), field
+    assert result.dropped_count == triton_result.dropped_count
+
+    flat_ids = topk_ids.long().flatten()
+    slots = result.slot_ids.long().flatten()
+    kept = slots >= 0
+    # routing unchanged: a kept pair sits in a replica of its own expert
+    slot_owner = torch.full((num_slots,), -1, dtype=torch.long)
+    for e in range(log2phy.shape[0]):
+        slot_owner[log2phy[e, : int(logcnt[e])]] = e
+    assert torch.equal(slot_owner[slots[kept]], flat_ids[kept])
+    # drops are reported exactly
+    assert result.dropped_count == result.dropped_indices.numel() == num_pairs - int(kept.sum())
+    assert result.dropped_indices.tolist() == torch.nonzero(~kept).flatten().tolist()
+    assert torch.equal(result.slot_counts.long(), torch.bincount(slots[kept], minlength=num_slots))
+    capacity = kwargs.get("slot_capacity")
+    if capacity is None:
+        assert result.dropped_count == 0
+        # each replica gets exactly its quota; the even split differs by at most one, larger chunks first
+        counts = torch.bincount(flat_ids, minlength=log2phy.shape[0])
+        for e in range(log2phy.shape[0]):
+            got = [int(result.slot_counts[log2phy[e, j]]) for j in range(int(logcnt[e]))]
+            if replica_tokens is not None:
+                assert got == replica_tokens[e, : int(logcnt[e])].tolist()
+            elif got:
+                assert sum(got) == int(counts[e]) and max(got) - min(got) <= 1 and got == sorted(got, reverse=True)
+    else:
+        cap = capacity if isinstance(capacity, torch.Tensor) else torch.full((num_slots,), capacity)
+        assert bool((result.slot_counts <= cap).all())
+
+    aligned = moe_align(result.slot_ids, num_slots, block_m, local, backend="torch")
+    triton_aligned = moe_align(result.slot_ids, num_slots, block_m, local, backend="triton")
+    assert torch.equal(aligned[0], triton_aligned[0]) and torch.equal(aligned[1], triton_aligned[1])
+    assert aligned[2] == triton_aligned[2]
+    sorted_ids, block_ids, n_pad = aligned
+    assert n_pad % block_m == 0 and sorted_ids.numel() == n_pad and block_ids.numel() == n_pad // block_m
+    # every kept pair of a local slot appears exactly once, in a block of its slot; the rest is padding
+    is_local = torch.ones(num_slots, dtype=torch.bool) if local is None else local
+    expected = torch.nonzero(kept & is_local[slots.clamp(min=0)]).flatten()
+    real = sorted_ids[sorted_ids < num_pairs].long()
+    assert sorted(real.tolist()) == expected.tolist()
+    assert bool((sorted_ids[sorted_ids >= num_pairs] == num_pairs).all())
+    row_slot = block_ids.long().repeat_interleave(block_m)
+    assert torch.equal(slots[real], row_slot[sorted_ids < num_pairs])
+    # blocks are in ascending slot order and each has at least one real pair (no empty-slot blocks)
+    assert block_ids.tolist() == sorted(block_ids.tolist())
+    if n_pad:
+        assert bool((sorted_ids.view(-1, block_m) < num_pairs).any(dim=1).all())
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def _good():
+    return dict(topk_ids=torch.tensor([[0, 1], [1, 2]]), log2phy=torch.tensor([[0, -1], [1, 2], [3, -1]]),
+                logcnt=torch.tensor([1, 2, 1]))
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(topk_ids=torch.tensor([[0, 3], [1, 2]])), "topk_ids"),
+        (dict(topk_ids=torch.tensor([[0, -1], [1, 2]])), "topk_ids"),
+        (dict(topk_ids=torch.tensor([[0.0, 1.0]])), "topk_ids"),
+        (dict(topk_ids=torch.tensor([0, 1])), "topk_ids"),
+        (dict(logcnt=torch.tensor([0, 2, 1])), "logcnt"),  # expert 0 has tokens, no replica
+        (dict(logcnt=torch.tensor([1, 3, 1])), "logcnt"),  # more replicas than log2phy columns
+        (dict(logcnt=torch.tensor([1, 2])), "logcnt"),
+        (dict(log2phy=torch.tensor([[0, -1], [1, -1], [3, -1]])), "log2phy"),  # replica 1 of expert 1: no slot
+        (dict(log2phy=torch.tensor([[0, -1], [1, 0], [3, -1]])), "log2phy"),  # slot 0 holds two replicas
+        (dict(num_slots=3), "log2phy"),  # slot 3 outside [0, 3)
+        (dict(num_slots=-1), "num_slots"),
+        (dict(replica_tokens=torch.tensor([[1, 0], [1, 0], [1, 0]])), "replica_tokens"),  # row 1 sums to 1, not 2
+        (dict(replica_tokens=torch.tensor([[0, 1], [1, 1], [1, 0]])), "replica_tokens"),  # beyond logcnt[0]
+        (dict(replica_tokens=torch.tensor([[1, 0], [3, -1], [1, 0]])), "replica_tokens"),
+        (dict(replica_tokens=torch.tensor([[1, 0], [1, 1]])), "replica_tokens"),
+        (dict(slot_capacity=2), "slot_capacity"),  # capacity without a policy
+        (dict(slot_capacity=-1, capacity_policy="position"), "slot_capacity"),
+        (dict(slot_capacity=torch.tensor([1, 1]), capacity_policy="position"), "slot_capacity"),
+        (dict(slot_capacity=1, capacity_policy="probability"), "topk_weights"),
+        (dict(slot_capacity=1, capacity_policy="probability", topk_weights=torch.ones(2, 3)), "topk_weights"),
+        (dict(slot_capacity=1, capacity_policy="probability",
+              topk_weights=torch.tensor([[1.0, float("nan")], [1.0, 1.0]])), "topk_weights"),
+        (dict(capacity_policy="random"), "capacity_policy"),
+        (dict(backend="gpu"), "backend"),
+    ],
+)
+def test_dispatch_bad_input_raises(change, match):
+    kwargs = {**_good(), **change}
+    with pytest.raises(ValueError, match=match):
+        replica_dispatch(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(slot_ids=torch.tensor([[0, 4]]), num_slots=4, block_m=2), "slot_ids"),
+        (dict(slot_ids=torch.tensor([[0, -2]]), num_slots=4, block_m=2), "slot_ids"),
+        (dict(slot_ids=torch.tensor([0, 1]), num_slots=4, block_m=2), "slot_ids"),
+        (dict(slot_ids=torch.tensor([[0, 1]]), num_slots=0, block_m=2), "num_slots"),
+        (dict(slot_ids=torch.tensor([[0, 1]]), num_slots=4, block_m=0), "block_m"),
+        (dict(slot_ids=torch.tensor([[0, 1]]), num_slots=4, block_m=2, local_slots=torch.ones(3, dtype=torch.bool)),
+         "local_slots"),
+        (dict(slot_ids=torch.tensor([[0, 1]]), num_slots=4, block_m=2, local_slots=torch.ones(4)), "local_slots"),
+    ],
+)
+def test_align_bad_input_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        moe_align(**kwargs)
