@@ -1,0 +1,296 @@
+"""The serverless function pool: one expert instance per occupied slot, its lifecycle, and the billing meter.
+
+An instance is a copy of one logical expert's weights in one physical slot (layer l, slot p on GPU p // S).
+Lifecycle: *cold start* (the weights are copied in over the GPU's host link: bytes / bandwidth seconds, the
+copies of one `apply` queue on each GPU's link) -> *warm* (in the current plan) -> *idle* (not in the current
+plan, kept alive until `keep_alive_s` after its last use) -> *released*. A plan that puts another expert in a
+slot evicts whatever lives there. `prewarm` starts a cold start ahead of time (off the critical path).
+
+The meter charges, between any two instants, every live instance (loading, warm or idle): memory x time in
+GB-s (bytes x seconds / 1e9, the paper's Equation 2 style) and GPU-seconds (a GPU is held while it hosts at
+least one live instance). Serverful baselines are charged the same way with keep_alive_s = inf: every
+resident expert for the whole run.
+
+Clocks: `RealClock` (time.perf_counter) or `SimulatedClock` (`advance(dt)`); every method takes an explicit
+`now` or reads the pool's clock. Time never goes backwards (ValueError).
+
+What it must never do: import torch or copy weights (the data plane copies; the pool only decides and
+accounts), or change a plan.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moeless.planner import Plan
+
+__all__ = ["ApplyResult", "FunctionPool", "Meter", "RealClock", "SimulatedClock"]
+
+
+class RealClock:
+    """Seconds since construction, from time.perf_counter."""
+
+    def __init__(self):
+        self._t0 = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self._t0
+
+
+class SimulatedClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self, start: float = 0.0):
+        if not math.isfinite(start):
+            raise ValueError(f"start must be finite, got {start!r}")
+        self._t = float(start)
+
+    def now(self) -> float:
+        return self._t
+
+    def advance(self, dt: float) -> float:
+        if not (math.isfinite(dt) and dt >= 0):
+            raise ValueError(f"dt must be a finite number >= 0, got {dt!r}")
+        self._t += float(dt)
+        return self._t
+
+
+@dataclass
+class Meter:
+    """Accumulated charges. gb_seconds: live instances' bytes x time / 1e9; gpu_seconds: time GPUs held."""
+
+    gb_seconds: float = 0.0
+    gpu_seconds: float = 0.0
+    cold_starts: int = 0
+    warm_starts: int = 0
+    releases: int = 0
+    evictions: int = 0
+    bytes_copied: int = 0
+    copy_seconds: float = 0.0
+
+
+@dataclass
+class ApplyResult:
+    """What realising a plan did. cold / warm: (layer, slot) int64 [n, 2] of the plan's occupied slots that
+    cold-started or reused a live instance; evicted: slots whose instance of another expert was dropped;
+    ready_in_s [G]: seconds from `now` until each GPU's instances of this plan are all loaded (0 if warm)."""
+
+    cold: np.ndarray
+    warm: np.ndarray
+    evicted: np.ndarray
+    ready_in_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def stall_s(self) -> float:
+        """The critical-path wait for cold starts: the slowest GPU's ready time."""
+        return float(self.ready_in_s.max(initial=0.0))
+
+
+class FunctionPool:
+    """Instances of `num_layers` x `gpus` x `slots_per_gpu` slots.
+
+    expert_bytes: bytes of one expert's weights; link_bandwidth: bytes/s of a GPU's host link;
+    keep_alive_s: idle time before release (inf = never); cold_start_overhead_s: fixed cost per cold start
+    (container / allocation), added to the copy time.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        gpus: int,
+        slots_per_gpu: int,
+        *,
+        expert_bytes: float,
+        link_bandwidth: float,
+        keep_alive_s: float = 60.0,
+        cold_start_overhead_s: float = 0.0,
+        clock=None,
+    ):
+        for name, v in (("num_layers", num_layers), ("gpus", gpus), ("slots_per_gpu", slots_per_gpu)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not (math.isfinite(expert_bytes) and expert_bytes > 0):
+            raise ValueError(f"expert_bytes must be a finite number > 0, got {expert_bytes!r}")
+        if not (link_bandwidth > 0) or math.isnan(link_bandwidth):
+            raise ValueError(f"link_bandwidth must be > 0 (bytes/s), got {link_bandwidth!r}")
+        if math.isnan(keep_alive_s) or keep_alive_s < 0:
+            raise ValueError(f"keep_alive_s must be >= 0 (inf allowed), got {keep_alive_s!r}")
+        if not (math.isfinite(cold_start_overhead_s) and cold_start_overhead_s >= 0):
+            raise ValueError(f"cold_start_overhead_s must be a finite number >= 0, got {cold_start_overhead_s!r}")
+        self.num_layers, self.gpus, self.slots_per_gpu = int(num_layers), int(gpus), int(slots_per_gpu)
+        self.expert_bytes = float(expert_bytes)
+        self.link_bandwidth = float(link_bandwidth)
+        self.keep_alive_s = float(keep_alive_s)
+        self.cold_start_overhead_s = float(cold_start_overhead_s)
+        self.clock = clock if clock is not None else SimulatedClock()
+        shape = (self.num_layers, self.gpus * self.slots_per_gpu)
+        self.expert = np.full(shape, -1, dtype=np.int64)  # -1: no instance
+        self.ready_at = np.zeros(shape)  # when its weights are in
+        self.last_used = np.zeros(shape)  # keep-alive counts from here
+        self.in_plan = np.zeros(shape, dtype=bool)  # part of the last applied plan (warm, not idle)
+        self.meter = Meter()
+        self._t = float(self.clock.now())
+        self._link_free = np.full(self.gpus, -np.inf)  # when each GPU's link finishes its queued copies
+
+    # -- time and the meter -------------------------------------------------------------------------------
+    @property
+    def cold_start_s(self) -> float:
+        return self.cold_start_overhead_s + self.expert_bytes / self.link_bandwidth
+
+    def _now(self, now) -> float:
+        t = float(self.clock.now()) if now is None else float(now)
+        if not math.isfinite(t):
+            raise ValueError(f"now must be finite, got {now!r}")
+        if t < self._t - 1e-12:
+            raise ValueError(f"now={t} is before the pool's last time {self._t}: time never goes backwards")
+        return max(t, self._t)
+
+    def _deadline(self) -> np.ndarray:
+        # an instance in the current plan is in use until the next apply; keep-alive starts at its last use
+        return np.where(self.expert >= 0, self.last_used + self.keep_alive_s, -np.inf)
+
+    def advance_to(self, now=None) -> float:
+        """Charge the meter up to `now` and release the instances whose keep-alive ran out."""
+        t = self._now(now)
+        live = self.expert >= 0
+        if live.any():
+            end = np.minimum(np.where(self.in_plan, np.inf, self._deadline()), t)
+            end = np.where(live, np.maximum(end, self._t), self._t)
+            self.meter.gb_seconds += float((end - self._t).sum()) * self.expert_bytes / 1e9
+            per_gpu = end.reshape(self.num_layers, self.gpus, self.slots_per_gpu).max(axis=(0, 2))
+            self.meter.gpu_seconds += float((per_gpu - self._t).sum())
+            gone = live & ~self.in_plan & (self._deadline() <= t)
+            if gone.any():
+                self.meter.releases += int(gone.sum())
+                self.expert[gone] = -1
+        self._t = t
+        return t
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    def _start(self, layer: np.ndarray, slot: np.ndarray, expert: np.ndarray, t: float) -> np.ndarray:
+        """Cold-start instances (copies queue per GPU link, in the given order); returns their ready times."""
+        gpu = slot // self.slots_per_gpu
+        ready = np.empty(layer.size)
+        start = np.maximum(self._link_free, t)
+        # the k-th copy on a GPU finishes k+1 copy times after the link is free
+        order = np.argsort(gpu, kind="stable")
+        g_sorted = gpu[order]
+        first = np.r_[True, g_sorted[1:] != g_sorted[:-1]] if g_sorted.size else np.zeros(0, bool)
+        idx = np.arange(g_sorted.size)
+        k = idx - np.maximum.accumulate(np.where(first, idx, 0)) if g_sorted.size else idx
+        ready[order] = start[g_sorted] + (k + 1) * self.cold_start_s
+        if gpu.size:
+            np.maximum.at(self._link_free, gpu, ready)
+        evict = (self.expert[layer, slot] >= 0) & (self.expert[layer, slot] != expert)
+        self.meter.evictions += int(evict.sum())
+        self.expert[layer, slot] = expert
+        self.ready_at[layer, slot] = ready
+        self.last_used[layer, slot] = t
+        self.meter.cold_starts += int(layer.size)
+        self.meter.bytes_copied += int(round(layer.size * self.expert_bytes))
+        self.meter.copy_seconds += layer.size * self.cold_start_s
+        return ready
+
+    def _targets(self, plan: Plan, layer) -> tuple[np.ndarray, np.ndarray]:
+        if not isinstance(plan, Plan):
+            raise ValueError(f"plan must be a Plan, got {type(plan).__name__}")
+        if plan.gpus != self.gpus or plan.slots_per_gpu != self.slots_per_gpu:
+            raise ValueError(
+                f"plan has gpus={plan.gpus}, slots_per_gpu={plan.slots_per_gpu}; the pool has "
+                f"{self.gpus}, {self.slots_per_gpu}"
+            )
+        if layer is None:
+            if plan.num_layers != self.num_layers:
+                raise ValueError(
+                    f"plan has {plan.num_layers} layers, the pool {self.num_layers}: pass layer= for a layer plan"
+                )
+            return np.arange(self.num_layers), plan.phy2log
+        if plan.num_layers != 1:
+            raise ValueError(f"layer= needs a one-layer plan, got {plan.num_layers} layers")
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer!r}")
+        return np.array([int(layer)]), plan.phy2log
+
+    def apply(self, plan: Plan, now=None, *, layer=None) -> ApplyResult:
+        """Realise `plan` (all layers, or the one-layer plan of `layer`) at time `now`: reuse live instances of
+        the same expert in the same slot, cold-start the others (evicting what lived there), and mark the
+        instances the plan leaves out as idle (released after keep-alive)."""
+        layers, p2l = self._targets(plan, layer)
+        t = self.advance_to(now)
+        cur = self.expert[layers]
+        want = p2l >= 0
+        reuse = want & (cur == p2l)
+        cold = want & ~reuse
+        li, si = np.nonzero(cold)
+        ready = self._start(layers[li], si, p2l[li, si], t)
+        wl, ws = np.nonzero(reuse)
+        self.last_used[layers[wl], ws] = t
+        self.meter.warm_starts += int(wl.size)
+        # leaving the plan: idle from now (keep-alive counts from the last use, which is now)
+        leaving = self.in_plan[layers] & ~want
+        ll, ls_ = np.nonzero(leaving)
+        self.last_used[layers[ll], ls_] = t
+        self.in_plan[layers] = want
+        el = np.nonzero(cold & (cur >= 0))
+        ready_in = np.zeros(self.gpus)
+        if li.size:
+            np.maximum.at(ready_in, si // self.slots_per_gpu, ready - t)
+        # warm instances that a prewarm is still loading also make the GPU wait
+        pending = reuse & (self.ready_at[layers] > t)
+        pl, ps = np.nonzero(pending)
+        if pl.size:
+            np.maximum.at(ready_in, ps // self.slots_per_gpu, self.ready_at[layers[pl], ps] - t)
+        return ApplyResult(
+            cold=np.stack([layers[li], si], 1),
+            warm=np.stack([layers[wl], ws], 1),
+            evicted=np.stack([layers[el[0]], el[1]], 1),
+            ready_in_s=ready_in,
+        )
+
+    def prewarm(self, layer: int, slot: int, expert: int, now=None) -> float:
+        """Start loading `expert` into (layer, slot) ahead of its plan; returns when it will be ready. A slot
+        that already holds a live instance of `expert` is left alone. The instance is idle (keep-alive
+        counting) until a plan uses it."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer!r}")
+        if not 0 <= slot < self.gpus * self.slots_per_gpu:
+            raise ValueError(f"slot must be in [0, {self.gpus * self.slots_per_gpu}), got {slot!r}")
+        if expert < 0:
+            raise ValueError(f"expert must be >= 0, got {expert!r}")
+        t = self.advance_to(now)
+        if self.expert[layer, slot] == expert:
+            return float(self.ready_at[layer, slot])
+        if self.in_plan[layer, slot]:
+            raise ValueError(f"slot {slot} of layer {layer} is in use by the current plan")
+        ready = self._start(np.array([layer]), np.array([slot]), np.array([expert]), t)
+        self.last_used[layer, slot] = t
+        return float(ready[0])
+
+    def close(self, now=None) -> Meter:
+        """Charge up to `now` and release every instance; returns the meter."""
+        t = self.advance_to(now)
+        live = self.expert >= 0
+        self.meter.releases += int(live.sum())
+        self.expert[:] = -1
+        self.in_plan[:] = False
+        self._t = t
+        return self.meter
+
+    # -- views ---------------------------------------------------------------------------------------------
+    def state(self, now=None) -> np.ndarray:
+        """[L, G*S] str: "free", "cold" (loading), "warm" (in the plan, loaded) or "idle" at `now` (or the
+        pool's last time); does not advance the meter."""
+        t = self._t if now is None else float(now)
+        out = np.full(self.expert.shape, "free", dtype=object)
+        live = self.expert >= 0
+        alive = live & (self.in_plan | (self._deadline() > t))
+        out[alive & (self.ready_at > t)] = "cold"
+        out[alive & (self.ready_at <= t) & self.in_plan] = "warm"
+        out[alive & (self.ready_at <= t) & ~self.in_plan] = "idle"
+        return out
+
+    def live_instances(self) -> int:
+        return int((self.expert >= 0).sum())

@@ -1,0 +1,319 @@
+"""Planner tests: invariants (hypothesis), Algorithm 1 against a literal heap re-implementation, the improved rule
+and the placement against brute force on tiny inputs, the serve-time split against scipy's LP, torch parity."""
+import heapq
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import moeless.planner as planner
+from moeless.planner import (
+    Plan,
+    balance,
+    even_split,
+    gpu_loads,
+    plan_layers,
+    scale_ideal,
+    scale_literal,
+    serve_time_split,
+    serve_time_split_torch,
+)
+
+
+@st.composite
+def problems(draw, max_layers=3, max_experts=8, max_gpus=4):
+    L = draw(st.integers(1, max_layers))
+    E = draw(st.integers(1, max_experts))
+    G = draw(st.integers(1, max_gpus))
+    S = -(-E // G) + draw(st.integers(0, 2))
+    loads = np.array(draw(st.lists(st.integers(0, 50), min_size=L * E, max_size=L * E)), dtype=float).reshape(L, E)
+    return loads, G, S
+
+
+def _check_invariants(plan, loads, G, S, max_replicas=None):
+    plan.validate()
+    L, E = loads.shape
+    assert plan.phy2log.shape == (L, G * S)
+    assert (plan.logcnt >= 1).all()
+    assert (plan.slots_used() <= S).all()
+    # phy2log / log2phy / logcnt agree, checked slot by slot
+    for l in range(L):
+        for e in range(E):
+            slots = [p for p in range(G * S) if plan.phy2log[l, p] == e]
+            assert plan.logcnt[l, e] == len(slots)
+            assert list(plan.log2phy[l, e, : len(slots)]) == slots
+            assert (plan.log2phy[l, e, len(slots):] == -1).all()
+    if max_replicas is not None:
+        assert (plan.logcnt <= max_replicas).all()
+    # two replicas of an expert share a GPU only if every GPU without that expert is full
+    gpu_of = np.arange(G * S) // S
+    for l in range(L):
+        for e in range(E):
+            gs = gpu_of[plan.phy2log[l] == e]
+            if len(set(gs)) < len(gs):
+                without = [g for g in range(G) if g not in set(gs)]
+                assert all(plan.slots_used()[l, g] == S for g in without)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems(), st.sampled_from(["ideal", "literal"]), st.booleans(), st.sampled_from([None, 2]))
+def test_plan_invariants(problem, rule, warm, max_replicas):
+    loads, G, S = problem
+    prev = plan_layers(loads[:, ::-1].copy(), G, S, rule=rule) if warm else None
+    plan = plan_layers(loads, G, S, rule=rule, previous=prev, max_replicas=max_replicas)
+    _check_invariants(plan, loads, G, S, max_replicas)
+    again = plan_layers(loads, G, S, rule=rule, previous=prev, max_replicas=max_replicas)
+    assert plan == again  # deterministic
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_split_sums_and_beats_even(problem):
+    loads, G, S = problem
+    plan = plan_layers(loads, G, S)
+    counts = loads.astype(np.int64)
+    rt = serve_time_split(plan, counts)
+    ev = even_split(plan, counts)
+    for split in (rt, ev):
+        assert (split >= 0).all()
+        assert (split.sum(2) == counts).all()
+        assert (split[plan.log2phy < 0] == 0).all()
+    assert (gpu_loads(plan, rt).max(1) <= gpu_loads(plan, ev).max(1)).all()
+
+
+def test_even_split_matches_chunking():
+    rng = np.random.default_rng(1)
+    plan = plan_layers(rng.integers(0, 40, (3, 6)).astype(float), 3, 4)
+    counts = rng.integers(0, 40, (3, 6))
+    ev = even_split(plan, counts)
+    for l in range(3):
+        for e in range(6):
+            R = plan.logcnt[l, e]
+            chunks = [len(c) for c in np.array_split(np.arange(counts[l, e]), R)]  # larger chunks first
+            assert list(ev[l, e, :R]) == chunks
+
+
+def test_gpu_loads_and_balance_by_hand():
+    plan = Plan.from_phy2log([[0, 1, 2, -1], [0, 0, 1, 2]], 3, 2, 2)
+    rt = np.zeros(plan.log2phy.shape, dtype=np.int64)
+    rt[0, :, 0] = [3, 1, 4]  # layer 0: GPU0 = e0 + e1 = 4, GPU1 = e2 = 4
+    rt[1, 0, :2] = [2, 5]  # layer 1: GPU0 = e0 (2 + 5) = 7, GPU1 = e1 + e2 = 1 + 0
+    rt[1, 1, 0] = 1
+    gl = gpu_loads(plan, rt)
+    assert gl.tolist() == [[4, 4], [7, 1]]
+    assert balance(gl).tolist() == [1.0, 7 / 4]
+    assert balance(np.zeros((1, 3))).tolist() == [1.0]
+
+
+# ---- Algorithm 1 ---------------------------------------------------------------------------------------
+def _literal_reference(w, total_slots, V):
+    """Algorithm 1 as printed, with a max-heap, one layer."""
+    E = len(w)
+    R = [1] * E
+    heap = [(-w[e], e) for e in range(E)]
+    heapq.heapify(heap)
+
+    def cv():
+        per = [w[e] / R[e] for e in range(E) for _ in range(R[e])]
+        m = np.mean(per)
+        return np.std(per) / m if m > 0 else 0.0
+
+    alloc = 0
+    while alloc < total_slots - E and cv() > V:
+        _, e = heapq.heappop(heap)
+        R[e] += 1
+        alloc += 1
+        heapq.heappush(heap, (-w[e] / R[e], e))
+    return R
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems(max_layers=2, max_experts=6), st.sampled_from([0.0, 0.2, 0.5]))
+def test_literal_rule_matches_reference(problem, V):
+    loads, G, S = problem
+    R = scale_literal(loads, G * S, cv_threshold=V)
+    for l in range(loads.shape[0]):
+        assert R[l].tolist() == _literal_reference(loads[l].tolist(), G * S, V)
+
+
+def test_literal_rule_spends_the_budget_on_fine_grained_layers():
+    # 64 experts, a 64-token top-6 batch: most experts carry 0..3 pairs
+    rng = np.random.default_rng(0)
+    loads = np.bincount(rng.choice(64, size=384, p=rng.dirichlet(np.full(64, 0.3))), minlength=64)[None, :]
+    assert scale_literal(loads.astype(float), 72).sum() == 72
+    assert scale_ideal(loads.astype(float), 8, 72).sum() < 72
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems(max_layers=2, max_experts=4, max_gpus=3))
+def test_ideal_rule_is_the_fewest_replicas_that_allow_balance(problem):
+    loads, G, S = problem
+    R = scale_ideal(loads, G, G * S, tolerance=0.0)
+    for l in range(loads.shape[0]):
+        C = loads[l].sum() / G
+        feasible = [
+            r for r in itertools.product(range(1, G * S + 1), repeat=loads.shape[1])
+            if sum(r) <= G * S and all(loads[l, e] <= r[e] * C + 1e-9 for e in range(loads.shape[1]))
+        ]
+        if feasible:  # the componentwise minimum is feasible and it is ours
+            best = np.min(np.array(feasible), axis=0)
+            assert tuple(best) in set(feasible)
+            assert R[l].tolist() == best.tolist()
+
+
+# ---- placement vs brute force ------------------------------------------------------------------------------
+def _all_plans(E, G, S):
+    """Every phy2log of one layer that holds each expert at least once."""
+    rows = [p for p in itertools.product(range(-1, E), repeat=G * S) if set(range(E)) <= set(p)]
+    return Plan.from_phy2log(np.array(rows), E, G, S)
+
+
+@pytest.mark.parametrize("E,G,S", [(3, 2, 2), (4, 2, 2), (2, 2, 2), (4, 2, 3)])
+def test_plan_with_split_is_near_brute_force_optimum(E, G, S):
+    rng = np.random.default_rng(E * 100 + G * 10 + S)
+    everything = _all_plans(E, G, S)
+    ratios = []
+    for _ in range(25):
+        w = rng.integers(0, 30, E)
+        opt = gpu_loads(everything, serve_time_split(everything, np.tile(w, (everything.num_layers, 1)))).max(1).min()
+        plan = plan_layers(w[None, :].astype(float), G, S, tolerance=0.0)
+        ours = gpu_loads(plan, serve_time_split(plan, w[None, :])).max()
+        assert ours >= opt
+        # LPT's bound for identical machines, 4/3 - 1/(3G), plus one token of rounding
+        assert ours <= (4 / 3 - 1 / (3 * G)) * opt + 1
+        ratios.append(ours / max(opt, 1))
+    assert np.mean(ratios) < 1.05
+
+
+# ---- serve-time split vs LP -----------------------------------------------------------------------------
+def _random_plan(rng, L=2):
+    G = int(rng.integers(1, 6))
+    S = int(rng.integers(1, 4))
+    E = int(rng.integers(1, G * S + 1))
+    p2l = np.full((L, G * S), -1)
+    for l in range(L):
+        perm = rng.permutation(G * S)
+        p2l[l, perm[:E]] = np.arange(E)
+        extra = int(rng.integers(0, G * S - E + 1))
+        p2l[l, perm[E : E + extra]] = rng.integers(0, E, extra)  # duplicates on a GPU allowed here
+    return Plan.from_phy2log(p2l, E, G, S)
+
+
+def _lp_makespan(plan, w, l):
+    from scipy.optimize import linprog
+
+    var = [(e, plan.log2phy[l, e, r] // plan.slots_per_gpu) for e in range(plan.num_experts) for r in range(plan.logcnt[l, e])]
+    n = len(var) + 1
+    c = np.zeros(n)
+    c[-1] = 1.0
+    a_eq = np.zeros((plan.num_experts, n))
+    a_ub = np.zeros((plan.gpus, n))
+    for i, (e, g) in enumerate(var):
+        a_eq[e, i] = 1.0
+        a_ub[g, i] = 1.0
+    a_ub[:, -1] = -1.0
+    res = linprog(c, A_ub=a_ub, b_ub=np.zeros(plan.gpus), A_eq=a_eq, b_eq=w.astype(float), bounds=[(0, None)] * n)
+    assert res.success
+    return res.fun
+
+
+def test_split_is_the_integer_optimum_of_the_lp():
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        plan = _random_plan(rng)
+        w = rng.integers(0, 30, (2, plan.num_experts))
+        got = gpu_loads(plan, serve_time_split(plan, w)).max(1)
+        for l in range(2):
+            lp = _lp_makespan(plan, w[l], l)
+            # integral flows reach ceil(LP); nothing integral does better
+            assert got[l] == np.ceil(lp - 1e-7)
+
+
+def test_waterfill_split_many_gpus(monkeypatch):
+    monkeypatch.setattr(planner, "EXACT_SPLIT_MAX_GPUS", 0)
+    rng = np.random.default_rng(8)
+    gaps = []
+    for _ in range(40):
+        plan = _random_plan(rng)
+        w = rng.integers(0, 30, (2, plan.num_experts))
+        rt = serve_time_split(plan, w)
+        assert (rt >= 0).all() and (rt.sum(2) == w).all()
+        got = gpu_loads(plan, rt).max(1)
+        assert (got <= gpu_loads(plan, even_split(plan, w)).max(1)).all()
+        gaps += [got[l] - np.ceil(_lp_makespan(plan, w[l], l) - 1e-7) for l in range(2)]
+    assert min(gaps) >= 0 and np.mean(gaps) < 0.5
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_torch_split_matches_numpy(monkeypatch, exact):
+    if not exact:
+        monkeypatch.setattr(planner, "EXACT_SPLIT_MAX_GPUS", 0)
+    rng = np.random.default_rng(9)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for _ in range(20):
+        plan = _random_plan(rng)
+        w = rng.integers(0, 30, (2, plan.num_experts))
+        got = serve_time_split_torch(plan, torch.tensor(w, device=device))
+        assert got.device.type == device
+        assert np.array_equal(got.cpu().numpy(), serve_time_split(plan, w))
+
+
+# ---- warm reuse ---------------------------------------------------------------------------------------------
+def test_warm_reuse_keeps_a_balanced_previous_plan():
+    prev = Plan.from_phy2log([[3, 2, 1, 0]], 4, 2, 2)
+    assert plan_layers([[4.0, 4, 4, 4]], 2, 2, previous=prev) == prev
+
+
+def test_warm_reuse_moves_what_the_balance_needs():
+    # pinning both hot experts on GPU 0 would be 20 vs 2; the plan splits them and keeps a slot of each GPU
+    prev = Plan.from_phy2log([[0, 1, 2, 3]], 4, 2, 2)
+    plan = plan_layers([[10.0, 10, 1, 1]], 2, 2, previous=prev)
+    w = np.array([[10, 10, 1, 1]])
+    assert balance(gpu_loads(plan, serve_time_split(plan, w)))[0] == 1.0
+    assert (plan.phy2log == prev.phy2log).sum() == 2
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "loads,gpus,slots,match",
+    [
+        ([[1.0, -1.0]], 2, 1, "loads"),
+        ([[1.0, np.nan]], 2, 1, "loads"),
+        ([1.0, 2.0], 2, 1, "loads"),
+        ([[1.0, 2.0, 3.0]], 2, 1, "slots_per_gpu"),
+        ([[1.0, 2.0]], 0, 1, "gpus"),
+        ([[1.0, 2.0]], 2, 0, "slots_per_gpu"),
+    ],
+)
+def test_bad_input(loads, gpus, slots, match):
+    with pytest.raises(ValueError, match=match):
+        plan_layers(loads, gpus, slots)
+
+
+def test_bad_split_input():
+    plan = plan_layers([[1.0, 2.0]], 2, 1)
+    with pytest.raises(ValueError, match="loads"):
+        serve_time_split(plan, [[1.5, 2]])
+    with pytest.raises(ValueError, match="loads"):
+        serve_time_split(plan, [[1, 2, 3]])
+    with pytest.raises(ValueError, match="loads"):
+        serve_time_split_torch(plan, torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(ValueError, match="previous"):
+        plan_layers([[1.0, 2.0]], 1, 2, previous=plan)
+    with pytest.raises(ValueError, match="rule"):
+        plan_layers([[1.0, 2.0]], 2, 1, rule="nope")
+
+
+def test_json_round_trip_and_layer_access():
+    plan = plan_layers(np.random.default_rng(3).integers(0, 20, (3, 5)).astype(float), 2, 4)
+    assert Plan.from_json(plan.to_json()) == plan
+    assert plan[1] == Plan.from_phy2log(plan.phy2log[1:2], 5, 2, 4)
+    assert plan.layer(-1) == plan[2]
+    with pytest.raises(ValueError, match="text"):
+        Plan.from_json("{}")
+    bad = Plan(plan.phy2log, plan.log2phy, plan.logcnt + 1, 2, 4)
+    with pytest.raises(ValueError, match="logcnt"):
+        bad.validate()
