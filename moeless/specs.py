@@ -1,0 +1,296 @@
+"""Model and hardware specs: the numbers the simulator's cost model needs, one frozen dataclass per concern.
+
+`ModelSpec` holds the sizes of a Mixture-of-Experts model's expert layers (loadable from a Hugging Face
+`config.json`, with presets for the models the project evaluates); `HardwareSpec` holds one GPU's peak rates,
+memory and links (presets for the RTX A6000 testbed of the paper, H100 SXM and H200 SXM).
+
+This module only describes; it must never time, launch or import a kernel (it sits on the lowest floor).
+Every preset says where its numbers come from: a model's published config or sizes, a GPU's datasheet, or a
+measurement; never a paper's outcome.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Mapping
+
+GB = 1e9
+GIB = 1024**3
+
+_DTYPE_BYTES = {
+    "float32": 4.0, "fp32": 4.0, "float": 4.0,
+    "bfloat16": 2.0, "bf16": 2.0, "float16": 2.0, "fp16": 2.0, "half": 2.0,
+    "float8_e4m3fn": 1.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5,
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Sizes of a MoE model's routed experts (SwiGLU: gate, up and down projections of H x I each).
+
+    `num_moe_layers` counts only layers with routed experts (DeepSeek's first dense layers excluded).
+    `dense_params_per_layer` is the per-layer non-expert weight count (attention, router, shared experts):
+    non-expert modules are data-parallel, so every GPU reads them once per iteration.
+    """
+
+    name: str
+    num_moe_layers: int
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    moe_intermediate_size: int
+    bytes_per_param: float = 2.0
+    activation_bytes: float = 2.0
+    num_shared_experts: int = 0
+    shared_intermediate_size: int = 0
+    dense_params_per_layer: int = 0
+    source: str = ""
+
+    def __post_init__(self):
+        for field in ("num_moe_layers", "num_experts", "top_k", "hidden_size", "moe_intermediate_size"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelSpec.{field} must be a positive int, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"ModelSpec.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})")
+        if self.bytes_per_param <= 0 or self.activation_bytes <= 0:
+            raise ValueError("ModelSpec.bytes_per_param and activation_bytes must be > 0")
+
+    # --- per expert -------------------------------------------------------------------------------------
+    @property
+    def expert_params(self) -> int:
+        """Weights of one routed expert: gate and up (H x I each) and down (I x H)."""
+        return 3 * self.hidden_size * self.moe_intermediate_size
+
+    @property
+    def expert_bytes(self) -> float:
+        """Memory of one expert instance (M_e of the paper): 0.33 GiB for a Mixtral-8x7B expert in bf16."""
+        return self.expert_params * self.bytes_per_param
+
+    @property
+    def flops_per_token(self) -> float:
+        """FLOPs one (token, expert) pair costs: a multiply-add per weight."""
+        return 2.0 * self.expert_params
+
+    @property
+    def activation_bytes_per_token(self) -> float:
+        """Bytes one (token, expert) pair moves through HBM: hidden in and out, the intermediate out and in."""
+        return self.activation_bytes * (2 * self.hidden_size + 2 * self.moe_intermediate_size)
+
+    @property
+    def token_bytes(self) -> float:
+        """Bytes of one token's hidden state on the wire (all-to-all dispatch or combine)."""
+        return self.activation_bytes * self.hidden_size
+
+    @property
+    def total_expert_bytes(self) -> float:
+        return self.expert_bytes * self.num_experts * self.num_moe_layers
+
+    # --- constructors -----------------------------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any] | str | os.PathLike, name: str | None = None,
+                       bytes_per_param: float | None = None) -> "ModelSpec":
+        """Read a Hugging Face `config.json` (a dict or a path) of Mixtral, PhiMoE, Qwen-MoE, DeepSeek, OLMoE,
+        Llama-4 and similar layouts. Raises ValueError naming the missing key when the config is no MoE."""
+        if not isinstance(config, Mapping):
+            with open(config, encoding="utf-8") as fh:
+                config = json.load(fh)
+        cfg = dict(config)
+        if "text_config" in cfg and isinstance(cfg["text_config"], Mapping):  # Llama-4 nests the LM config
+            cfg = {**cfg, **cfg["text_config"]}
+
+        def first(*keys, default=None):
+            for key in keys:
+                if cfg.get(key) is not None:
+                    return cfg[key]
+            return default
+
+        experts = first("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+        top_k = first("num_experts_per_tok", "moe_top_k", "top_k")
+        hidden = first("hidden_size", "d_model")
+        layers = first("num_hidden_layers", "num_layers")
+        for key, value in (("num_experts (or num_local_experts / n_routed_experts)", experts),
+                           ("num_experts_per_tok", top_k), ("hidden_size", hidden),
+                           ("num_hidden_layers", layers)):
+            if value is None:
+                raise ValueError(f"config: missing {key}; is this a Mixture-of-Experts config?")
+        inter = first("moe_intermediate_size", "expert_intermediate_size", "intermediate_size")
+        if inter is None:
+            raise ValueError("config: missing moe_intermediate_size / intermediate_size")
+        moe_layers = int(layers)
+        moe_layers -= int(first("first_k_dense_replace", default=0))
+        moe_layers -= len(first("mlp_only_layers", default=[]) or [])
+        step = int(first("decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step", default=1) or 1)
+        if step > 1:
+            moe_layers = moe_layers // step
+        shared = int(first("n_shared_experts", "num_shared_experts", default=0) or 0)
+        shared_inter = int(first("shared_expert_intermediate_size", default=0) or 0)
+        if shared and not shared_inter:
+            shared_inter = shared * int(inter)
+        elif shared_inter and not shared:
+            shared = 1
+        if bytes_per_param is None:
+            dtype = str(first("torch_dtype", "dtype", default="bfloat16")).replace("torch.", "")
+            bytes_per_param = _DTYPE_BYTES.get(dtype, 2.0)
+            if "quantization_config" in cfg and "fp8" in json.dumps(cfg["quantization_config"]).lower():
+                bytes_per_param = 1.0
+        heads = int(first("num_attention_heads", default=1))
+        kv_heads = int(first("num_key_value_heads", default=heads))
+        head_dim = int(first("head_dim", default=int(hidden) // max(heads, 1)))
+        attention = int(hidden) * head_dim * (2 * heads + 2 * kv_heads)
+        router = int(hidden) * int(experts)
+        dense = attention + router + 3 * int(hidden) * shared_inter
+        return cls(
+            name=name or str(first("_name_or_path", "model_type", default="moe")),
+            num_moe_layers=moe_layers, num_experts=int(experts), top_k=int(top_k), hidden_size=int(hidden),
+            moe_intermediate_size=int(inter), bytes_per_param=float(bytes_per_param),
+            num_shared_experts=shared, shared_intermediate_size=shared_inter, dense_params_per_layer=dense,
+            source="Hugging Face config.json",
+        )
+
+    def replace(self, **changes) -> "ModelSpec":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """One GPU model and how GPUs of a node are connected.
+
+    Rates are the datasheet's dense peaks; `flops_efficiency` and `bandwidth_efficiency` scale them to what a
+    kernel reaches. `link_bandwidth` is GPU-to-GPU per direction inside a link group of `link_group` GPUs
+    (2 = pairwise NVLink bridges, 8 = NVSwitch); traffic to GPUs outside the group and from host memory goes
+    over PCIe at `host_bandwidth` per direction. `launch_s` is the fixed cost of one replica's kernel work.
+    """
+
+    name: str
+    peak_flops: float
+    hbm_bandwidth: float
+    memory_bytes: float
+    link_bandwidth: float
+    link_group: int
+    host_bandwidth: float
+    launch_s: float = 5e-6
+    flops_efficiency: float = 1.0
+    bandwidth_efficiency: float = 1.0
+    source: str = ""
+
+    def __post_init__(self):
+        for field in ("peak_flops", "hbm_bandwidth", "memory_bytes", "link_bandwidth", "host_bandwidth"):
+            if not getattr(self, field) > 0:
+                raise ValueError(f"HardwareSpec.{field} must be > 0, got {getattr(self, field)!r}")
+        if self.link_group < 1:
+            raise ValueError(f"HardwareSpec.link_group must be >= 1, got {self.link_group}")
+        if self.launch_s < 0:
+            raise ValueError(f"HardwareSpec.launch_s must be >= 0, got {self.launch_s}")
+        for field in ("flops_efficiency", "bandwidth_efficiency"):
+            if not 0 < getattr(self, field) <= 1:
+                raise ValueError(f"HardwareSpec.{field} must be in (0, 1], got {getattr(self, field)}")
+
+    @property
+    def flops(self) -> float:
+        """Reachable FLOP/s."""
+        return self.peak_flops * self.flops_efficiency
+
+    @property
+    def bandwidth(self) -> float:
+        """Reachable HBM bytes/s."""
+        return self.hbm_bandwidth * self.bandwidth_efficiency
+
+    def replace(self, **changes) -> "HardwareSpec":
+        return dataclasses.replace(self, **changes)
+
+
+# --- presets ---------------------------------------------------------------------------------------------
+# H200 efficiencies are measured on this project's lent H200 (an 8192^3 bf16 matmul through PyTorch at about
+# 788 TFLOP/s of the 989 peak; a device-to-device copy at about 4.3 TB/s of 4.8). The A6000 and H100 carry
+# the same fractions as an assumption until the project's GPU benchmarks measure them.
+_H200_FLOPS_EFF = 788e12 / 989e12
+_H200_BW_EFF = 4.3e12 / 4.8e12
+
+HARDWARE: dict[str, HardwareSpec] = {
+    "a6000": HardwareSpec(
+        name="RTX A6000 (pairwise NVLink)", peak_flops=154.8e12, hbm_bandwidth=768e9, memory_bytes=48 * GB,
+        link_bandwidth=56.25e9, link_group=2, host_bandwidth=25e9,
+        flops_efficiency=_H200_FLOPS_EFF, bandwidth_efficiency=_H200_BW_EFF,
+        source="NVIDIA RTX A6000 datasheet (bf16 dense tensor 154.8 TFLOP/s, 768 GB/s GDDR6, NVLink bridge "
+               "112.5 GB/s both directions); PCIe 4.0 x16 at about 25 GB/s achieved; efficiencies assumed",
+    ),
+    "h100": HardwareSpec(
+        name="H100 SXM", peak_flops=989e12, hbm_bandwidth=3.35e12, memory_bytes=80 * GB,
+        link_bandwidth=450e9, link_group=8, host_bandwidth=50e9,
+        flops_efficiency=_H200_FLOPS_EFF, bandwidth_efficiency=_H200_BW_EFF,
+        source="NVIDIA H100 SXM datasheet (bf16 dense 989 TFLOP/s, 3.35 TB/s, NVLink 4 900 GB/s both "
+               "directions through NVSwitch); PCIe 5.0 x16 at about 50 GB/s; efficiencies assumed from H200",
+    ),
+    "h200": HardwareSpec(
+        name="H200 SXM", peak_flops=989e12, hbm_bandwidth=4.8e12, memory_bytes=141 * GB,
+        link_bandwidth=450e9, link_group=8, host_bandwidth=50e9,
+        flops_efficiency=_H200_FLOPS_EFF, bandwidth_efficiency=_H200_BW_EFF,
+        source="NVIDIA H200 SXM datasheet (bf16 dense 989 TFLOP/s, 4.8 TB/s HBM3e, NVLink 900 GB/s both "
+               "directions); efficiencies measured on an H200 (788 TFLOP/s matmul, 4.3 TB/s copy)",
+    ),
+}
+
+# Bundled Hugging Face configs (MIT, via ljcleo/moe-lrc; see moeless/data/README.md).
+_BUNDLED_CONFIGS = {
+    "mixtral-8x7b": "mixtral-8x7b.json",
+    "phi-3.5-moe": "phi-3.5-moe.json",
+    "qwen1.5-moe-a2.7b": "qwen1.5-moe-a2.7b.json",
+    "qwen3-30b-a3b": "qwen3-30b-a3b.json",
+    "deepseek-v2-lite": "deepseek-v2-lite.json",
+    "olmoe-1b-7b": "olmoe-1b-7b.json",
+}
+
+# Models given by their published sizes (no bundled config).
+_PUBLISHED = {
+    # meta-llama/Llama-4-Scout-17B-16E: 48 layers, all MoE, 16 routed experts, top-1, one shared expert,
+    # hidden 5120, expert intermediate 8192, 40 query / 8 KV heads of 128, bf16.
+    "llama-4-scout": dict(num_moe_layers=48, num_experts=16, top_k=1, hidden_size=5120, moe_intermediate_size=8192,
+                          bytes_per_param=2.0, num_shared_experts=1, shared_intermediate_size=8192,
+                          dense_params_per_layer=5120 * 128 * (2 * 40 + 2 * 8) + 5120 * 16 + 3 * 5120 * 8192,
+                          source="Llama-4-Scout-17B-16E published config (48 layers, 16 experts, top-1)"),
+    # deepseek-ai/DeepSeek-V3: 61 layers, the first 3 dense, 256 routed experts + 1 shared, top-8, hidden
+    # 7168, expert intermediate 2048, FP8 weights (1 byte per parameter). MLA attention's weights: about
+    # 187M per layer (q_lora 1536, kv_lora 512, 128 heads).
+    "deepseek-v3": dict(num_moe_layers=58, num_experts=256, top_k=8, hidden_size=7168, moe_intermediate_size=2048,
+                        bytes_per_param=1.0, num_shared_experts=1, shared_intermediate_size=2048,
+                        dense_params_per_layer=187_000_000 + 7168 * 256 + 3 * 7168 * 2048,
+                        source="DeepSeek-V3 published config (61 layers, 3 dense, 256 experts, top-8, FP8)"),
+}
+
+MODEL_NAMES = tuple(_BUNDLED_CONFIGS) + tuple(_PUBLISHED)
+
+
+def bundled_config(name: str) -> dict:
+    """The bundled Hugging Face config.json of `name` (one of the keys of moeless.specs._BUNDLED_CONFIGS)."""
+    if name not in _BUNDLED_CONFIGS:
+        raise ValueError(f"model: no bundled config named {name!r}; bundled: {sorted(_BUNDLED_CONFIGS)}")
+    text = resources.files("moeless").joinpath("data", "model_configs", _BUNDLED_CONFIGS[name]).read_text("utf-8")
+    return json.loads(text)
+
+
+def model_spec(name_or_path: str) -> ModelSpec:
+    """A preset by name (MODEL_NAMES), or a path to a Hugging Face config.json (or a folder holding one)."""
+    key = str(name_or_path).lower()
+    if key in _BUNDLED_CONFIGS:
+        spec = ModelSpec.from_hf_config(bundled_config(key), name=key)
+        return spec.replace(source=f"bundled Hugging Face config.json ({_BUNDLED_CONFIGS[key]})")
+    if key in _PUBLISHED:
+        return ModelSpec(name=key, **_PUBLISHED[key])
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if os.path.isfile(path):
+        return ModelSpec.from_hf_config(path, name=os.path.basename(os.path.dirname(os.path.abspath(path))))
+    raise ValueError(f"model: {name_or_path!r} is neither a preset ({', '.join(MODEL_NAMES)}) nor a config.json path")
+
+
+def hardware_spec(name: str) -> HardwareSpec:
+    """A hardware preset by name: a6000, h100, h200."""
+    key = str(name).lower().replace("-", "").replace("_", "").replace("sxm", "").replace("rtx", "")
+    if key not in HARDWARE:
+        raise ValueError(f"hardware: unknown {name!r}; presets: {', '.join(HARDWARE)}")
+    return HARDWARE[key]
