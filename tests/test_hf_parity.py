@@ -122,7 +122,10 @@ def _max_err(a, b):
 @pytest.fixture
 def fused_calls(monkeypatch):
     """Counts calls into moeless_kernels.fused_moe.fused_moe and records the backend each asked for."""
-    from moeless_kernels import fused_moe as fused_moe_module
+    import importlib
+
+    # the module, not the function of the same name that moeless_kernels re-exports
+    fused_moe_module = importlib.import_module("moeless_kernels.fused_moe")
 
     calls = []
     real = fused_moe_module.fused_moe

@@ -1,0 +1,247 @@
+"""grouped_swiglu: the experts' SwiGLU MLP over physical slots, for (token, k) pairs already grouped by slot.
+
+    out[p] = topk_weights[p] * down[w] @ (silu(gate[w] @ x) * up[w] @ x),   x = hidden[p // top_k],
+    w = slot_to_weight[slot of the block holding p]
+
+for every pair p listed in sorted_token_ids (moe_align's permutation); rows of pairs not listed stay zero.
+Several slots (replicas of one logical expert) may share one weight tensor through slot_to_weight, so a
+replicated plan computes exactly what the unreplicated one does.
+
+Two implementations with one contract: Triton (vLLM fused_moe style: gather on load, SiLU(gate) * up fused into
+the first GEMM's epilogue, routed weight in the second GEMM's epilogue, rows scattered once, no atomics) and a
+pure-torch reference that is the CPU serving path (one GEMM pair per weight group, never a per-block or
+per-pair Python loop). This module validates and dispatches; it must never decide routing or placement.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from moeless_kernels._backend import interpreter_enabled, resolve_backend
+from moeless_kernels.checks import FLOAT_DTYPES, check_int, check_range, check_tensor
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation
+
+
+def _validate(hidden, gate_up_proj, down_proj, sorted_token_ids, block_slot_ids, num_tokens_post_padded,
+              slot_to_weight, topk_weights, top_k, block_m, interleaved):
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    device, dtype = hidden.device, hidden.dtype
+    num_tokens, hidden_size = hidden.shape
+    check_tensor("gate_up_proj", gate_up_proj, ndim=3, dtypes=(dtype,), device=device)
+    num_weights, two_inter, _ = gate_up_proj.shape
+    if gate_up_proj.shape[2] != hidden_size or two_inter % 2 or num_weights < 1:
+        raise ValueError(
+            f"gate_up_proj must have shape [W >= 1, 2*I, H={hidden_size}] (Hugging Face v5 layout), "
+            f"got {tuple(gate_up_proj.shape)}"
+        )
+    inter = two_inter // 2
+    check_tensor("down_proj", down_proj, shape=(num_weights, hidden_size, inter), dtypes=(dtype,), device=device)
+    check_int("top_k", top_k, lo=1)
+    check_int("block_m", block_m, lo=1)
+    if not isinstance(interleaved, bool):
+        raise ValueError(f"interleaved must be a bool, got {interleaved!r}")
+    check_tensor("sorted_token_ids", sorted_token_ids, ndim=1, dtypes=(torch.int32,), device=device)
+    n_pad = sorted_token_ids.shape[0]
+    if n_pad % block_m:
+        raise ValueError(f"sorted_token_ids length must be a multiple of block_m={block_m}, got {n_pad}")
+    check_tensor("block_slot_ids", block_slot_ids, shape=(n_pad // block_m,), dtypes=(torch.int32,), device=device)
+    check_int("num_tokens_post_padded", num_tokens_post_padded, lo=0, hi=n_pad)
+    if num_tokens_post_padded % block_m:
+        raise ValueError(
+            f"num_tokens_post_padded must be a multiple of block_m={block_m}, got {num_tokens_post_padded}"
+        )
+    check_tensor("slot_to_weight", slot_to_weight, ndim=1, dtypes=(torch.int32,), device=device)
+    if topk_weights is not None:
+        check_tensor("topk_weights", topk_weights, shape=(num_tokens, top_k), dtypes=FLOAT_DTYPES, device=device)
+    # Index values decide which memory the kernel touches. Checking them synchronises with the device, so
+    # they are checked where that is free (CPU tensors: the reference and the interpreter); on CUDA the
+    # producers (moe_align, the plan) own their validity.
+    if device.type == "cpu":
+        check_range("sorted_token_ids", sorted_token_ids, 0, num_tokens * top_k + 1)
+        check_range("block_slot_ids", block_slot_ids, -1, slot_to_weight.shape[0])
+        check_range("slot_to_weight", slot_to_weight, 0, num_weights)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pure-torch path
+
+
+_GROUPED_MM_MAX_ROWS_PER_GROUP = 64
+
+
+def _grouped_mm_fits(*tensors: torch.Tensor) -> bool:
+    """torch._grouped_mm's CPU kernel needs 16-byte aligned data and strides (else it raises)."""
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or min(t.stride()[-2:]) != 1:
+            return False
+        if any(s != 1 and (s * size) % 16 for s in t.stride()):
+            return False
+    return True
+
+
+def _grouped_mm_usable(device: torch.device) -> bool:
+    # CPU kernel from torch 2.9; on CUDA its dtype/arch limits vary by version, and CUDA serves through Triton.
+    return device.type == "cpu" and hasattr(torch, "_grouped_mm") and torch.__version__ >= "2.9"
+
+
+def _split_gate_up(gate_up: torch.Tensor, inter: int, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if interleaved:
+        return gate_up[:, 0::2], gate_up[:, 1::2]
+    return gate_up[:, :inter], gate_up[:, inter:]
+
+
+def _swiglu_weight_groups(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                          group_sizes: torch.Tensor, interleaved: bool, use_grouped_mm: bool | None = None
+                          ) -> torch.Tensor:
+    """Rows of `x` [n, H] come in runs of group_sizes[w] rows per weight w; returns the SwiGLU MLP of each row."""
+    inter = down_proj.shape[2]
+    gate_up_t = gate_up_proj.transpose(1, 2)  # [W, H, 2I]
+    down_t = down_proj.transpose(1, 2)  # [W, I, H]
+    if use_grouped_mm is None:
+        # One call per projection for all weights saves the per-group Python overhead, which dominates when
+        # groups are small (decode); with large groups the GEMMs dominate and the loop, which keeps each
+        # group's intermediate in cache between its two GEMMs, is as fast or faster (measured on CPU).
+        small_groups = x.shape[0] < _GROUPED_MM_MAX_ROWS_PER_GROUP * max(1, int((group_sizes > 0).sum()))
+        use_grouped_mm = small_groups and _grouped_mm_usable(x.device) and _grouped_mm_fits(x, gate_up_t, down_t) \
+            and (inter * x.element_size()) % 16 == 0
+    if use_grouped_mm:
+        offs = torch.cumsum(group_sizes, 0, dtype=torch.int32)
+        gate, up = _split_gate_up(torch._grouped_mm(x, gate_up_t, offs=offs), inter, interleaved)
+        return torch._grouped_mm(F.silu(gate).mul_(up), down_t, offs=offs)
+    y = x.new_empty(x.shape[0], down_proj.shape[1])
+    start = 0
+    for w, n in enumerate(group_sizes.tolist()):
+        if n == 0:
+            continue
+        end = start + n
+        gate, up = _split_gate_up(torch.mm(x[start:end], gate_up_t[w]), inter, interleaved)
+        torch.mm(F.silu(gate).mul_(up), down_t[w], out=y[start:end])
+        start = end
+    return y
+
+
+def _grouped_swiglu_torch(hidden, gate_up_proj, down_proj, sorted_token_ids, block_slot_ids, num_tokens_post_padded,
+                          slot_to_weight, topk_weights, top_k, block_m, interleaved, use_grouped_mm=None):
+    num_pairs = hidden.shape[0] * top_k
+    out = hidden.new_zeros(num_pairs, hidden.shape[1])
+    num_blocks = num_tokens_post_padded // block_m
+    if num_blocks == 0 or num_pairs == 0:
+        return out
+    # --- the listed pairs, in permutation order, with the weight index of their block
+    block_slots = block_slot_ids[:num_blocks].long()
+    block_live = block_slots >= 0
+    block_weights = torch.full_like(block_slots, -1)
+    block_weights[block_live] = slot_to_weight.long()[block_slots[block_live]]
+    ids = sorted_token_ids[: num_blocks * block_m].view(num_blocks, block_m)
+    keep = (ids < num_pairs) & block_live[:, None]
+    pairs = ids[keep].long()
+    if pairs.numel() == 0:
+        return out
+    pair_weights = block_weights[:, None].expand(num_blocks, block_m)[keep]
+    # --- group by weight tensor: replicas sharing a weight merge into one GEMM. The permutation already comes
+    # in weight order for identity plans; replicated plans may interleave, so a stable sort regroups them.
+    live_weights = block_weights[block_live]
+    if bool((live_weights[1:] < live_weights[:-1]).any()):
+        order = torch.argsort(pair_weights, stable=True)
+        pairs, pair_weights = pairs[order], pair_weights[order]
+    group_sizes = torch.bincount(pair_weights, minlength=gate_up_proj.shape[0])
+    y = _swiglu_weight_groups(hidden[pairs // top_k], gate_up_proj, down_proj, group_sizes, interleaved,
+                              use_grouped_mm)
+    if topk_weights is not None:
+        routed = topk_weights.reshape(-1)[pairs].float()[:, None]
+        # like the kernel's epilogue: the product in fp32, one rounding
+        y = y.mul_(routed) if y.dtype == torch.float32 else (y.float() * routed).to(y.dtype)
+    out.index_copy_(0, pairs, y)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton path
+
+
+def _grouped_swiglu_triton(hidden, gate_up_proj, down_proj, sorted_token_ids, block_slot_ids,
+                           num_tokens_post_padded, slot_to_weight, topk_weights, top_k, block_m, interleaved):
+    from moeless_kernels.jit import grouped_gemm_kernels as jit  # lazy: reads TRITON_INTERPRET at import
+
+    if block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two for the Triton backend, got {block_m}")
+    if hidden.device.type == "cuda" and block_m < 16:
+        raise ValueError(f"block_m must be >= 16 on CUDA (tl.dot's smallest tile), got {block_m}")
+    num_tokens, hidden_size = hidden.shape
+    inter = down_proj.shape[2]
+    num_pairs = num_tokens * top_k
+    out = hidden.new_zeros(num_pairs, hidden_size)
+    rows = num_tokens_post_padded
+    if rows == 0 or num_pairs == 0:
+        return out
+    intermediate = hidden.new_empty(rows, inter)
+    # the interpreter's bf16 dot and bf16 cast are wrong: the kernels work around them (see the jit module)
+    bf16_interpreted = interpreter_enabled() and hidden.dtype == torch.bfloat16
+    # fp32 inputs: full-precision dot (CUDA would otherwise use TF32); 16-bit inputs ignore the setting
+    precision = "ieee" if hidden.dtype == torch.float32 else None
+    m_bucket = triton.next_power_of_2(rows)
+    routed = (topk_weights.reshape(-1).to(torch.float32).contiguous() if topk_weights is not None else out)
+
+    def grid(meta):
+        return (triton.cdiv(rows, block_m) * triton.cdiv(meta["N"], meta["BLOCK_N"]),)
+
+    jit.gate_up_silu_kernel[grid](
+        hidden, gate_up_proj, intermediate, sorted_token_ids, block_slot_ids, slot_to_weight,
+        rows, num_pairs, inter, hidden_size, m_bucket,
+        hidden.stride(0), hidden.stride(1),
+        gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2),
+        intermediate.stride(0), intermediate.stride(1),
+        TOP_K=top_k, BLOCK_M=block_m, INTERLEAVED=interleaved, BF16_INTERPRETED=bf16_interpreted,
+        DOT_PRECISION=precision,
+    )
+    jit.down_proj_kernel[grid](
+        intermediate, down_proj, out, sorted_token_ids, block_slot_ids, slot_to_weight, routed,
+        rows, num_pairs, hidden_size, inter, m_bucket,
+        intermediate.stride(0), intermediate.stride(1),
+        down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
+        out.stride(0), out.stride(1),
+        BLOCK_M=block_m, MUL_ROUTED_WEIGHT=topk_weights is not None, BF16_INTERPRETED=bf16_interpreted,
+        DOT_PRECISION=precision,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public API
+
+
+def grouped_swiglu(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                   sorted_token_ids: torch.Tensor, block_slot_ids: torch.Tensor, num_tokens_post_padded: int,
+                   slot_to_weight: torch.Tensor, topk_weights: torch.Tensor | None, *, top_k: int, block_m: int,
+                   interleaved: bool = False, backend: str = "auto") -> torch.Tensor:
+    """SwiGLU experts over slots for the pairs of moe_align's permutation; returns [T*K, H] in hidden's dtype.
+
+    hidden [T, H]; gate_up_proj [W, 2I, H] (rows [0, I) gate, [I, 2I) up; interleaved=True: row 2j gate j,
+    row 2j+1 up j); down_proj [W, H, I]; sorted_token_ids int32 [N_pad] (flat pair ids t*K+k, pad value T*K);
+    block_slot_ids int32 [N_pad // block_m] (-1 = skip the block); num_tokens_post_padded: int, the used
+    prefix of sorted_token_ids; slot_to_weight int32 [P] (slot -> index into W); topk_weights [T, K] or None
+    (routed weight 1). Row t*K+k of the result holds pair (t, k) scaled by its routed weight; rows of pairs
+    that are not listed (dropped, or served by another rank) are zero.
+    """
+    _validate(hidden, gate_up_proj, down_proj, sorted_token_ids, block_slot_ids, num_tokens_post_padded,
+              slot_to_weight, topk_weights, top_k, block_m, interleaved)
+    impl = _grouped_swiglu_triton if resolve_backend(backend, hidden.device) == "triton" else _grouped_swiglu_torch
+    return impl(hidden, gate_up_proj, down_proj, sorted_token_ids, block_slot_ids, num_tokens_post_padded,
+                slot_to_weight, topk_weights, top_k, block_m, interleaved)
+
+
+def grouped_swiglu_reference(hidden: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                             sorted_token_ids: torch.Tensor, block_slot_ids: torch.Tensor,
+                             num_tokens_post_padded: int, slot_to_weight: torch.Tensor,
+                             topk_weights: torch.Tensor | None, *, top_k: int, block_m: int,
+                             interleaved: bool = False) -> torch.Tensor:
+    """Pure-torch grouped_swiglu (same contract); the CPU serving path, one GEMM pair per weight group."""
+    _validate(hidden, gate_up_proj, down_proj, sorted_token_ids, block_slot_ids, num_tokens_post_padded,
+              slot_to_weight, topk_weights, top_k, block_m, interleaved)
+    return _grouped_swiglu_torch(hidden, gate_up_proj, down_proj, sorted_token_ids, block_slot_ids,
+                                 num_tokens_post_padded, slot_to_weight, topk_weights, top_k, block_m, interleaved)
