@@ -1,0 +1,98 @@
+"""moeless.engine: the per-layer control plane against the planner and pool called directly, and the torch
+gate-replica counts against the numpy predictor."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moeless.baselines import static_plan
+from moeless.engine import Engine, GateReplicaLoads, default_slots_per_gpu
+from moeless.planner import plan_layers, serve_time_split
+from moeless.predictors import GateReplicaPredictor
+
+L, E, G = 3, 8, 4
+
+
+def test_ep_keeps_static_plan_and_splits_by_counts():
+    eng = Engine(L, E, G, policy="ep")
+    start = eng.start(0.0)
+    assert len(start.cold) == L * E
+    counts = np.array([9, 0, 3, 1, 0, 0, 2, 5])
+    for layer in range(L):
+        assert eng.observe(layer, counts, counts, now=1.0 + layer) is None
+        assert eng.plan(layer) == static_plan(L, E, G, E // G)[layer]
+        np.testing.assert_array_equal(eng.split(layer, counts)[:, 0], counts)
+
+
+def test_moeless_plans_layer_plus_d_like_the_planner():
+    S = default_slots_per_gpu(E, G)
+    eng = Engine(L, E, G, policy="moeless", distance=1, keep_alive_s=float("inf"))
+    eng.start(0.0)
+    rng = np.random.default_rng(0)
+    t = 1.0
+    for it in range(3):
+        true = rng.integers(0, 50, size=(L, E))
+        true[:, 0] += 200  # a hot expert
+        pred = rng.integers(0, 50, size=(L, E))
+        pred[:, 0] += 200
+        for layer in range(L):
+            before = eng.plan(layer)
+            np.testing.assert_array_equal(eng.split(layer, true[layer]), serve_time_split(before, true[layer][None])[0])
+            target = (layer + 1) % L
+            loads = pred[target] if layer + 1 < L else true[target]  # wrap: this iteration's true counts
+            want = plan_layers(loads[None].astype(float), G, S, previous=eng.plan(target))
+            got_target, applied = eng.observe(layer, true[layer], pred[target] if layer + 1 < L else None, now=t)
+            assert got_target == target and eng.plan(target) == want
+            t += 1.0
+    assert eng.stats.plans_made == 3 * L
+    assert np.all(eng.plan(0).num_replicas() > E)  # the hot expert got replicas
+
+
+def test_cold_starts_are_slots_whose_expert_changed():
+    eng = Engine(1, E, G, 3, policy=lambda layer, loads, prev: plans.pop(0), keep_alive_s=float("inf"))
+    a = static_plan(1, E, G, 3).phy2log[0]
+    b = a.copy()
+    b[[2, 5]] = [0, 1]  # two new replicas in free slots
+    c = b.copy()
+    c[[0, 1]] = c[[1, 0]]  # two experts swap slots
+    from moeless.planner import Plan
+
+    plans = [Plan.from_phy2log(x[None], E, G, 3) for x in (b, c)]
+    eng.start(0.0)
+    _, r1 = eng.observe(0, np.ones(E), None, now=1.0)
+    _, r2 = eng.observe(0, np.ones(E), None, now=2.0)
+    assert sorted(r1.cold[:, 1].tolist()) == [2, 5]
+    assert sorted(r2.cold[:, 1].tolist()) == [0, 1]
+    assert eng.stats.cold_starts == E + 4  # the initial placement, then 2 + 2
+
+
+def test_gate_replica_counts_match_numpy_predictor():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    gates = rng.standard_normal((L, E, 16)).astype(np.float32)
+    pred = GateReplicaPredictor(gates, top_k=2, distance=1)
+    x = rng.standard_normal((37, 16)).astype(np.float32)
+    ids = np.zeros((37, 2), dtype=np.int64)
+    loads = GateReplicaLoads(pred)
+    for layer in range(L - 1):
+        want = pred.predict(layer, ids, x)
+        got = loads.counts(layer, torch.from_numpy(x)).numpy()
+        np.testing.assert_array_equal(got, want)
+    assert loads.counts(L - 1, torch.from_numpy(x)) is None
+
+
+def test_bad_arguments_name_themselves():
+    with pytest.raises(ValueError, match="policy"):
+        Engine(L, E, G, policy="nope")
+    with pytest.raises(ValueError, match="slots_per_gpu"):
+        Engine(L, E, G, 1)
+    eng = Engine(L, E, G)
+    eng.start(0.0)
+    with pytest.raises(ValueError, match="layer"):
+        eng.plan(L)
+    with pytest.raises(ValueError, match="counts"):
+        eng.split(0, np.ones(E + 1))
+    with pytest.raises(ValueError, match="counts"):
+        eng.observe(0, -np.ones(E))
+    with pytest.raises(ValueError, match="predictor"):
+        GateReplicaLoads(object())

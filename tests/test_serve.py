@@ -1,0 +1,257 @@
+"""moeless.serve: the distributed loop against the single-process model, the pool's bill on a real run, faults.
+
+Worker processes come from a forkserver that imports torch, transformers and moeless once (a spawned process
+would pay those imports per rank); they talk gloo on 127.0.0.1. World sizes 2 and 4; tiny batches.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+import traceback
+
+import numpy as np
+import pytest
+import torch
+
+from moeless import serve
+from moeless.planner import Plan
+
+PROMPTS = [[256, 72, 101, 108, 108, 111], [256, 65], [256, 1, 2, 3, 4, 5, 6, 7, 8], [256, 33, 34]]
+NEW_TOKENS = [4, 2, 3, 4]
+
+_ctx = None
+
+
+def _context():
+    global _ctx
+    if _ctx is None:
+        _ctx = mp.get_context("forkserver")
+        _ctx.set_forkserver_preload(["torch", "transformers", "moeless.serve", "moeless.engine"])
+    return _ctx
+
+
+def _run(world: int, scenario: str, tmp_path, timeout: float = 240.0) -> list:
+    """Run `scenario` on `world` ranks; returns each rank's result dict (or raises with the ranks' errors)."""
+    port = serve._free_port()
+    ctx = _context()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, scenario, str(tmp_path))) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    # rank 0 reports for the run: once it is done, a peer still alive is the stalled one (killed below)
+    while procs[0].is_alive() and time.monotonic() < deadline:
+        procs[0].join(0.2)
+    for p in procs[1:]:
+        p.join(max(0.0, min(deadline - time.monotonic(), 30.0 if scenario == "parity" else 0.5)))
+    hung = [r for r, p in enumerate(procs) if p.is_alive() and (r == 0 or scenario == "parity")]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    out = []
+    for r in range(world):
+        f = tmp_path / f"rank{r}.pt"
+        out.append(torch.load(f, weights_only=False) if f.exists() else None)
+    return out, hung
+
+
+def _random_policy(seed: int):
+    """Random one-layer plans, the same sequence on every rank: replicas on several ranks, free slots, and every
+    fourth plan all experts on rank 0 (the other ranks hold no expert)."""
+    rng = np.random.default_rng(seed)
+    calls = [0]
+
+    def policy(layer, loads, previous):
+        E, G, S = previous.num_experts, previous.gpus, previous.slots_per_gpu
+        calls[0] += 1
+        p2l = np.full(G * S, -1, dtype=np.int64)
+        if calls[0] % 4 == 0:
+            p2l[rng.permutation(S)[:E]] = rng.permutation(E)  # only rank 0's slots
+        else:
+            slots = rng.permutation(G * S)
+            p2l[slots[:E]] = rng.permutation(E)
+            extra = slots[E:E + rng.integers(0, G * S - E + 1)]
+            p2l[extra] = rng.integers(0, E, size=extra.size)
+        return Plan.from_phy2log(p2l[None], E, G, S)
+
+    return policy
+
+
+def _worker(rank, world, port, scenario, outdir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = {}
+    try:
+        ctx = serve.init_distributed(rank=rank, world_size=world, timeout_s=20 if scenario == "parity" else 4,
+                                     backend="gloo")
+        model = serve.load_model(None)
+        if scenario == "parity":
+            E = 8
+            runs = {
+                # plans drawn at random, changing at every layer of every iteration (mid-generation)
+                "random": dict(policy=_random_policy(7), slots_per_gpu=E, predictor="previous", keep_alive_s=0.0),
+                # the real policy with the gate-replica predictor; keep-alive 0: idle instances go at once
+                "moeless": dict(policy="moeless", keep_alive_s=0.0),
+                "ep": dict(policy="ep"),
+            }
+            for name, kw in runs.items():
+                srv = serve.ExpertParallelServer(model, ctx, record_logits=True, **kw)
+                outs = srv.generate(PROMPTS, NEW_TOKENS)
+                layers = [(m.slot_expert.copy(), m.slot_gate_up.clone(), m.slot_down.clone(), m.host_gate_up,
+                           m.host_down) for m in srv.layers]
+                plans = [srv.engine.plan(l).phy2log[0].copy() for l in range(srv.num_layers)]
+                applied = list(srv.engine.applied)
+                summary = srv.close()
+                result[name] = dict(tokens=[o.tokens for o in outs], logits=[o.logits for o in outs],
+                                    summary=summary, layers=layers, plans=plans, applied=applied,
+                                    slots_per_gpu=srv.slots_per_gpu)
+            # serve(): bad requests next to good ones, two 1 s batches
+            srv = serve.ExpertParallelServer(model, ctx, policy="moeless")
+            reqs = [serve.Request(PROMPTS[0], 3, 0.1), serve.Request([], 3, 0.2),
+                    serve.Request([256] * 600, 3, 0.3), serve.Request(PROMPTS[1], 2, 1.5)]
+            res = srv.serve(reqs)
+            srv.close()
+            result["serve"] = [(r.tokens, r.error, r.batch) for r in res]
+        else:  # "dies" / "stalls": rank 1 leaves after the server is up; the others must fail cleanly
+            srv = serve.ExpertParallelServer(model, ctx, policy="moeless")
+            if rank == 1:
+                if scenario == "dies":
+                    os._exit(3)
+                time.sleep(60)
+            t = time.monotonic()
+            try:
+                srv.generate(PROMPTS, NEW_TOKENS)
+                result["error"] = None
+            except serve.ServeError as err:
+                result["error"] = str(err)
+            result["seconds"] = time.monotonic() - t
+    except Exception:  # reported to the test, which fails with it
+        result["exception"] = traceback.format_exc()
+    torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+    if scenario == "parity":
+        serve.shutdown()
+    else:
+        os._exit(0)  # the group is broken: destroying it could block on the dead peer
+
+
+def _reference():
+    """Single-process greedy generation, one prompt at a time, no padding, no KV cache."""
+    model = serve.load_model(None)
+    toks, logits = [], []
+    with torch.no_grad():
+        for p, n in zip(PROMPTS, NEW_TOKENS):
+            ids = torch.tensor([p])
+            t_out, l_out = [], []
+            for _ in range(n):
+                lg = model(input_ids=ids, output_router_logits=False).logits[0, -1].float()
+                t = int(lg.argmax())
+                t_out.append(t)
+                l_out.append(lg.numpy())
+                ids = torch.cat([ids, torch.tensor([[t]])], 1)
+            toks.append(t_out)
+            logits.append(np.stack(l_out))
+    return toks, logits
+
+
+def _live_intervals(applied, end):
+    """Brute force of the pool's bill with keep-alive 0: (cold starts, instance-seconds). An instance lives from
+    the apply that puts its expert in its slot until the apply that takes it out (or `end`)."""
+    holding, since = {}, {}
+    cold, seconds = 0, 0.0
+    for now, layer, p2l in applied:
+        for slot, e in enumerate(p2l.tolist()):
+            key = (layer, slot)
+            if holding.get(key, -1) == e:
+                continue
+            if holding.get(key, -1) >= 0:
+                seconds += now - since[key]
+            holding[key] = e
+            if e >= 0:
+                cold += 1
+                since[key] = now
+    seconds += sum(end - since[k] for k, e in holding.items() if e >= 0)
+    return cold, seconds
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_distributed_matches_single_process(world, tmp_path):
+    ranks, hung = _run(world, "parity", tmp_path)
+    assert not hung, f"ranks {hung} hung"
+    for r, res in enumerate(ranks):
+        assert res is not None and "exception" not in res, f"rank {r}: {res and res.get('exception')}"
+    ref_toks, ref_logits = _reference()
+    main = ranks[0]
+    for name in ("random", "moeless", "ep"):
+        got = main[name]
+        assert got["tokens"] == ref_toks, name  # greedy tokens identical
+        for a, b in zip(got["logits"], ref_logits):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=name)
+        # every rank returns every request's result
+        for res in ranks[1:]:
+            assert res[name]["tokens"] == got["tokens"]
+    # the random policy did change plans between decode steps, including layouts that leave ranks empty
+    s = main["random"]["summary"]
+    assert s["plan_changes"] >= s["iterations"]
+    # the slot buffers hold exactly the host weights of the experts the final plan puts on each rank
+    for name in ("random", "moeless", "ep"):
+        S = main[name]["slots_per_gpu"]
+        for r, res in enumerate(ranks):
+            for layer, (slot_expert, gu, dn, host_gu, host_dn) in enumerate(res[name]["layers"]):
+                want = main[name]["plans"][layer][r * S:(r + 1) * S]
+                for s_local, e in enumerate(want.tolist()):
+                    if e < 0:
+                        continue
+                    assert slot_expert[s_local] == e
+                    assert torch.equal(gu[s_local], host_gu[e]) and torch.equal(dn[s_local], host_dn[e])
+    # the pool's bill on the real run: cold starts = the copies the ranks really made = brute force
+    for name in ("random", "moeless"):
+        s = main[name]["summary"]
+        copies = sum(res[name]["summary"]["copies_this_rank"] for res in ranks)
+        cold, inst_seconds = _live_intervals(main[name]["applied"], s["clock_end_s"])
+        assert s["cold_starts"] == copies == cold, name
+        assert s["gb_seconds"] == pytest.approx(inst_seconds * s["expert_bytes"] / 1e9, rel=1e-9, abs=1e-15)
+    assert main["moeless"]["summary"]["releases"] > 0  # keep-alive 0 released idle instances
+    ep = main["ep"]["summary"]
+    assert ep["cold_starts"] == 8 * 4 and ep["plan_changes"] == 0  # E x L, once, never re-planned
+    # serve(): bad requests get a clear error; the others are served as if alone
+    served = main["serve"]
+    assert served[0][0] == ref_toks[0][:3] and served[0][1] is None and served[0][2] == 0
+    assert "empty prompt" in served[1][1] and served[1][0] == []
+    assert "context" in served[2][1] and served[2][0] == []
+    assert served[3][0] == ref_toks[1][:2] and served[3][2] == 1
+
+
+@pytest.mark.parametrize("fault", ["dies", "stalls"])
+def test_peer_failure_is_a_clear_error(fault, tmp_path):
+    ranks, hung = _run(2, fault, tmp_path, timeout=90.0)
+    res = ranks[0]
+    assert res is not None and "exception" not in res, res and res.get("exception")
+    assert res["error"] is not None and "peer rank died or stalled" in res["error"]
+    assert 0 not in hung
+
+
+def test_bad_models_and_requests(tmp_path):
+    with pytest.raises(ValueError, match="model: no such path"):
+        serve.load_model(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no config.json"):
+        serve.load_model(tmp_path)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    dense.save_pretrained(tmp_path / "dense")
+    with pytest.raises(ValueError, match="unsupported architecture LlamaForCausalLM"):
+        serve.load_model(tmp_path / "dense")
+    assert "empty" in serve.check_request(serve.Request([], 4), 512, 257)
+    assert "context" in serve.check_request(serve.Request([1] * 510, 4), 512, 257)
+    assert "token ids" in serve.check_request(serve.Request([1, 300], 4), 512, 257)
+    assert "max_new_tokens" in serve.check_request(serve.Request([1], 0), 512, 257)
+    assert serve.check_request(serve.Request([1, 2], 4), 512, 257) is None
+
+
+def test_moe_blocks_found_in_layer_order():
+    model = serve.load_model(None)
+    blocks = serve.find_moe_blocks(model)
+    assert [n for n, _ in blocks] == [f"model.layers.{i}.mlp" for i in range(4)] or \
+        [n for n, _ in blocks] == [f"model.layers.{i}.block_sparse_moe" for i in range(4)]
