@@ -17,7 +17,7 @@ setup(
     extras_require={
         "hf": ["transformers>=5.0"],
         "plots": ["matplotlib>=3.7"],
-        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4", "transformers>=5.0", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.10", "pytest-benchmark>=4", "transformers>=5.0", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["moeless=moeless.cli:main"]},
 )
