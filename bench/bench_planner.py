@@ -4,17 +4,21 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_planner.py                            # full report
     (CI: --benchmark-disable runs each case once; the ESFT check runs on a few batches, skipped without data)
 
-Timed: one iteration's plan of all layers (scale + place, cold and warm), Mixtral-8x7B (32 layers, 8 experts,
-8 GPUs x 2 slots) and DeepSeek-V3 (58 layers, 256 experts, 64 GPUs x (4 + 2) slots), on skewed synthetic
-loads (Dirichlet(0.3) expert popularity, multinomial token counts); the serve-time split of 26 layers of 64
-experts on 8 GPUs x 9 slots. Targets: 0.5 ms, 5 ms, 50 us / layer. Benchmarks measure; they never assert a time.
+Timed: one iteration's plan of all layers (scale + place), Mixtral-8x7B (32 layers, 8 experts, 8 GPUs x 2
+slots) and DeepSeek-V3 (58 layers, 256 experts, 64 GPUs x (4 + 2) slots), on skewed synthetic loads
+(Dirichlet(0.3) expert popularity, multinomial token counts): cold (no previous plan), warm (the previous plan
+was made for another popularity: the worst case, most layers are re-planned and relabelled) and warm-same (the
+previous plan was made for another batch of the same popularity: serving), with the default hedge=True and
+with hedge=False, and with reuse_whole=True; the serve-time split of 26 layers of 64 experts on 8 GPUs x 9 slots. Targets: 0.5 ms, 5 ms,
+50 us / layer, on one core. Benchmarks measure; they never assert a time. `main` prints a markdown table with
+a calibration (one small numpy call now) to judge the machine's load.
 
 Report (ESFT-vanilla-lite routing, /work/shared/data/esft_routing, evaluation only, never bundled; another
 folder with MOELESS_ESFT=path): 8 GPUs, batches of 64 and 512 consecutive tokens, all 26 layers; mean over
 batches and layers of balance = max / mean GPU load, for static EP, EPLB (72 slots: 8 redundant, rebuilt every
 10 batches from the last 10), the lossy oracle (static EP after capacity rerouting), and moeless planned on the
-batch's true load (the oracle predictor) with 9 slots per GPU (one extra), cold and warm, both rules; even
-split vs serve-time split.
+batch's true load (the oracle predictor) with 9 slots per GPU (one extra), cold and warm, both rules, with and
+without hedging; even split vs serve-time split. bench/esft_balance.py gives the same with real predictors.
 """
 from __future__ import annotations
 
@@ -39,10 +43,30 @@ CASES = {  # name: (layers, experts, top_k, tokens, gpus, slots_per_gpu)
 }
 
 
-def synthetic_loads(layers, experts, top_k, tokens, seed=0):
+def synthetic_loads(layers, experts, top_k, tokens, seed=0, batch_seed=None):
+    """[L, E] loads: popularity Dirichlet(0.3) per layer from `seed`, counts multinomial (from `batch_seed` if
+    given: another batch of the same popularity)."""
     rng = np.random.default_rng(seed)
     pop = rng.dirichlet(np.full(experts, 0.3), size=layers)
+    if batch_seed is not None:
+        rng = np.random.default_rng(batch_seed)
     return np.stack([rng.multinomial(tokens * top_k, p) for p in pop]).astype(np.float64)
+
+
+CONFIGS = {  # name: plan_layers options
+    "hedge": {},
+    "nohedge": {"hedge": False},
+    "hedge+whole": {"reuse_whole": True},
+}
+
+
+def previous_plan(case, kind, **options):
+    """The previous plan of a timed case: None (cold), another popularity (warm), another batch (warm-same)."""
+    L, E, K, T, G, S = CASES[case]
+    if kind == "cold":
+        return None
+    loads = synthetic_loads(L, E, K, T, seed=1) if kind == "warm" else synthetic_loads(L, E, K, T, batch_seed=7)
+    return plan_layers(loads, G, S, **options)
 
 
 def _info(benchmark, **kw):
@@ -51,12 +75,13 @@ def _info(benchmark, **kw):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
-def test_plan_iteration(benchmark, case, warm):
+@pytest.mark.parametrize("kind", ["cold", "warm", "warm-same"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_plan_iteration(benchmark, case, kind, config):
     L, E, K, T, G, S = CASES[case]
     loads = synthetic_loads(L, E, K, T)
-    prev = plan_layers(synthetic_loads(L, E, K, T, seed=1), G, S) if warm else None
-    plan = benchmark(plan_layers, loads, G, S, previous=prev)
+    prev = previous_plan(case, kind, **CONFIGS[config])
+    plan = benchmark(plan_layers, loads, G, S, previous=prev, **CONFIGS[config])
     plan.validate()
     _info(benchmark, layers=L, experts=E, gpus=G, slots_per_gpu=S, replicas=int(plan.num_replicas().sum()))
 
@@ -104,7 +129,8 @@ def esft_report(loads, gpus=8, extra_slots=1, redundant=8, window=10):
     eplb = EPLB(L, E, gpus, redundant, window=window, interval=window)
     rows = {k: [] for k in ("static EP", "lossy oracle (static EP, rerouted)", "EPLB even", "EPLB split")}
     moved = []
-    variants = [("ideal", False), ("ideal", True), ("literal", False)]
+    variants = [("ideal", False), ("ideal", True), ("ideal-nohedge", False), ("ideal-nohedge", True),
+                ("literal", False)]
     prev = {v: None for v in variants}
     reps = {v: [] for v in variants}
     kept = {v: [] for v in variants}
@@ -121,7 +147,8 @@ def esft_report(loads, gpus=8, extra_slots=1, redundant=8, window=10):
         eplb.observe(w)
         for v in variants:
             rule, warm = v
-            plan = plan_layers(w.astype(float), gpus, S, rule=rule, previous=prev[v] if warm else None)
+            plan = plan_layers(w.astype(float), gpus, S, rule=rule.split("-")[0], previous=prev[v] if warm else None,
+                               hedge=not rule.endswith("nohedge"))
             name = f"moeless {rule} {'warm' if warm else 'cold'}"
             rows[f"{name} even"].append(balance(gpu_loads(plan, even_split(plan, w))))
             rows[f"{name} split"].append(balance(gpu_loads(plan, serve_time_split(plan, w))))
@@ -165,24 +192,29 @@ def _time(fn, *args, number=5, repeat=7, **kw):
 
 def main(report=True):
     print(f"numpy {np.__version__}, python {platform.python_version()}, OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, {platform.processor() or platform.machine()}")
-    # the cost of one small numpy call on this machine now: the planner is ~100-300 such calls per iteration
+          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, {platform.processor() or platform.machine()}, "
+          f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    # the cost of one small numpy call on this machine now: the planner is a few hundred such calls; on an idle
+    # core this argsort takes ~2-3 us, so a larger number says how loaded the machine is
     probe = np.random.default_rng(0).random((32, 8))
-    print(f"calibration: one argsort of a [32, 8] array {_time(np.argsort, probe, axis=1, number=1000) * 1e6:.2f} us")
+    calib = _time(np.argsort, probe, axis=1, number=1000) * 1e6
+    print(f"calibration: one argsort of a [32, 8] array {calib:.2f} us\n")
+    print("| case | options | cold ms | warm ms | warm-same ms | target ms |")
+    print("|---|---|---|---|---|---|")
+    targets = {"mixtral": 0.5, "deepseek_v3": 5.0}
     for case, (L, E, K, T, G, S) in CASES.items():
         loads = synthetic_loads(L, E, K, T)
-        prev = plan_layers(synthetic_loads(L, E, K, T, seed=1), G, S)
-        cold = _time(plan_layers, loads, G, S)
-        warm = _time(plan_layers, loads, G, S, previous=prev)
-        lit = _time(plan_layers, loads, G, S, rule="literal")
-        print(f"plan {case:12s} L={L} E={E} G={G} S={S}: cold {cold * 1e3:.3f} ms, warm {warm * 1e3:.3f} ms, "
-              f"literal rule {lit * 1e3:.3f} ms")
+        for config, options in CONFIGS.items():
+            t = {kind: _time(plan_layers, loads, G, S, previous=previous_plan(case, kind, **options), **options) * 1e3
+                 for kind in ("cold", "warm", "warm-same")}
+            print(f"| {case} L={L} E={E} G={G} S={S} | {config} | {t['cold']:.3f} | {t['warm']:.3f} | "
+                  f"{t['warm-same']:.3f} | {targets[case]} |")
     L, E, G, S = 26, 64, 8, 9
     loads = synthetic_loads(L, E, 6, 512, seed=2)
     plan = plan_layers(loads, G, S, tolerance=0.0)
     t = _time(serve_time_split, plan, loads.astype(np.int64), number=20)
     t_even = _time(even_split, plan, loads.astype(np.int64), number=20)
-    print(f"serve_time_split 64 experts / 8 GPUs x 9 slots: {t / L * 1e6:.1f} us/layer "
+    print(f"\nserve_time_split 64 experts / 8 GPUs x 9 slots, {L} layers: {t / L * 1e6:.1f} us/layer (target 50) "
           f"({plan.num_replicas().mean():.1f} replicas/layer); even_split {t_even / L * 1e6:.1f} us/layer")
     if not report:
         return

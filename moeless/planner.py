@@ -32,23 +32,29 @@ Scaling rules (`rule=`):
   tolerance. If that exceeds the budget, the budget is spent by EPLB's min-max greedy instead (one replica at
   a time to the expert with the largest per-replica load, which minimises the largest replica load).
   The slots it leaves free are used by the placement's *bridging* step below, only where they help.
+  With ``hedge=True`` (the default of `plan_layers`) the rule spends every slot instead: see Hedging.
 
-Placement (Algorithm 2 with what the paper leaves out):
-
-1. warm reuse: a replica whose expert lived in `previous` keeps that very slot (no copy) unless its GPU's
-   kept load would exceed C (1 + tolerance); kept replicas are chosen largest first (what then moves is
-   small, which LPT packs well). Pins can still block a needed swap (two hot experts pinned on one full GPU),
-   so a fresh placement is also made, its GPUs renumbered (and slots reordered) to overlap `previous` most,
-   and a layer keeps the pinned plan only if its planned max GPU load is within (1 + reuse_slack) of the
-   fresh one's (ESFT, 8 GPUs: 48% / 80% of instances kept at balance 1.013 / 1.022 for 64 / 512-token
-   batches, vs 5% / 8% kept at 1.0003 / 1.006 when planning cold);
-2. longest processing time first, join the shortest queue, among GPUs with a free slot that do not hold the
-   expert yet (a second replica on the same GPU only when no other GPU has room);
-3. bridging (``"ideal"`` only, on by default): while a GPU is above C (1 + tolerance) and a free slot exists on
-   a lighter GPU, add a replica there of an expert of the heaviest GPU and move min(excess, deficit) of its
-   load onto it. Each bridge settles either the heavy GPU's excess or the light GPU's deficit, so with
-   divisible loads G - 1 bridges reach perfect balance (McNaughton's wrap-around rule, done greedily). The
-   bridged amounts are only a plan: the serve-time split recomputes them from the true counts.
+Hedging (``hedge=True``, default). A prediction is wrong by a few tokens per expert, and those errors add up
+per GPU (ESFT, 64-token batches, 8 GPUs: a GPU's load is off by ~15% of C from sampling alone). The serve-time
+split can move a GPU's excess only through experts that also have a replica elsewhere, so the planner buys
+flexibility with the spare slots: (a) every slot holds a replica, the spare ones going by EPLB's min-max
+greedy to the experts with the largest predicted load per replica (the largest absolute errors); (b) in a cold
+placement the replicated experts form a chain around the ring of GPUs: the k-th replicated expert (largest
+per-replica load first) takes GPUs s_k .. s_k + R_k - 1 (mod G), with s_k = sum over earlier ones of (R_i -
+1), so consecutive experts share a GPU and every GPU is linked to its neighbours (LPT alone puts the two
+replicas of each hot expert on the two lightest GPUs: disjoint pairs, ~2 components of 8 GPUs per ESFT layer;
+the chain gives 1). Across a link the split can move up to the whole true load of the linking expert, so an
+error on one GPU spreads over all of them. Layers where the chain would overfill a GPU or wrap an expert onto
+itself keep plain LPT. (c) Warm, optional (`reuse_whole=True`): a layer whose previous plan still admits a
+split of the new predicted loads that reaches the mean (max over GPU sets X of W(X) / |X| = C, exact for G <=
+EXACT_SPLIT_MAX_GPUS) keeps it whole: every instance stays and there is no placement work, but the links stay
+on the experts that were hottest before, so errors are absorbed less well. Measured with real predictors on
+held-out ESFT routing (bench/esft_balance.py, bench/results/esft_balance.md; 8 GPUs x 9 slots, online,
+serve-time split, 64 / 512-token batches, in-distribution): the regression predictor reaches 1.019 / 1.002
+(1.025 / 1.004 with reuse_whole=True) instead of 1.197 / 1.091 without hedging, the oracle 1.0001 instead of
+1.013. The price: every slot holds an instance (G*S per layer instead of ~E + G), and fewer instances stay in
+place in warm serving (ESFT oracle loads, one task, 64 / 512-token batches: 31% / 46%, vs 62% / 89% without
+hedging and 54% / 99.6% with reuse_whole=True).
 
 Serve-time split: given the plan and the true counts of a layer, choose integer replica_tokens that minimise
 the maximum GPU load. The optimum is M* = max over GPU sets X of ceil(W(X) / |X|), W(X) = pairs of the experts
@@ -79,6 +85,16 @@ __all__ = [
     "serve_time_split",
     "serve_time_split_torch",
 ]
+
+# Bridging rounds that pair GPUs one to one before the transport on a line takes over (see _place_arrays).
+_LINE_ROUNDS = 4
+
+# Proposal rounds of the GPU matching in _relabel_to (each round matches most of the rest; what is left is
+# matched in order). More rounds keep a few more instances in place, never change the balance.
+_RELABEL_ROUNDS = 4
+
+# replicate_minmax sorts all candidate increments when there are at most this many per layer (else bisection).
+_MINMAX_SORT = 2048
 
 # 2^G subsets per layer: 1024 for G = 10 keeps the exact split well under the 50 us/layer budget.
 EXACT_SPLIT_MAX_GPUS = 10
@@ -149,6 +165,11 @@ class Plan:
             raise ValueError(f"phy2log must have shape [L, {gpus * slots_per_gpu}], got {p2l.shape}")
         if ((p2l < -1) | (p2l >= num_experts)).any():
             raise ValueError(f"phy2log entries must be -1 or expert ids in [0, {num_experts})")
+        return cls._derived(p2l, num_experts, gpus, slots_per_gpu)
+
+    @classmethod
+    def _derived(cls, p2l: np.ndarray, num_experts: int, gpus: int, slots_per_gpu: int) -> "Plan":
+        """The plan of a checked int64 phy2log (no argument checks: the planner's own output)."""
         log2phy, logcnt = _derive_log2phy(p2l, num_experts)
         return cls(p2l, log2phy, logcnt, gpus, slots_per_gpu)
 
@@ -262,20 +283,18 @@ def _pad_last(a: np.ndarray, width: int) -> np.ndarray:
 def _derive_log2phy(p2l: np.ndarray, E: int) -> tuple[np.ndarray, np.ndarray]:
     """log2phy [L, E, R_max] (ascending slot order) and logcnt [L, E] from phy2log [L, P]."""
     L, P = p2l.shape
-    key = (np.arange(L, dtype=np.int64)[:, None] * (E + 1) + np.where(p2l >= 0, p2l, E)).ravel()
-    order = np.argsort(key, kind="stable")  # stable: a layer's slots of one expert stay in slot order
-    counts = np.bincount(key, minlength=L * (E + 1))
-    starts = np.cumsum(counts) - counts
-    rank = np.empty_like(key)
-    rank[order] = np.arange(key.size) - starts[key[order]]
-    logcnt = counts.reshape(L, E + 1)[:, :E].astype(np.int64)
+    key = np.where(p2l >= 0, p2l, E)
+    # a stable sort per layer keeps one expert's slots in slot order; int16 keys get numpy's radix sort
+    order = np.argsort(key.astype(np.int16) if E < 1 << 15 else key, axis=1, kind="stable")
+    counts = np.bincount((key + np.arange(L)[:, None] * (E + 1)).ravel(), minlength=L * (E + 1)).reshape(L, E + 1)
+    logcnt = counts[:, :E].astype(np.int64)
     R = max(1, int(logcnt.max(initial=0)))
-    log2phy = np.full((L, E, R), -1, dtype=np.int64)
-    occ = p2l.ravel() >= 0
-    layer = np.repeat(np.arange(L), P)[occ]
-    slot = np.tile(np.arange(P, dtype=np.int64), L)[occ]
-    log2phy[layer, p2l.ravel()[occ], rank[occ]] = slot
-    return log2phy, logcnt
+    ks = np.take_along_axis(key, order, 1)
+    rank = np.arange(P) - np.take_along_axis(np.cumsum(counts, 1) - counts, ks, 1)
+    occ = ks < E
+    log2phy = np.full(L * E * R, -1, dtype=np.int64)
+    log2phy[((np.arange(L)[:, None] * E + ks) * R + rank)[occ]] = order[occ]
+    return log2phy.reshape(L, E, R), logcnt
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -335,15 +354,57 @@ def replicate_minmax(loads, num_replicas: int, *, max_replicas=None) -> np.ndarr
     if num_replicas < E:
         raise ValueError(f"num_replicas={num_replicas} must be >= the number of experts {E}")
     cap = _replica_cap(max_replicas, num_replicas)
+    M = num_replicas - E
     R = np.ones((L, E), dtype=np.int64)
+    if M == 0 or cap == 1:
+        return R
+    # The greedy takes the increments W_e / k (k = 1 .. cap-1: the load per replica before replica k+1) in
+    # descending order (ties: lower expert id), so every increment above a threshold t is taken as long as
+    # fewer than M lie above t. t <= total / M always qualifies; a few bisection steps (on a log scale, down
+    # to total / (M + E), below which more than M lie) bring it close, and the greedy finishes from there:
+    # the same result as the plain greedy, in a few dozen numpy calls instead of M rounds.
     rows = np.arange(L)
-    for _ in range(num_replicas - E):
+    K = min(cap - 1, M)  # an expert takes at most K of the spare replicas
+    if E * K <= _MINMAX_SORT:
+        # the increments W_e / k, k = 1..K, in (expert, k) order; a stable sort by value descending puts ties
+        # in the greedy's order (lower expert id first), and the greedy takes the first M of them
+        vals = (W[:, :, None] / np.arange(1, K + 1)).reshape(L, E * K)
+        top = np.argsort(-vals, axis=1, kind="stable")[:, :M] // K
+        return R + np.bincount((rows[:, None] * E + top).ravel(), minlength=L * E).reshape(L, E)
+    tot = W.sum(1)
+    hi = tot / M
+    lo = tot / (M + E)
+
+    def above(t):  # [L, E] number of increments W_e / k > t, k <= cap - 1 (exact in floating point)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            c = np.clip(np.ceil(W / t[:, None]) - 1, 0, cap - 1).astype(np.int64)
+            c -= (c >= 1) & ~(W / np.maximum(c, 1) > t[:, None])
+            c += (c < cap - 1) & (W / (c + 1) > t[:, None])
+        return c
+
+    pos = tot > 0
+    if pos.any():
+        for _ in range(5):
+            mid = np.sqrt(lo * hi)
+            ok = above(np.where(pos, mid, 1.0)).sum(1) <= M
+            hi = np.where(ok, mid, hi)
+            lo = np.where(ok, lo, mid)
+        c = above(np.where(pos, hi, 1.0))
+        good = pos & (c.sum(1) <= M)  # floating point could break the bound: those layers start from one
+        R += np.where(good[:, None], c, 0)
+    return _minmax_greedy(W, R, M - (R - 1).sum(1), cap, rows)
+
+
+def _minmax_greedy(W, R, left, cap, rows):
+    """EPLB's greedy from R: `left` [L] more replicas, each to the expert with the largest load per replica."""
+    for _ in range(int(left.max(initial=0))):
         per = np.where(R < cap, W / R, -np.inf)
         e = per.argmax(1)
-        ok = np.isfinite(per[rows, e])
+        ok = (left > 0) & (per[rows, e] > -np.inf)
         if not ok.any():
             break
         R[rows[ok], e[ok]] += 1
+        left = left - ok
     return R
 
 
@@ -403,11 +464,13 @@ def place_replicas(
     bridge: bool = True,
     max_replicas=None,
     reuse_slack: float = 0.05,
+    hedge: bool = False,
 ) -> Plan:
     """Place logcnt[l, e] replicas of each expert (each carrying loads[l, e] / logcnt[l, e]) on G x S slots:
-    warm reuse from `previous`, then longest-load-first onto the least-loaded GPU with a free slot that does
-    not hold the expert yet, then (if `bridge`) bridging replicas in the remaining free slots. See the module
-    docstring. Deterministic."""
+    warm reuse from `previous`, (if `hedge`, cold) the replicated experts chained around the ring of GPUs,
+    then longest-load-first onto the least-loaded GPU with a free slot that does not hold the expert yet, then
+    (if `bridge`) bridging replicas in the remaining free slots, (if `hedge`) ring replicas in what is left.
+    See the module docstring. Deterministic."""
     W = _check_loads(loads)
     L, E = W.shape
     G = _positive_int("gpus", gpus)
@@ -422,247 +485,464 @@ def place_replicas(
         raise ValueError(f"logcnt asks for more replicas than the {G * S} slots of a layer")
     _check_previous(previous, L, E, G, S)
     cap = _replica_cap(max_replicas, G * S)
-    return _place(W, R, G, S, previous, float(tolerance), bool(bridge), cap, _slack(reuse_slack))
+    return _place(W, R, G, S, previous, float(tolerance), bool(bridge), cap, _slack(reuse_slack), bool(hedge))
 
 
-def _place_arrays(W, R, G, S, previous, tolerance, bridge, cap):
+class _Items:
+    """The replicas of every layer as items, sorted by per-replica load descending (ties: lower expert id,
+    then lower rank), padded to P = G*S per layer: e (-1 pad), r, w [L, P]; n [L] items per layer."""
+
+    __slots__ = ("e", "r", "w", "n")
+
+    def __init__(self, W: np.ndarray, R: np.ndarray, P: int):
+        L, E = W.shape
+        per = W / R
+        order = np.argsort(-per, axis=1, kind="stable")
+        flat = (order + np.arange(L)[:, None] * E).ravel()  # flat (layer, expert) ids in item order
+        Rf = R.ravel()[flat]
+        src = np.repeat(flat, Rf)  # item -> flat (layer, expert)
+        k = np.arange(src.size)
+        n = R.sum(1)
+        at = src // E * P + k - np.repeat(np.cumsum(n) - n, n)  # flat (layer, position) of each item
+        self.e = np.full(L * P, -1, dtype=np.int64)
+        self.r = np.zeros(L * P, dtype=np.int64)
+        self.w = np.zeros(L * P)
+        self.e[at] = src % E
+        self.r[at] = k - np.repeat(np.cumsum(Rf) - Rf, Rf)
+        self.w[at] = per.ravel()[src]
+        self.e, self.r, self.w = self.e.reshape(L, P), self.r.reshape(L, P), self.w.reshape(L, P)
+        self.n = n
+
+    def take(self, rows: np.ndarray) -> "_Items":
+        out = object.__new__(_Items)
+        out.e, out.r, out.w, out.n = self.e[rows], self.r[rows], self.w[rows], self.n[rows]
+        return out
+
+
+def _group_rank(key: np.ndarray) -> np.ndarray:
+    """Rank of each entry among the entries with the same key, in array order (0 for the first)."""
+    o = np.argsort(key, kind="stable")
+    ks = key[o]
+    start = np.r_[True, ks[1:] != ks[:-1]]
+    first = np.maximum.accumulate(np.where(start, np.arange(ks.size), 0))
+    rank = np.empty_like(o)
+    rank[o] = np.arange(ks.size) - first
+    return rank
+
+
+def _place_arrays(W, R, G, S, previous, tolerance, bridge, cap, items=None, hedge=False):
+    """phy2log [L, P] and planned GPU loads [L, G] of one placement (warm from `previous` if given)."""
     L, E = W.shape
     P = G * S
     rows = np.arange(L)
     ideal = W.sum(1) / G  # [L]
     limit = ideal * (1.0 + tolerance) + 1e-9 * np.maximum(ideal, 1.0)
-
-    # ---- replica items: one per (expert, rank), padded to P per layer, sorted by load descending --------
-    n_items = R.sum(1)
-    flat_l = np.repeat(np.repeat(rows, E), R.ravel())
-    flat_e = np.repeat(np.tile(np.arange(E), L), R.ravel())
-    first = np.concatenate([[0], np.cumsum(R.ravel())[:-1]])
-    flat_r = np.arange(flat_e.size) - np.repeat(first, R.ravel())
-    layer_first = np.concatenate([[0], np.cumsum(n_items)[:-1]])
-    pos = np.arange(flat_e.size) - layer_first[flat_l]
-    it_e = np.full((L, P), -1, dtype=np.int64)
-    it_r = np.zeros((L, P), dtype=np.int64)
-    it_e[flat_l, pos] = flat_e
-    it_r[flat_l, pos] = flat_r
+    it = _Items(W, R, P) if items is None else items
+    it_e, it_w = it.e, it.w
     valid = it_e >= 0
-    e_safe = np.where(valid, it_e, 0)
-    it_w = np.where(valid, W[rows[:, None], e_safe] / R[rows[:, None], e_safe], 0.0)
+    e_safe = np.maximum(it_e, 0)
 
-    phy2log = np.full((L, P), -1, dtype=np.int64)
-    slot_load = np.zeros((L, P))
-    has = np.zeros((L, G, E), dtype=bool)  # has[l, g, e]: GPU g already holds a replica of e
-    placed = np.zeros((L, P), dtype=bool)
+    p2lf = np.full(L * P, -1, dtype=np.int64)  # flat views: every update is a 1-D gather/scatter
+    slf = np.zeros(L * P)  # planned load of each slot
+    hasf = np.zeros(L * G * E, dtype=bool)  # hasf[(l*G + g)*E + e]: GPU g of layer l holds a replica of e
 
-    # ---- 1. warm reuse: keep the previous slot of (e, r), smallest loads first, up to the GPU's limit -----
+    # ---- 1. warm reuse: keep the previous slot of (e, r), largest loads first, up to the GPU's limit ------
     if previous is not None:
-        prev_slot = np.full((L, P), -1, dtype=np.int64)
-        in_prev = valid & (it_r < previous.logcnt[rows[:, None], e_safe])
-        r_safe = np.minimum(it_r, previous.max_replicas - 1)
-        prev_slot[in_prev] = previous.log2phy[rows[:, None], e_safe, r_safe][in_prev]
+        in_prev = valid & (it.r < previous.logcnt[rows[:, None], e_safe])
+        prev_slot = np.where(
+            in_prev, previous.log2phy[rows[:, None], e_safe, np.minimum(it.r, previous.max_replicas - 1)], -1)
         prev_gpu = np.where(prev_slot >= 0, prev_slot // S, G)  # G: not a candidate
-        # previous duplicates of an expert on one GPU (unavoidable then) are not kept twice
-        cand = np.flatnonzero(prev_gpu.ravel() < G)
-        key = (np.repeat(rows, P)[cand] * E + e_safe.ravel()[cand]) * G + prev_gpu.ravel()[cand]
-        _, first = np.unique(key, return_index=True)
-        dup = np.ones(cand.size, dtype=bool)
-        dup[first] = False
-        prev_gpu.ravel()[cand[dup]] = G
-        # per (layer, GPU), descending load: a prefix whose cumulated load stays within the limit is kept.
-        # Largest first: what then moves is small, and small items are what LPT packs well (keeping the
-        # smallest first keeps ~1% more instances but leaves the big ones nowhere to go: balance 1.11 vs
-        # 1.00 on ESFT, 64-token batches).
-        order = np.lexsort((-it_w.ravel(), prev_gpu.ravel(), np.repeat(rows, P)))
-        gk = prev_gpu.ravel()[order]
-        lk = np.repeat(rows, P)[order]
+        # previous duplicates of an expert on one GPU (unavoidable then) are not kept twice: an expert's items
+        # are adjacent in item order, so comparing with the few items before suffices
+        for k in range(1, int(R.max()) if R.size else 1):
+            dup = (prev_gpu[:, k:] < G) & (prev_gpu[:, k:] == prev_gpu[:, :-k]) & (it_e[:, k:] == it_e[:, :-k])
+            prev_gpu[:, k:][dup] = G
+        # per (layer, GPU), in item order (load descending): the prefix whose cumulated load stays within the
+        # limit is kept. Largest first: what then moves is small, which LPT packs well (keeping the smallest
+        # first keeps ~1% more instances but leaves the big ones nowhere to go: balance 1.11 vs 1.00 on ESFT,
+        # 64-token batches).
+        seg = (rows[:, None] * (G + 1) + prev_gpu).ravel()
+        order = np.argsort(seg.astype(np.int16 if L * (G + 1) < 1 << 15 else np.int64), kind="stable")  # radix sort
+        segk = seg[order]
         wk = it_w.ravel()[order]
-        seg = lk * (G + 1) + gk
         csum = np.cumsum(wk)
-        seg_start = np.r_[True, seg[1:] != seg[:-1]]
+        seg_start = np.r_[True, segk[1:] != segk[:-1]]
         base = np.maximum.accumulate(np.where(seg_start, csum - wk, -np.inf))
-        keep_sorted = (gk < G) & (csum - base <= limit[lk])
-        keep = np.zeros(L * P, dtype=bool)
-        keep[order] = keep_sorted
-        keep = keep.reshape(L, P)
-        kl, kp = np.nonzero(keep)
-        ks = prev_slot[kl, kp]
-        phy2log[kl, ks] = it_e[kl, kp]
-        slot_load[kl, ks] = it_w[kl, kp]
-        has[kl, ks // S, it_e[kl, kp]] = True
-        placed = keep
+        keep_sorted = (prev_gpu.ravel()[order] < G) & (csum - base <= limit[segk // (G + 1)])
+        kept = order[keep_sorted]  # flat (layer, item) ids
+        kl = kept // P
+        ks = kl * P + prev_slot.ravel()[kept]
+        ke = it_e.ravel()[kept]
+        p2lf[ks] = ke
+        slf[ks] = it_w.ravel()[kept]
+        hasf[(ks // S) * E + ke] = True  # ks // S = l*G + g
+        placed = np.zeros(L * P, dtype=bool)
+        placed[kept] = True
+        todo = valid & ~placed.reshape(L, P)
+        # the queue: unplaced items, still in item order
+        qo = np.argsort(~todo, axis=1, kind="stable")
+        q_e = np.take_along_axis(it_e, qo, 1).ravel()
+        q_w = np.take_along_axis(it_w, qo, 1).ravel()
+        n_todo = todo.sum(1)
+        free = (p2lf < 0).reshape(L * G, S)
+        fo = np.argsort(~free, axis=1, kind="stable").ravel()  # per GPU: free slots first, ascending
+        room = free.sum(1)
+        gl = np.bincount(np.repeat(np.arange(L * G), S), weights=slf, minlength=L * G)
+    else:
+        q_e, q_w, n_todo = it_e.ravel(), it_w.ravel(), it.n
+        fo = None  # every slot free: the next free slot of GPU g is g*S + (slots used)
+        room = np.full(L * G, S, dtype=np.int64)
+        gl = np.zeros(L * G)
+    nxt = np.zeros(L * G, dtype=np.int64)  # slots taken so far on (layer, GPU) by steps 1b, 2 and 3
 
-    # ---- 2. longest processing time first onto the least-loaded GPU with room ---------------------------
-    # State is kept in flat views so that every update is a 1-D gather/scatter (a 2-D or 3-D fancy index
-    # costs 5-10x more in numpy, and this loop is the planner's hot path).
-    free = (phy2log < 0).reshape(L, G, S)
-    fo = np.argsort(~free, axis=2, kind="stable").ravel()  # per GPU: free slots first, ascending
-    nxt = np.zeros(L * G, dtype=np.int64)  # next free slot of GPU (l, g) is fo[(l*G + g)*S + nxt]
-    room2 = free.sum(2)
-    room = room2.ravel()
-    gl2 = slot_load.reshape(L, G, S).sum(2)
-    gl = gl2.ravel()
-    p2lf = phy2log.ravel()
-    slf = slot_load.ravel()
-    hasf = has.ravel()
-    rowsG = rows[:, None] * G
+    # ---- 1b. hedging, cold: the replicated experts form a chain around the ring of GPUs ------------------
+    # The k-th replicated expert (item order) takes GPUs s_k, s_k + 1, .., s_k + R_k - 1 (mod G) with
+    # s_k = sum_{i<k} (R_i - 1): consecutive experts share a GPU, so the replicas connect GPU g to g + 1 all
+    # around the ring instead of pairing GPUs off (LPT puts the two replicas of each hot expert on the two
+    # lightest GPUs: disjoint pairs, ~2 components of 8 GPUs on ESFT). The serve-time split moves up to an
+    # expert's whole true load across each link, so a prediction error on one GPU spreads over all of them.
+    # Layers where the chain would overfill a GPU (or wrap onto itself) keep plain LPT.
+    if hedge and previous is None and G > 1:
+        Ri = np.where(valid, R[rows[:, None], e_safe], 1)
+        rep = Ri >= 2
+        if rep.any():
+            q = np.cumsum(rep, 1) - 1
+            k = np.cumsum(rep & (it.r == 0), 1) - 1
+            cg = (q - k) % G
+            li, ii = np.nonzero(rep)
+            cnt = np.bincount(li * G + cg[li, ii], minlength=L * G).reshape(L, G)
+            use = (cnt.max(1) <= S) & (Ri.max(1, where=rep, initial=1) <= G)
+            sel = use[li]
+            li, ii = li[sel], ii[sel]
+            if li.size:
+                tg = li * G + cg[li, ii]
+                ts = tg * S + _group_rank(tg)
+                te = it_e[li, ii]
+                tw = it_w[li, ii]
+                p2lf[ts] = te
+                slf[ts] = tw
+                hasf[tg * E + te] = True
+                nxt += np.bincount(tg, minlength=L * G)
+                room -= np.bincount(tg, minlength=L * G)
+                gl += np.bincount(tg, weights=tw, minlength=L * G)
+                todo = valid.copy()
+                todo[li, ii] = False
+                qo = np.argsort(~todo, axis=1, kind="stable")
+                q_e = np.take_along_axis(it_e, qo, 1).ravel()
+                q_w = np.take_along_axis(it_w, qo, 1).ravel()
+                n_todo = todo.sum(1)
+    room2 = room.reshape(L, G)
+    gl2 = gl.reshape(L, G)
     cols = np.arange(G)
 
-    todo = valid & ~placed
-    # unplaced items first, by load descending (stable: expert id, then rank, break ties)
-    order = np.argsort(np.where(todo, -it_w, np.inf), axis=1, kind="stable")
-    qidx = (rows[:, None] * P + order).ravel()
-    q_e = it_e.ravel()[qidx]
-    q_w = it_w.ravel()[qidx]
-    n_todo = todo.sum(1)
-    ptr = np.zeros(L, dtype=np.int64)
+    # ---- 2. longest processing time first onto the least-loaded GPU with room ---------------------------
     # LPT in rounds: the next items go one each to the GPUs in ascending load order, as far as exact LPT
     # would do the same (item j's GPU is still the lightest when j comes: its load <= every earlier GPU of the
     # round plus the item it took). Ties go to the GPU not yet used in the round, so zero-load experts are
     # dealt round-robin. A round is ~25 numpy calls for up to G items instead of ~20 per item.
-    while (ptr < n_todo).any():
-        key = np.where(room2 > 0, gl2, np.inf)
-        # once only zero-load items are left they go to the heaviest GPUs with room: they cost nothing there,
-        # and the light GPUs keep their free slots for bridging
-        zero = q_w[rows * P + np.minimum(ptr, P - 1)] == 0
-        og = np.argsort(np.where(zero[:, None], np.where(room2 > 0, -gl2, np.inf), key), axis=1, kind="stable")
-        gid = rowsG + og  # flat (layer, GPU) ids, lightest first
-        ls = key.ravel()[gid]
-        j = ptr[:, None] + cols
-        inq = j < n_todo[:, None]
-        qi = rows[:, None] * P + np.minimum(j, P - 1)
+    # Each round works on the layers that still have items only (they finish at different rounds).
+    ptr = np.zeros(L, dtype=np.int64)
+    any_zero = bool((valid & (it_w == 0)).any())
+    al = rows
+    while True:
+        al = al[ptr[al] < n_todo[al]]
+        if al.size == 0:
+            break
+        pa = ptr[al]
+        room_a = room2[al]
+        gl_a = gl2[al]
+        key = np.where(room_a > 0, gl_a, np.inf)
+        qa = (al * P)[:, None]
+        if any_zero:
+            # once only zero-load items are left they go to the heaviest GPUs with room: they cost nothing
+            # there, and the light GPUs keep their free slots for bridging
+            zero = q_w[al * P + np.minimum(pa, P - 1)] == 0
+            og = np.argsort(np.where(zero[:, None], np.where(room_a > 0, -gl_a, np.inf), key), axis=1,
+                            kind="stable")
+        else:
+            og = np.argsort(key, axis=1, kind="stable")
+        ls = np.take_along_axis(key, og, 1)
+        gid = (al * G)[:, None] + og  # flat (layer, GPU) ids, lightest first
+        j = pa[:, None] + cols
+        inq = j < n_todo[al, None]
+        qi = qa + np.minimum(j, P - 1)
         e = q_e[qi]
         w = q_w[qi]
         reach = np.minimum.accumulate(ls + w, axis=1)
         ok = inq & (ls < np.inf) & ~hasf[gid * E + e]
-        ok[:, 1:] &= (ls[:, 1:] <= reach[:, :-1]) | zero[:, None]
+        if any_zero:
+            ok[:, 1:] &= (ls[:, 1:] <= reach[:, :-1]) | zero[:, None]
+        else:
+            ok[:, 1:] &= ls[:, 1:] <= reach[:, :-1]
         m = np.cumprod(ok, axis=1).sum(1)
-        stuck = np.flatnonzero(inq[:, 0] & (m == 0))
+        stuck = np.flatnonzero(m == 0)
         if stuck.size:  # the lightest GPU already holds the next item's expert: one item, slow path
-            kb = np.where(has[stuck, :, e[stuck, 0]], np.inf, key[stuck])
+            ks = key[stuck]
+            has_e = hasf[(al[stuck, None] * G + cols) * E + e[stuck, :1]]
+            kb = np.where(has_e, np.inf, ks)
             g0 = kb.argmin(1)
             dup = kb[np.arange(stuck.size), g0] == np.inf
-            g0[dup] = key[stuck][dup].argmin(1)  # every GPU with room holds e: a duplicate is unavoidable
-            gid[stuck, 0] = stuck * G + g0
+            g0[dup] = ks[dup].argmin(1)  # every GPU with room holds e: a duplicate is unavoidable
+            gid[stuck, 0] = al[stuck] * G + g0
             m[stuck] = 1
         k = np.flatnonzero(cols < m[:, None])
         tg = gid.ravel()[k]
         te = e.ravel()[k]
         tw = w.ravel()[k]
-        ts = (k // G) * P + (tg % G) * S + fo[tg * S + nxt[tg]]
+        ts = tg * S + (nxt[tg] if fo is None else fo[tg * S + nxt[tg]])  # tg * S = l*P + g*S
         nxt[tg] += 1
         room[tg] -= 1
         p2lf[ts] = te
         slf[ts] = tw
         gl[tg] += tw
         hasf[tg * E + te] = True
-        ptr += m
+        ptr[al] = pa + m
 
     # ---- 3. bridging: settle heavy GPUs' excess against light GPUs' deficit with extra replicas ----------
     # In rounds: the k-th heaviest GPU above the limit pairs with the k-th lightest GPU below the mean that
     # has a free slot; each pair adds one replica of an expert of the heavy GPU on the light one and moves
-    # min(excess, deficit) of its load there, so each bridge settles at least one side of its pair.
+    # min(excess, deficit) of its load there, so each bridge settles at least one side of its pair. The
+    # replica moved is the smallest one that carries the whole amount, else the largest. Pairing big with big
+    # spends few slots, which matters when they are scarce; but one heavy GPU facing many slightly light
+    # ones settles one of them per round. So after LINE_ROUNDS rounds the pairing becomes a transport on a
+    # line (McNaughton's wrap-around): the heavy GPUs' excesses laid end to end against the light GPUs'
+    # deficits, each overlap a bridge, so one heavy GPU bridges to several light ones in one round.
     if bridge:
-        cntf = R.copy().ravel()
+        cntf = R.ravel().copy()
         sidx = np.arange(S)
         tiny = 1e-9 * np.maximum(ideal, 1.0)
         active = (room2 > 0).any(1) & (gl2.max(1) > limit)
-        while active.any():
-            exc = gl2 - ideal[:, None]
-            heavy = active[:, None] & (gl2 > limit[:, None])
-            light = (room2 > 0) & (exc < -tiny[:, None])
-            oh = np.argsort(np.where(heavy, -exc, np.inf), axis=1, kind="stable")
-            ol = np.argsort(np.where(light, exc, np.inf), axis=1, kind="stable")
-            npair = np.minimum(heavy.sum(1), light.sum(1))
-            # only the pairs that exist: a few per layer, so the per-slot work stays small
-            pi, pk = np.nonzero(cols < npair[:, None])
-            hid = pi * G + oh[pi, pk]  # flat (layer, GPU) ids of the heavy and light GPU of each pair
-            lid = pi * G + ol[pi, pk]
-            excf = exc.ravel()
-            move = np.minimum(excf[hid], -excf[lid])
-            cs = (pi * P + (hid - pi * G) * S)[:, None] + sidx  # [n, S] flat slot ids of the heavy GPU
+        for rnd in range(4 * G + 4):  # each round settles at least one side of a bridge; a safety bound
+            al = np.flatnonzero(active)
+            if al.size == 0:
+                break
+            g_al = gl2[al]
+            exc = g_al - ideal[al, None]
+            heavy = g_al > limit[al, None]
+            light = (room2[al] > 0) & (exc < -tiny[al, None])
+            line = rnd >= _LINE_ROUNDS
+            if not line:
+                oh = np.argsort(np.where(heavy, -exc, np.inf), axis=1, kind="stable")
+                ol = np.argsort(np.where(light, exc, np.inf), axis=1, kind="stable")
+                npair = np.minimum(heavy.sum(1), light.sum(1))
+                ai, hk = np.nonzero(cols < npair[:, None])
+                lk = hk
+                excf = exc.ravel()
+                move = np.minimum(excf[ai * G + oh[ai, hk]], -excf[ai * G + ol[ai, lk]])
+            else:
+                xs = np.where(heavy, exc, 0.0)
+                ds = np.where(light, -exc, 0.0)
+                oh = np.argsort(-xs, axis=1, kind="stable")
+                ol = np.argsort(-ds, axis=1, kind="stable")
+                ch = np.cumsum(np.take_along_axis(xs, oh, 1), 1)
+                cd = np.cumsum(np.take_along_axis(ds, ol, 1), 1)
+                total = np.minimum(ch[:, -1], cd[:, -1])
+                o = np.argsort(np.concatenate([ch, cd], 1), axis=1, kind="stable")  # at ties heavy ends first
+                ends = np.minimum(np.take_along_axis(np.concatenate([ch, cd], 1), o, 1), total[:, None])
+                is_h = o < G
+                hk_all = np.cumsum(is_h, 1) - is_h  # rank of the heavy GPU of the segment that ends here
+                lk_all = np.cumsum(~is_h, 1) - ~is_h
+                seg = np.diff(ends, axis=1, prepend=0.0)
+                ai, si = np.nonzero((seg > tiny[al, None]) & (hk_all < G) & (lk_all < G))
+                hk, lk, move = hk_all[ai, si], lk_all[ai, si], seg[ai, si]
+            if ai.size == 0:
+                break
+            pi = al[ai]
+            hid = pi * G + oh[ai, hk]  # flat (layer, GPU) ids of the heavy and light GPU of each bridge
+            lid = pi * G + ol[ai, lk]
+            cs = hid[:, None] * S + sidx  # [n, S] flat slot ids of the heavy GPU
             ce = p2lf[cs]
             cl = slf[cs]
             ces = np.maximum(ce, 0)
             elig = (ce >= 0) & (cl > 0) & ~hasf[lid[:, None] * E + ces] & (cntf[pi[:, None] * E + ces] < cap)
-            # the smallest replica that can carry the whole move, else the largest one
             fit = elig & (cl >= move[:, None])
             pick = np.where(fit.any(1), np.where(fit, cl, np.inf).argmin(1), np.where(elig, cl, -np.inf).argmax(1))
-            n_pairs = pi.size
-            go = np.flatnonzero(elig[np.arange(n_pairs), pick])
-            src = cs[go, pick[go]]
-            pl = pi[go]
-            e = p2lf[src]
-            # one new replica per expert and layer per round keeps max_replicas exact
-            _, first = np.unique(pl * E + e, return_index=True)
-            if first.size < go.size:
-                go, src, pl, e = go[first], src[first], pl[first], e[first]
-            lo = lid[go]
-            hi = hid[go]
-            amount = np.minimum(move[go], slf[src])
-            dst = pl * P + (lo % G) * S + fo[lo * S + nxt[lo]]
-            nxt[lo] += 1
-            room[lo] -= 1
+            ar = np.arange(pi.size)
+            go = elig[ar, pick]
+            src = cs[ar, pick]
+            e = ce[ar, pick]
+            # the bridges left out get unique negative keys, so that they do not count in the ranks below
+            if not line:  # one new replica per expert and layer per round keeps max_replicas exact
+                go &= _group_rank(np.where(go, pi * E + e, -1 - ar)) == 0
+            else:  # one replica of an expert per light GPU, within its room and the expert's max_replicas
+                go &= _group_rank(np.where(go, lid * E + e, -1 - ar)) == 0
+                go &= _group_rank(np.where(go, lid, -1 - ar)) < room[lid]
+                go &= _group_rank(np.where(go, pi * E + e, -1 - ar)) < cap - cntf[pi * E + e]
+            go = np.flatnonzero(go)
+            if go.size == 0:
+                break
+            src, e, lo, hi, pl, move = src[go], e[go], lid[go], hid[go], pi[go], move[go]
+            if not line:
+                amount = np.minimum(move, slf[src])
+                rank = 0
+            else:  # bridges from one replica share its planned load, in order
+                order = np.argsort(src, kind="stable")
+                mv = move[order]
+                before = np.cumsum(mv) - mv
+                start = np.r_[True, src[order][1:] != src[order][:-1]]
+                before -= np.maximum.accumulate(np.where(start, before, 0.0))
+                amount = np.empty_like(move)
+                amount[order] = np.clip(slf[src[order]] - before, 0.0, mv)
+                keep = amount > tiny[pl]
+                src, e, lo, hi, pl, amount = src[keep], e[keep], lo[keep], hi[keep], pl[keep], amount[keep]
+                rank = _group_rank(lo)
+            dst = lo * S + (nxt[lo] + rank if fo is None else fo[lo * S + nxt[lo] + rank])
+            np.add.at(nxt, lo, 1)
+            np.subtract.at(room, lo, 1)
             p2lf[dst] = e
-            slf[src] -= amount
+            np.subtract.at(slf, src, amount)
             slf[dst] = amount
-            gl[hi] -= amount
-            gl[lo] += amount
+            np.subtract.at(gl, hi, amount)
+            np.add.at(gl, lo, amount)
             hasf[lo * E + e] = True
-            cntf[pl * E + e] += 1
+            np.add.at(cntf, pl * E + e, 1)
             progressed = np.zeros(L, dtype=bool)
             progressed[pl] = True
             active &= progressed & (room2 > 0).any(1) & (gl2.max(1) > limit)
 
-    return phy2log, gl2
+    # ---- 4. hedging: the slots still free hold replicas that let the serve-time split absorb prediction error
+    # Round j gives each GPU g with room one replica of the heaviest expert (predicted load) of GPU
+    # g - 1 - j (mod G) that g does not hold yet: a ring at distance 1, then 2, ... (an expander over GPUs).
+    # Hedge replicas carry no planned load; when the true counts differ from the prediction, the split moves
+    # the excess of a GPU along these bridges (Hall's condition over GPU sets then has slack everywhere).
+    if hedge and G > 1:
+        cntf = R.ravel().copy() if not bridge else cntf
+        sidx = np.arange(S)
+        We = W.ravel()
+        for j in range(min(S, G - 1) if S > 1 else 1):
+            gid = np.flatnonzero(room > 0)
+            if gid.size == 0:
+                break
+            pl = gid // G
+            srcg = pl * G + (gid % G - 1 - j) % G
+            cs = srcg[:, None] * S + sidx
+            ce = p2lf[cs]
+            ces = np.maximum(ce, 0)
+            elig = (ce >= 0) & ~hasf[gid[:, None] * E + ces] & (cntf[pl[:, None] * E + ces] < cap)
+            score = np.where(elig, We[pl[:, None] * E + ces], -1.0)
+            pick = score.argmax(1)
+            ar = np.arange(gid.size)
+            go = elig[ar, pick]
+            e = ce[ar, pick]
+            go &= _group_rank(np.where(go, pl * E + e, -1 - ar)) < cap - cntf[pl * E + e]
+            go = np.flatnonzero(go)
+            if go.size == 0:
+                continue
+            g_, e = gid[go], e[go]
+            dst = g_ * S + (nxt[g_] if fo is None else fo[g_ * S + nxt[g_]])
+            nxt[g_] += 1
+            room[g_] -= 1
+            p2lf[dst] = e
+            hasf[g_ * E + e] = True
+            np.add.at(cntf, pl[go] * E + e, 1)
+
+    return p2lf.reshape(L, P), gl2
 
 
-def _place(W, R, G, S, previous, tolerance, bridge, cap, reuse_slack=0.05) -> Plan:
+def _place(W, R, G, S, previous, tolerance, bridge, cap, reuse_slack=0.05, hedge=False, whole=False) -> Plan:
     """Warm placement (pins from `previous`) where its planned max GPU load is within (1 + reuse_slack) of the cold
     placement's, else the cold placement with its GPUs renumbered to overlap `previous` most. Pins can block
-    a needed swap (two hot experts pinned on one full GPU); renumbering GPUs never changes the balance."""
+    a needed swap (two hot experts pinned on one full GPU); renumbering GPUs never changes the balance.
+    With `hedge` and `whole`, a layer whose previous plan still admits a split of the new loads that reaches
+    the mean keeps it whole (G <= EXACT_SPLIT_MAX_GPUS, where that optimum is exact)."""
     E = W.shape[1]
+    if previous is not None and hedge and whole and G <= EXACT_SPLIT_MAX_GPUS:
+        ideal = W.sum(1) / G
+        same = _split_optimum(previous, W) <= ideal + 1e-9 * np.maximum(ideal, 1.0)
+        same &= (previous.logcnt <= cap).all(1)
+        if same.all():
+            return previous
+        if same.any():
+            rest = np.flatnonzero(~same)
+            sub = Plan(previous.phy2log[rest], previous.log2phy[rest], previous.logcnt[rest], G, S)
+            out = previous.phy2log.copy()
+            out[rest] = _place(W[rest], R[rest], G, S, sub, tolerance, bridge, cap, reuse_slack, True, False).phy2log
+            return Plan._derived(out, E, G, S)
+    items = _Items(W, R, G * S)
     if previous is None:
-        return Plan.from_phy2log(_place_arrays(W, R, G, S, None, tolerance, bridge, cap)[0], E, G, S)
-    warm, warm_load = _place_arrays(W, R, G, S, previous, tolerance, bridge, cap)
-    cold, cold_load = _place_arrays(W, R, G, S, None, tolerance, bridge, cap)
-    cold = _relabel_to(cold, previous.phy2log, G, S)
-    worse = warm_load.max(1) > cold_load.max(1) * (1.0 + reuse_slack) + 1e-9
-    return Plan.from_phy2log(np.where(worse[:, None], cold, warm), E, G, S)
+        return Plan._derived(_place_arrays(W, R, G, S, None, tolerance, bridge, cap, items, hedge)[0], E, G, S)
+    warm, warm_load = _place_arrays(W, R, G, S, previous, tolerance, bridge, cap, items, hedge)
+    # a cold placement's max GPU load is at least the mean, so a layer whose warm plan is within
+    # (1 + reuse_slack) of the mean keeps it whatever the cold plan would be: only the others are planned cold
+    doubt = np.flatnonzero(warm_load.max(1) > W.sum(1) / G * (1.0 + reuse_slack))
+    if doubt.size:
+        cold, cold_load = _place_arrays(W[doubt], R[doubt], G, S, None, tolerance, bridge, cap, items.take(doubt),
+                                         hedge)
+        worse = warm_load[doubt].max(1) > cold_load.max(1) * (1.0 + reuse_slack) + 1e-9
+        if worse.any():
+            sub = doubt[worse]
+            warm = warm.copy()
+            warm[sub] = _relabel_to(cold[worse], previous.phy2log[sub], G, S, previous.log2phy[sub])
+    return Plan._derived(warm, E, G, S)
 
 
-def _relabel_to(p2l: np.ndarray, prev: np.ndarray, G: int, S: int) -> np.ndarray:
+def _split_optimum(plan: Plan, W: np.ndarray) -> np.ndarray:
+    """[L] the smallest max GPU load any split of loads W [L, E] (float) can reach on `plan`: max over GPU sets
+    X of W(X) / |X| (Hall's condition, the fractional optimum), by the zeta transform of the exact split."""
+    L = plan.num_layers
+    G, nX = plan.gpus, 1 << plan.gpus
+    bit = np.where(plan.log2phy >= 0, np.left_shift(1, plan.log2phy // plan.slots_per_gpu), 0)
+    mask = np.bitwise_or.reduce(bit, axis=2)
+    f = np.bincount((np.arange(L)[:, None] * nX + mask).ravel(), W.ravel(), L * nX).reshape(L, nX)
+    for b in range(G):
+        v = f.reshape(L, nX >> (b + 1), 2, 1 << b)
+        v[:, :, 1, :] += v[:, :, 0, :]
+    size = np.array([bin(x).count("1") for x in range(nX)])
+    size[0] = 1
+    return (f / size).max(1)
+
+
+def _relabel_to(p2l: np.ndarray, prev: np.ndarray, G: int, S: int, prev_log2phy=None) -> np.ndarray:
     """Renumber the GPUs of p2l [L, G*S] (greedy maximum overlap of expert sets with prev's GPUs), then put
     each instance in the slot where its expert lived on that GPU before, if any; balance is unchanged."""
     L = p2l.shape[0]
     rows = np.arange(L)
     a = p2l.reshape(L, G, S)
     b = prev.reshape(L, G, S)
-    # overlap[l, g, h]: experts on new GPU g that lived on old GPU h (sparse: one count per instance and
-    # old GPU of its expert, instead of a dense [L, G, G, S, S] comparison)
-    prev_plan_gpus = _expert_gpus(prev, G, S)  # [L, E, R] old GPUs of each expert (-1 pad)
-    inst = np.nonzero(p2l >= 0)
-    old = prev_plan_gpus[inst[0], p2l[inst]]  # [n, R]
-    ok = old >= 0
-    idx = ((inst[0][:, None] * G + inst[1][:, None] // S) * G + old)[ok]
-    overlap = np.bincount(idx, minlength=L * G * G).reshape(L, G, G).astype(np.float64)
+    # overlap[l, g, h]: experts on new GPU g that lived on old GPU h, counted from the pairs (instance, old
+    # replica of its expert) only: sparse, instead of a dense [L, G, G, S, S] comparison
+    if prev_log2phy is None:
+        prev_log2phy, prev_cnt = _derive_log2phy(prev, int(max(prev.max(initial=-1), p2l.max(initial=-1))) + 1)
+    else:
+        prev_cnt = (prev_log2phy >= 0).sum(2)
+    Rp = prev_log2phy.shape[2]
+    inst = np.flatnonzero(p2l >= 0)
+    il = inst // (G * S)
+    ie = p2l.ravel()[inst]
+    n_old = prev_cnt[il, ie]
+    src = np.repeat(np.arange(inst.size), n_old)
+    r = np.arange(src.size) - np.repeat(np.cumsum(n_old) - n_old, n_old)
+    old = prev_log2phy.reshape(-1)[(il[src] * prev_log2phy.shape[1] + ie[src]) * Rp + r] // S
+    idx = (inst[src] // S) * G + old  # inst // S = l*G + g
+    overlap = np.bincount(idx, minlength=L * G * G).reshape(L, G, G)
     # greedy maximum matching in parallel rounds: each unmatched new GPU proposes to its best unmatched old
     # GPU; each old GPU takes its best proposer (ties: lower id); a few rounds instead of G sequential steps
     perm = np.full((L, G), -1, dtype=np.int64)  # new GPU g -> old GPU perm[g]
     taken = np.zeros((L, G), dtype=bool)
     cols = np.arange(G)
-    while True:
-        score = np.where((perm < 0)[:, :, None] & ~taken[:, None, :], overlap, -1.0)
-        best_h = score.argmax(2)  # [L, G]
+    score = overlap  # matched new GPUs' rows and old GPUs' columns are set to -1 as they go
+    lay = rows  # the layers still matching (score holds only those)
+    for _ in range(_RELABEL_ROUNDS):
+        best_h = score.argmax(2)  # [A, G]
         best_v = np.take_along_axis(score, best_h[:, :, None], 2)[:, :, 0]
         live = best_v > 0
-        if not live.any():
-            break
-        # old GPU h accepts the proposer with the largest overlap
-        prop = np.where(live[:, :, None] & (best_h[:, :, None] == cols), best_v[:, :, None], -1.0)  # [L, g, h]
-        winner = prop.argmax(1)  # [L, h]
-        won = np.take_along_axis(prop, winner[:, None, :], 1)[:, 0, :] > 0
-        li, hi = np.nonzero(won)
-        perm[li, winner[li, hi]] = hi
-        taken[li, hi] = True
+        go_on = live.any(1)
+        if not go_on.all():
+            if not go_on.any():
+                break
+            score, lay, best_h, best_v, live = score[go_on], lay[go_on], best_h[go_on], best_v[go_on], live[go_on]
+        # old GPU h accepts the proposer with the largest overlap (ties: lower id): sort the live proposals by
+        # (layer, old GPU, overlap descending, new GPU) and take the first of each (layer, old GPU)
+        ai, gi = np.nonzero(live)
+        hi = best_h[ai, gi]
+        o = np.lexsort((gi, -best_v[ai, gi], ai * G + hi))
+        grp = (ai * G + hi)[o]
+        first = o[np.r_[True, grp[1:] != grp[:-1]]]
+        ai, gi, hi = ai[first], gi[first], hi[first]
+        perm[lay[ai], gi] = hi
+        taken[lay[ai], hi] = True
+        score[ai, gi, :] = -1
+        score[ai, :, hi] = -1
     # new GPUs without overlap take the remaining old GPUs in order
     rest_new = np.argsort(perm >= 0, axis=1, kind="stable")
     rest_old = np.argsort(taken, axis=1, kind="stable")
@@ -690,15 +970,6 @@ def _relabel_to(p2l: np.ndarray, prev: np.ndarray, G: int, S: int) -> np.ndarray
     return out.reshape(L, G * S)
 
 
-def _expert_gpus(p2l: np.ndarray, G: int, S: int) -> np.ndarray:
-    """[L, E_max + 1, R] GPUs holding each expert in p2l (-1 pad); E_max from the array itself."""
-    L, P = p2l.shape
-    E = int(p2l.max(initial=-1)) + 1
-    log2phy, _ = _derive_log2phy(p2l, max(E, 1))
-    out = np.where(log2phy >= 0, log2phy // S, -1)
-    return np.concatenate([out, np.full((L, 1, out.shape[2]), -1, dtype=np.int64)], axis=1)
-
-
 def plan_layers(
     loads,
     gpus: int,
@@ -711,6 +982,8 @@ def plan_layers(
     tolerance: float = 0.01,
     bridge: bool | None = None,
     reuse_slack: float = 0.05,
+    hedge: bool = True,
+    reuse_whole: bool = False,
 ) -> Plan:
     """Scale and place every layer of one iteration: loads float [L, E] -> Plan.
 
@@ -720,7 +993,12 @@ def plan_layers(
     "literal") spends free slots on bridging replicas while a GPU is above (1 + tolerance) x the mean;
     `reuse_slack`: a layer keeps `previous`'s instances in place (warm) when that plan's max GPU load is within
     (1 + reuse_slack) of a fresh placement's, else it takes the fresh one with GPUs renumbered to match
-    `previous` as far as possible (0 = balance first, inf = always warm).
+    `previous` as far as possible (0 = balance first, inf = always warm); `hedge` (rule "ideal" only) spends
+    every slot on min-max replicas and links the GPUs in a ring by them, so that the serve-time split can
+    absorb prediction error (module docstring, Hedging); hedge=False gives the fewest replicas; `reuse_whole`
+    (with hedge, G <= EXACT_SPLIT_MAX_GPUS): a layer whose previous plan can still split the predicted loads
+    to the mean keeps it whole (about twice the instances kept and a much faster warm plan, but less robust
+    to prediction error: see the module docstring).
     """
     W = _check_loads(loads)
     G = _positive_int("gpus", gpus)
@@ -731,7 +1009,11 @@ def plan_layers(
     if not np.isfinite(tolerance) or tolerance < 0:
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
     cap = _replica_cap(max_replicas, G * S)
-    if rule == "ideal":
+    if rule == "ideal" and hedge:
+        # every slot holds a replica: each spare one goes to the expert with the largest predicted load per
+        # replica, the largest absolute error of a prediction (see the module docstring, "Hedging")
+        R = replicate_minmax(W, G * S, max_replicas=cap)
+    elif rule == "ideal":
         R = scale_ideal(W, G, G * S, tolerance=tolerance, max_replicas=cap)
     elif rule == "literal":
         R = scale_literal(W, G * S, cv_threshold=cv_threshold, max_replicas=cap)
@@ -739,7 +1021,9 @@ def plan_layers(
         raise ValueError(f"rule must be 'ideal' or 'literal', got {rule!r}")
     if bridge is None:
         bridge = rule == "ideal"
-    return _place(W, R, G, S, previous, float(tolerance), bool(bridge), cap, _slack(reuse_slack))
+    hedge = bool(hedge) and rule == "ideal"
+    return _place(W, R, G, S, previous, float(tolerance), bool(bridge), cap, _slack(reuse_slack), hedge,
+                  bool(reuse_whole))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1001,11 +1285,12 @@ def _split_exact(xp, W, rgpu, valid, logcnt, G):
         gb = bit_flat[rows, q][:, None]
         rs = rest_flat[rows, q][:, None]
         w = W_rem[rows, e]
-        sset = gb | rs
         in_g = (X & gb) != 0
         in_rest = (X & rs) == rs
-        lo_min = xp.amin(xp.where(~in_g & in_rest, slack, 1 << 62), 1)
-        hi_min = xp.amin(xp.where(in_g & ~in_rest, slack, 1 << 62), 1)
+        only_rest = in_rest & ~in_g  # the sets that must hold what this replica leaves to the later ones
+        only_g = in_g & ~in_rest  # the sets that must hold what this replica takes
+        lo_min = xp.amin(xp.where(only_rest, slack, 1 << 62), 1)
+        hi_min = xp.amin(xp.where(only_g, slack, 1 << 62), 1)
         lo = xp.where(w - lo_min > 0, w - lo_min, 0)
         hi = xp.where(hi_min < w, hi_min, w)
         # an even share of what is left, clipped into the feasible interval
@@ -1014,8 +1299,10 @@ def _split_exact(xp, W, rgpu, valid, logcnt, G):
         x = xp.where(pref < lo, lo, xp.where(pref > hi, hi, pref))
         x = xp.where(act, x, 0)
         w_new = w - x
-        upd = xp.where((X & sset) == sset, w[:, None], 0) - xp.where(in_rest, w_new[:, None], 0) - xp.where(in_g, x[:, None], 0)
-        slack = slack + xp.where(act[:, None], upd, 0)
+        # W(X) gains the expert's w on the sets that hold its whole GPU set (g and the rest), loses what the
+        # rest still carries (w_new) on the sets holding the rest, and x on those holding g: on the sets with
+        # both that is w - w_new - x = 0, so only the sets with one side change (x = 0 on inactive layers)
+        slack = slack - xp.where(only_rest, xp.where(act, w_new, 0)[:, None], 0) - xp.where(only_g, x[:, None], 0)
         W_rem = _set_rows(xp, W_rem, rows, e, w_new, act)
         x_all = _set_rows(xp, x_all, rows, q, x, act)
     x_all = x_all.reshape(L, E, Rm)
