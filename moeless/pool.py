@@ -1,10 +1,17 @@
 """The serverless function pool: one expert instance per occupied slot, its lifecycle, and the billing meter.
 
 An instance is a copy of one logical expert's weights in one physical slot (layer l, slot p on GPU p // S).
-Lifecycle: *cold start* (the weights are copied in over the GPU's host link: bytes / bandwidth seconds, the
-copies of one `apply` queue on each GPU's link) -> *warm* (in the current plan) -> *idle* (not in the current
-plan, kept alive until `keep_alive_s` after its last use) -> *released*. A plan that puts another expert in a
-slot evicts whatever lives there. `prewarm` starts a cold start ahead of time (off the critical path).
+Lifecycle: *cold start* (the weights are copied in: over the GPU's host link at `link_bandwidth`, or, when a
+GPU of the same link group already holds a loaded instance of that expert in that layer, from that peer at
+`peer_bandwidth`; the copies of one `apply` queue on each GPU's host and peer links) -> *warm* (in the
+current plan) -> *idle* (not in the current plan, kept alive until `keep_alive_s` after its last use) ->
+*released*. A plan that puts another expert in a slot evicts whatever lives there. `prewarm` starts a cold
+start ahead of time (off the critical path).
+
+Warm identity: an instance is (layer, GPU, expert); which slot index of its GPU holds it does not matter to
+the data plane. `align(plan)` renumbers a plan's slots inside each GPU so that every instance the pool already
+holds (warm or idle) keeps its slot and new instances take free slots first, then the idle slots whose
+keep-alive ends soonest; `apply` does not renumber by itself (a caller that fixed its slots keeps them).
 
 The meter charges, between any two instants, every live instance (loading, warm or idle): memory x time in
 GB-s (bytes x seconds / 1e9, the paper's Equation 2 style) and GPU-seconds (a GPU is held while it hosts at
@@ -76,12 +83,14 @@ class Meter:
 class ApplyResult:
     """What realising a plan did. cold / warm: (layer, slot) int64 [n, 2] of the plan's occupied slots that
     cold-started or reused a live instance; evicted: slots whose instance of another expert was dropped;
-    ready_in_s [G]: seconds from `now` until each GPU's instances of this plan are all loaded (0 if warm)."""
+    ready_in_s [G]: seconds from `now` until each GPU's instances of this plan are all loaded (0 if warm);
+    from_peer bool [n]: which cold starts copy from a peer GPU of the link group (the others from the host)."""
 
     cold: np.ndarray
     warm: np.ndarray
     evicted: np.ndarray
     ready_in_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    from_peer: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     @property
     def stall_s(self) -> float:
@@ -94,7 +103,8 @@ class FunctionPool:
 
     expert_bytes: bytes of one expert's weights; link_bandwidth: bytes/s of a GPU's host link;
     keep_alive_s: idle time before release (inf = never); cold_start_overhead_s: fixed cost per cold start
-    (container / allocation), added to the copy time.
+    (container / allocation), added to the copy time; peer_bandwidth: bytes/s of the GPU-to-GPU link inside a
+    link group of `link_group` consecutive GPUs (None: no peer copies, every copy comes from the host).
     """
 
     def __init__(
@@ -108,6 +118,8 @@ class FunctionPool:
         keep_alive_s: float = 60.0,
         cold_start_overhead_s: float = 0.0,
         clock=None,
+        peer_bandwidth: float | None = None,
+        link_group: int = 1,
     ):
         for name, v in (("num_layers", num_layers), ("gpus", gpus), ("slots_per_gpu", slots_per_gpu)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -120,7 +132,13 @@ class FunctionPool:
             raise ValueError(f"keep_alive_s must be >= 0 (inf allowed), got {keep_alive_s!r}")
         if not (math.isfinite(cold_start_overhead_s) and cold_start_overhead_s >= 0):
             raise ValueError(f"cold_start_overhead_s must be a finite number >= 0, got {cold_start_overhead_s!r}")
+        if peer_bandwidth is not None and (not (peer_bandwidth > 0) or math.isnan(peer_bandwidth)):
+            raise ValueError(f"peer_bandwidth must be > 0 (bytes/s) or None, got {peer_bandwidth!r}")
+        if isinstance(link_group, bool) or not isinstance(link_group, (int, np.integer)) or link_group < 1:
+            raise ValueError(f"link_group must be a positive integer, got {link_group!r}")
         self.num_layers, self.gpus, self.slots_per_gpu = int(num_layers), int(gpus), int(slots_per_gpu)
+        self.peer_bandwidth = None if peer_bandwidth is None else float(peer_bandwidth)
+        self.link_group = int(min(link_group, gpus))
         self.expert_bytes = float(expert_bytes)
         self.link_bandwidth = float(link_bandwidth)
         self.keep_alive_s = float(keep_alive_s)
@@ -133,12 +151,21 @@ class FunctionPool:
         self.in_plan = np.zeros(shape, dtype=bool)  # part of the last applied plan (warm, not idle)
         self.meter = Meter()
         self._t = float(self.clock.now())
-        self._link_free = np.full(self.gpus, -np.inf)  # when each GPU's link finishes its queued copies
+        self._link_free = np.full(self.gpus, -np.inf)  # when each GPU's host link finishes its queued copies
+        self._peer_free = np.full(self.gpus, -np.inf)  # the same for its peer link
 
     # -- time and the meter -------------------------------------------------------------------------------
     @property
     def cold_start_s(self) -> float:
+        """Seconds of one cold start from the host."""
         return self.cold_start_overhead_s + self.expert_bytes / self.link_bandwidth
+
+    @property
+    def peer_cold_start_s(self) -> float:
+        """Seconds of one cold start from a peer GPU of the link group (the host's when there is no peer link)."""
+        if self.peer_bandwidth is None:
+            return self.cold_start_s
+        return self.cold_start_overhead_s + self.expert_bytes / self.peer_bandwidth
 
     def _now(self, now) -> float:
         t = float(self.clock.now()) if now is None else float(now)
@@ -170,20 +197,56 @@ class FunctionPool:
         return t
 
     # -- lifecycle -----------------------------------------------------------------------------------------
-    def _start(self, layer: np.ndarray, slot: np.ndarray, expert: np.ndarray, t: float) -> np.ndarray:
-        """Cold-start instances (copies queue per GPU link, in the given order); returns their ready times."""
+    def copy_sources(self, layers, phy2log, now=None) -> np.ndarray:
+        """int8 [len(layers), G*S] for a plan's rows `phy2log` of `layers`: 0 = no copy (free slot, or the slot
+        already holds a live instance of that expert), 1 = a cold start from the host, 2 = one from a peer GPU
+        of the same link group holding a loaded instance of that expert in that layer. Changes nothing."""
+        layers = np.asarray(layers, dtype=np.int64)
+        p2l = np.asarray(phy2log, dtype=np.int64)
+        t = self._t if now is None else float(now)
+        out = np.zeros(p2l.shape, dtype=np.int8)
+        cold = (p2l >= 0) & (self.expert[layers] != p2l)
+        out[cold] = 1
+        if self.peer_bandwidth is None or self.link_group < 2 or not cold.any():
+            return out
+        li, si = np.nonzero(cold)
+        S, grp = self.slots_per_gpu, self.link_group
+        gpu = si // S
+        first = (gpu // grp) * grp  # the group's first GPU
+        span = np.arange(grp * S)
+        slots = np.minimum(first[:, None] * S + span[None, :], self.gpus * S - 1)  # [n, grp*S] the group's slots
+        in_group = (first[:, None] * S + span[None, :]) < self.gpus * S
+        rows = layers[li][:, None]
+        holds = (self.expert[rows, slots] == p2l[li, si][:, None]) & (self.ready_at[rows, slots] <= t)
+        peer = (holds & in_group & (slots // S != gpu[:, None])).any(1)
+        out[li[peer], si[peer]] = 2
+        return out
+
+    def _start(self, layer: np.ndarray, slot: np.ndarray, expert: np.ndarray, t: float,
+               from_peer: np.ndarray | None = None) -> np.ndarray:
+        """Cold-start instances (copies queue per GPU link, host or peer, in the given order); returns their
+        ready times."""
         gpu = slot // self.slots_per_gpu
         ready = np.empty(layer.size)
-        start = np.maximum(self._link_free, t)
-        # the k-th copy on a GPU finishes k+1 copy times after the link is free
-        order = np.argsort(gpu, kind="stable")
-        g_sorted = gpu[order]
-        first = np.r_[True, g_sorted[1:] != g_sorted[:-1]] if g_sorted.size else np.zeros(0, bool)
-        idx = np.arange(g_sorted.size)
-        k = idx - np.maximum.accumulate(np.where(first, idx, 0)) if g_sorted.size else idx
-        ready[order] = start[g_sorted] + (k + 1) * self.cold_start_s
-        if gpu.size:
-            np.maximum.at(self._link_free, gpu, ready)
+        if from_peer is None:
+            from_peer = np.zeros(layer.size, dtype=bool)
+        for peer, free, copy_s in ((False, self._link_free, self.cold_start_s),
+                                   (True, self._peer_free, self.peer_cold_start_s)):
+            sel = np.flatnonzero(from_peer == peer)
+            if not sel.size:
+                continue
+            g = gpu[sel]
+            start = np.maximum(free, t)
+            # the k-th copy on a GPU's link finishes k+1 copy times after the link is free
+            order = np.argsort(g, kind="stable")
+            g_sorted = g[order]
+            first = np.r_[True, g_sorted[1:] != g_sorted[:-1]]
+            idx = np.arange(g_sorted.size)
+            k = idx - np.maximum.accumulate(np.where(first, idx, 0))
+            r = np.empty(sel.size)
+            r[order] = start[g_sorted] + (k + 1) * copy_s
+            ready[sel] = r
+            np.maximum.at(free, g, r)
         evict = (self.expert[layer, slot] >= 0) & (self.expert[layer, slot] != expert)
         self.meter.evictions += int(evict.sum())
         self.expert[layer, slot] = expert
@@ -191,7 +254,7 @@ class FunctionPool:
         self.last_used[layer, slot] = t
         self.meter.cold_starts += int(layer.size)
         self.meter.bytes_copied += int(round(layer.size * self.expert_bytes))
-        self.meter.copy_seconds += layer.size * self.cold_start_s
+        self.meter.copy_seconds += float(np.where(from_peer, self.peer_cold_start_s, self.cold_start_s).sum())
         return ready
 
     def _targets(self, plan: Plan, layer) -> tuple[np.ndarray, np.ndarray]:
@@ -225,7 +288,8 @@ class FunctionPool:
         reuse = want & (cur == p2l)
         cold = want & ~reuse
         li, si = np.nonzero(cold)
-        ready = self._start(layers[li], si, p2l[li, si], t)
+        from_peer = self.copy_sources(layers, p2l, t)[li, si] == 2 if li.size else np.zeros(0, dtype=bool)
+        ready = self._start(layers[li], si, p2l[li, si], t, from_peer)
         wl, ws = np.nonzero(reuse)
         self.last_used[layers[wl], ws] = t
         self.meter.warm_starts += int(wl.size)
@@ -248,7 +312,51 @@ class FunctionPool:
             warm=np.stack([layers[wl], ws], 1),
             evicted=np.stack([layers[el[0]], el[1]], 1),
             ready_in_s=ready_in,
+            from_peer=from_peer,
         )
+
+    def align(self, plan: Plan, *, layer=None) -> Plan:
+        """`plan` with its slots renumbered inside each GPU to fit this pool (warm identity: an instance is
+        (layer, GPU, expert), its slot index does not matter): an instance the pool holds live (warm or idle)
+        keeps its slot; the plan's new instances take the free slots first, then the idle slots whose keep-alive
+        ends soonest, then the slots of instances this plan leaves out. The experts on each GPU, hence the
+        balance, are unchanged. Changes nothing in the pool."""
+        layers, p2l = self._targets(plan, layer)
+        L, G, S = len(layers), self.gpus, self.slots_per_gpu
+        new = p2l.reshape(L, G, S)
+        cur = self.expert[layers].reshape(L, G, S)
+        earlier = np.tril(np.ones((S, S), dtype=bool), -1)  # earlier[s, t]: t < s
+
+        def occurrence(a):  # how many earlier slots of the same GPU hold the same expert
+            return ((a[..., :, None] == a[..., None, :]) & earlier).sum(-1)
+
+        # the k-th instance of expert e on a GPU in the plan takes the slot of the k-th live one in the pool
+        match = ((new[..., :, None] == cur[..., None, :]) & (new >= 0)[..., :, None]
+                 & (occurrence(new)[..., :, None] == occurrence(cur)[..., None, :]))  # [L, G, S(new), S(cur)]
+        has = match.any(-1)
+        want = match.argmax(-1)
+        taken = np.zeros((L, G, S), dtype=bool)
+        li, gi, si = np.nonzero(has)
+        taken[li, gi, want[li, gi, si]] = True
+        # the untaken slots by preference: free, then idle by keep-alive deadline, then in-plan
+        deadline = (self.last_used[layers] + self.keep_alive_s).reshape(L, G, S)
+        idle = (cur >= 0) & ~self.in_plan[layers].reshape(L, G, S)
+        key = np.where(cur < 0, -np.inf, np.where(idle, deadline, np.inf))  # expired idle: deadline <= t, early
+        key = np.where(taken, np.nan, key)  # nan sorts last
+        pref = np.argsort(key, axis=-1, kind="stable")
+        # plan entries without a match, occupied ones first (they need a slot; free entries fill the rest)
+        need = ~has
+        order_new = np.argsort(np.where(need & (new >= 0), 0, np.where(need, 1, 2)), axis=-1, kind="stable")
+        rank = np.empty_like(order_new)
+        np.put_along_axis(rank, order_new, np.arange(S)[None, None, :].repeat(G, 1).repeat(L, 0), -1)
+        pos = np.where(has, want, np.take_along_axis(pref, np.minimum(rank, S - 1), -1))
+        out = np.full((L, G, S), -1, dtype=np.int64)
+        np.put_along_axis(out, pos, new, -1)
+        return Plan.from_phy2log(out.reshape(L, G * S), plan.num_experts, self.gpus, self.slots_per_gpu)
+
+    def live_phy2log(self) -> np.ndarray:
+        """int64 [L, G*S]: the expert of each slot's live instance (warm, loading or idle), -1 where free."""
+        return self.expert.copy()
 
     def prewarm(self, layer: int, slot: int, expert: int, now=None) -> float:
         """Start loading `expert` into (layer, slot) ahead of its plan; returns when it will be ready. A slot

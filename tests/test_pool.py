@@ -109,3 +109,67 @@ def test_bad_apply():
         pool.apply(Plan.from_phy2log([[0, 1, -1, -1]], 2, 2, 2), now=3.0, layer=4)
     with pytest.raises(ValueError, match="dt"):
         SimulatedClock().advance(-1)
+
+
+def test_align_keeps_live_instances_in_their_slots():
+    """Warm identity: the plan's experts per GPU are kept, live instances keep their slot (warm), new ones take
+    a free slot before an idle one, and an idle one whose keep-alive ends sooner before a later one."""
+    pool = FunctionPool(1, 2, 3, expert_bytes=1.0, link_bandwidth=1.0, keep_alive_s=10.0)
+    pool.apply(Plan.from_phy2log([[0, 1, 2, 3, 4, -1]], 6, 2, 3), now=0.0)
+    pool.apply(Plan.from_phy2log([[0, -1, 2, 3, -1, -1]], 6, 2, 3), now=1.0)  # 1, 4 idle from 1
+    pool.apply(Plan.from_phy2log([[0, -1, -1, 3, -1, -1]], 6, 2, 3), now=2.0)  # 2 idle from 2
+    # GPU 0 gets {2, 0, 5}: 0 and 2 are live in slots 0 and 2, 5 must take slot 1 (idle expert 1)
+    # GPU 1 gets {5, 3, 0}: 3 keeps slot 3; 5 and 0 take slot 5 (free), then slot 4 (idle expert 4)
+    plan = Plan.from_phy2log([[2, 0, 5, 5, 3, 0]], 6, 2, 3)
+    got = pool.align(plan).phy2log[0].tolist()
+    assert got == [0, 5, 2, 3, 0, 5]
+    for g in range(2):  # same multiset of experts on each GPU as the plan
+        assert sorted(got[3 * g:3 * g + 3]) == sorted(plan.phy2log[0, 3 * g:3 * g + 3].tolist())
+    # brute force: no within-GPU permutation of the plan reuses more live instances
+    import itertools
+
+    live = pool.expert[0].tolist()
+    best = max(sum(a == b for a, b in zip(perm0 + perm1, live))
+               for perm0 in itertools.permutations(plan.phy2log[0, :3].tolist())
+               for perm1 in itertools.permutations(plan.phy2log[0, 3:].tolist()))
+    assert best == 3
+    r = pool.apply(pool.align(plan), now=3.0)
+    assert r.warm.tolist() == [[0, 0], [0, 2], [0, 3]]
+
+
+def test_align_idle_preference_by_deadline():
+    pool = FunctionPool(1, 1, 3, expert_bytes=1.0, link_bandwidth=1.0, keep_alive_s=10.0)
+    pool.apply(Plan.from_phy2log([[0, 1, 2]], 4, 1, 3), now=0.0)
+    pool.apply(Plan.from_phy2log([[-1, 1, 2]], 4, 1, 3), now=1.0)  # expert 0 idle from 1
+    pool.apply(Plan.from_phy2log([[-1, -1, 2]], 4, 1, 3), now=2.0)  # expert 1 idle from 2
+    # expert 3 replaces the idle instance whose keep-alive ends first (expert 0, slot 0)
+    assert pool.align(Plan.from_phy2log([[3, 2, -1]], 4, 1, 3)).phy2log.tolist() == [[3, -1, 2]]
+
+
+def test_peer_copies_by_hand():
+    """A cold start copies from a GPU of the same link group that holds a loaded instance (peer link), else from
+    the host; each link queues its own copies."""
+    pool = FunctionPool(1, 4, 2, expert_bytes=4.0, link_bandwidth=1.0, keep_alive_s=10.0,
+                        peer_bandwidth=4.0, link_group=2)
+    assert (pool.cold_start_s, pool.peer_cold_start_s) == (4.0, 1.0)
+    pool.apply(Plan.from_phy2log([[0, -1, 1, -1, 2, -1, 3, -1]], 4, 4, 2), now=0.0)
+    # at t = 10 all are loaded; GPU 1 wants 0 (on its peer GPU 0) and 2 (on GPU 2, another group): one peer
+    # copy (1 s) and one host copy (4 s), in parallel on the two links; GPU 3 wants 0 twice... from the host
+    plan = Plan.from_phy2log([[0, -1, 1, 0, 2, -1, 3, 0]], 4, 4, 2)
+    src = pool.copy_sources([0], plan.phy2log, now=10.0)
+    assert src.tolist() == [[0, 0, 0, 2, 0, 0, 0, 1]]
+    plan2 = Plan.from_phy2log([[0, -1, 1, 2, 2, -1, 3, 0]], 4, 4, 2)
+    assert pool.copy_sources([0], plan2.phy2log, now=10.0).tolist() == [[0, 0, 0, 1, 0, 0, 0, 1]]
+    r = pool.apply(Plan.from_phy2log([[0, -1, 0, 2, 2, -1, 3, 0]], 4, 4, 2), now=10.0)
+    # GPU 1 slot 2 (expert 0, peer) and slot 3 (expert 2, host); GPU 3 slot 7 (expert 0, host)
+    assert r.cold.tolist() == [[0, 2], [0, 3], [0, 7]]
+    assert r.from_peer.tolist() == [True, False, False]
+    assert r.ready_in_s.tolist() == [0.0, 4.0, 0.0, 4.0]
+    assert pool.meter.copy_seconds == pytest.approx(4 * 4.0 + 1.0 + 4.0 + 4.0)
+
+
+def test_bad_peer_link():
+    with pytest.raises(ValueError, match="peer_bandwidth"):
+        _pool(peer_bandwidth=0.0)
+    with pytest.raises(ValueError, match="link_group"):
+        _pool(link_group=0)

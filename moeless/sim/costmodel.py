@@ -69,17 +69,37 @@ def tokens_per_expert_gpu(replica_tokens, replica_gpu, num_gpus: int) -> np.ndar
     return out.reshape(*lead, E, num_gpus)
 
 
+def _merge_sorted(t: np.ndarray, g: np.ndarray):
+    """Replicas of each expert sorted by GPU, and each run of one GPU summed into its first element:
+    (merged pairs [..., E, R], their GPUs [..., E, R], the sort order). O(R log R) per expert."""
+    order = np.argsort(g, axis=-1, kind="stable")
+    gs = np.take_along_axis(g, order, -1)
+    ts = np.take_along_axis(t, order, -1)
+    R = t.shape[-1]
+    start = np.ones(gs.shape, dtype=bool)
+    start[..., 1:] = gs[..., 1:] != gs[..., :-1]
+    end = np.ones(gs.shape, dtype=bool)
+    end[..., :-1] = start[..., 1:]
+    csum = np.cumsum(ts, -1)
+    # index of the end of the run each position belongs to: the next end at or after it
+    pos = np.where(end, np.arange(R), R - 1)
+    next_end = np.flip(np.minimum.accumulate(np.flip(pos, -1), -1), -1)
+    before = np.concatenate([np.zeros(csum.shape[:-1] + (1,)), csum[..., :-1]], -1)
+    run = np.take_along_axis(csum, next_end, -1) - before
+    merged = np.where(start & (gs >= 0), run, 0.0)
+    return merged, gs, order
+
+
 def merged_replicas(replica_tokens, replica_gpu) -> np.ndarray:
     """Replicas of one expert on one GPU merged into the first of them (they share one weight copy):
-    [..., E, R] pairs, the later duplicates 0. Costs O(R^2) per expert instead of O(G)."""
+    [..., E, R] pairs, the later duplicates 0."""
     t, g = np.asarray(replica_tokens, dtype=np.float64), np.asarray(replica_gpu)
-    R = t.shape[-1]
-    if R == 1:
+    if t.shape[-1] == 1:
         return t
-    same = (g[..., :, None] == g[..., None, :]) & (g >= 0)[..., :, None]
-    earlier = np.tril(np.ones((R, R), dtype=bool), -1)  # [r, r']: r' < r
-    first = (g >= 0) & ~(same & earlier).any(-1)
-    return np.where(first, (same * t[..., None, :]).sum(-1), 0.0)
+    merged, _, order = _merge_sorted(t, g)
+    out = np.empty_like(merged)
+    np.put_along_axis(out, order, merged, -1)
+    return out
 
 
 def per_gpu_sum(values, replica_gpu, num_gpus: int) -> np.ndarray:
@@ -113,7 +133,10 @@ class RooflineCost:
     def gpu_compute(self, replica_tokens, replica_gpu, num_gpus: int) -> np.ndarray:
         """Each GPU's expert time [..., G]."""
         tokens, gpu = _check_layout(replica_tokens, replica_gpu, num_gpus)
-        return per_gpu_sum(self.replica_time(merged_replicas(tokens, gpu)), gpu, num_gpus)
+        if tokens.shape[-1] == 1:
+            return per_gpu_sum(self.replica_time(tokens), gpu, num_gpus)
+        merged, gs, _ = _merge_sorted(tokens, gpu)
+        return per_gpu_sum(self.replica_time(merged), gs, num_gpus)
 
     def a2a_gpu(self, gpu_pairs, num_gpus: int) -> np.ndarray:
         """One all-to-all direction per GPU [..., G] from the pairs each GPU receives `gpu_pairs [..., G]`.
@@ -141,7 +164,7 @@ class RooflineCost:
 
     def layer_times(self, replica_tokens, replica_gpu, num_gpus: int, tokens) -> LayerTimes:
         pairs, gpu = _check_layout(replica_tokens, replica_gpu, num_gpus)
-        compute = per_gpu_sum(self.replica_time(merged_replicas(pairs, gpu)), gpu, num_gpus).max(-1)
+        compute = self.gpu_compute(pairs, gpu, num_gpus).max(-1)
         a2a = self.a2a_gpu(per_gpu_sum(pairs, gpu, num_gpus), num_gpus).max(-1)
         misc = self.misc_time(tokens, num_gpus) + np.zeros_like(compute)
         return LayerTimes(compute=compute, a2a=a2a, misc=misc)
@@ -170,6 +193,10 @@ class PaperLinearCost:
         if alpha < 0 or beta < 0 or t_misc < 0 or m_misc < 0:
             raise ValueError("alpha, beta, t_misc and m_misc must be >= 0")
         self.model, self.alpha, self.beta, self.t_misc, self.m_misc = model, alpha, beta, t_misc, m_misc
+
+    def replica_time(self, tokens) -> np.ndarray:
+        """Equation 1's T_{l,e,r} = alpha * W_{l,e,r}."""
+        return self.alpha * np.asarray(tokens, dtype=np.float64)
 
     def layer_times(self, replica_tokens, replica_gpu, num_gpus: int, tokens) -> LayerTimes:
         t, g = _check_layout(replica_tokens, replica_gpu, num_gpus)

@@ -207,12 +207,21 @@ def build_setup(config: SimConfig) -> Setup:
         schedule = _workload.paper_batches(window, config.batch_window_s)
     else:
         balanced = RooflineCost(model, hw)
+        gpu_of = (np.arange(model.num_experts) * config.gpus // model.num_experts)[:, None]
 
-        def nominal(tokens: int) -> float:  # a perfectly balanced iteration: policy-independent
-            per = np.full((model.num_experts, 1), tokens * model.top_k / model.num_experts)
-            gpu = (np.arange(model.num_experts) * config.gpus // model.num_experts)[:, None]
-            t = balanced.layer_times(per, gpu, config.gpus, tokens)
-            return float((t.moe_latency + t.misc) * model.num_moe_layers)
+        def nominal_many(tokens: np.ndarray) -> np.ndarray:  # perfectly balanced iterations: policy-independent
+            tok = np.asarray(tokens, dtype=np.float64)
+            per = np.broadcast_to((tok * model.top_k / model.num_experts)[:, None, None],
+                                  (len(tok), model.num_experts, 1))
+            t = balanced.layer_times(per, np.broadcast_to(gpu_of, per.shape), config.gpus, tok)
+            return (t.moe_latency + t.misc) * model.num_moe_layers
+
+        # the schedule asks for one iteration at a time: tabulate every count up to the token budget once
+        table = nominal_many(np.arange(config.token_budget + 1))
+
+        def nominal(tokens: int) -> float:
+            tokens = int(tokens)
+            return float(table[tokens]) if tokens < len(table) else float(nominal_many(np.array([tokens]))[0])
 
         schedule = _workload.continuous_batches(window, nominal, config.token_budget)
     full = len(schedule)
@@ -341,13 +350,9 @@ class _Meter:
         self.clock = 0.0
         self.pool = None
         if policy.serverless:
-            self.pool = _pool_for(setup)
+            from moeless.sim.serverless import ServerlessRunner
 
-
-def _pool_for(setup: Setup):
-    from moeless.sim.serverless import PoolDriver
-
-    return PoolDriver(setup)
+            self.pool = ServerlessRunner(setup, policy)
 
 
 def run_simulation(config: SimConfig | None = None, *, progress: bool | None = None) -> SimResult:
@@ -373,19 +378,20 @@ def run_simulation(config: SimConfig | None = None, *, progress: bool | None = N
         n = len(chunk.tokens)
         for meter in meters:
             pol = meter.policy
+            if pol.serverless:  # iteration by iteration: its plans depend on its pool and clock
+                rows = meter.pool.run_chunk(chunk, meter)
+                meter.result.add(rows["lat"], rows["it"], rows["w"], rows["replicas"], rows["cold"], rows["begin"])
+                meter.result.live.append(rows["live"])
+                meter.result.eq2_byte_s += rows["eq2"]
+                continue
             lay = pol.layout(chunk)
             gpu = np.broadcast_to(lay.replica_gpu, lay.replica_tokens.shape)
             times = setup.cost.layer_times(lay.replica_tokens, gpu, G, chunk.tokens[:, None])
             moe, misc = times.moe_latency, times.misc
             eq2 = equation2_cost(times, gpu, m.expert_bytes, m_misc).sum(1)  # [n] byte-seconds
-            if pol.serverless:
-                lat, it_s, begin, cold = meter.pool.advance(lay.plans, moe, misc, chunk, meter)
-            else:
-                lat = moe
-                it_s = (moe + misc).sum(1)
-                begin, meter.clock = _clock_scan(chunk.ready_s, it_s * chunk.weight, meter.clock)
-                cold = np.zeros(n, dtype=np.int64)
-            meter.result.add(lat, it_s, chunk.weight, lay.replicas, cold, begin)
+            it_s = (moe + misc).sum(1)
+            begin, meter.clock = _clock_scan(chunk.ready_s, it_s * chunk.weight, meter.clock)
+            meter.result.add(moe, it_s, chunk.weight, lay.replicas, np.zeros(n, dtype=np.int64), begin)
             meter.result.eq2_byte_s += float((eq2 * chunk.weight).sum())
             if hasattr(pol, "observe"):
                 pol.observe(chunk, begin)

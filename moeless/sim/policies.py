@@ -1,9 +1,11 @@
 """The policies the simulator compares, each a thin driver of the real control plane (moeless.planner,
 moeless.baselines, moeless.predictors, moeless.pool) over chunks of iterations.
 
-A policy turns one chunk of iterations (their true per-layer loads, shared by every policy) into where every
-replica sits and how many pairs it serves (`replica_tokens [n, L, E, R]`, `replica_gpu [n, L, E, R]`), the
-cold starts it caused, and the live instances. The engine prices the layouts with one cost model for all.
+A serverful policy turns one chunk of iterations (their true per-layer loads, shared by every policy) into
+where every replica sits and how many pairs it serves (`replica_tokens [n, L, E, R]`, `replica_gpu`); the
+engine prices the layouts with one cost model for all. moeless (serverless) is driven iteration by iteration
+by moeless.sim.serverless, which asks this module's `MoelessPolicy` for predictions and plans and serves them
+with `split_layers`, priced by the same cost model.
 
 This module never decides a plan itself (the planner and the baselines do), never reads a wall clock, and
 never changes routing: every pair is served by a replica of the expert the router chose, except under the
@@ -117,33 +119,110 @@ class LoadPrediction:
         self._last_share = None
 
     def predict(self, loads: np.ndarray, topk_ids: np.ndarray | None, top_k: int) -> np.ndarray:
-        from moeless.traces import TraceBatch
-
         L, E = loads.shape
         d = self.predictor.distance
-        if topk_ids is None:
-            topk_ids = np.stack([synthetic_topk(loads[l], top_k) for l in range(L)])
-        T = topk_ids.shape[1]
+        T = int(loads[0].sum()) // top_k if topk_ids is None else topk_ids.shape[1]
         pred = np.empty((L, E))
         if self._last_share is None:
             self._last_share = np.full((L, E), 1.0 / E)
         pred[:d] = self._last_share[:d] * T * top_k
-        self.predictor.begin_batch(TraceBatch(0, T, loads, topk_ids, None))
-        for layer in range(L - d):
-            ids = topk_ids[layer]
-            if self.online:
-                self.predictor.update(layer, ids)
-            pred[layer + d] = self.predictor.predict(layer, ids)
         total = loads.sum(1, keepdims=True)
+        if self.online and self.predictor.name == "history" and getattr(self.predictor, "share", None) is not None:
+            # HistoryPredictor's update/predict, all layers at once: layer l+d is predicted from its share
+            # before this iteration's update (updates run in layer order, l+d after l)
+            from moeless.predictors import _decay
+
+            p = self.predictor
+            pred[d:] = p.share[d:] * T * top_k
+            if T > 0:
+                w = _decay(T, p.half_life_tokens)
+                p.share = w * p.share + (1 - w) * loads / (T * top_k)
+        else:
+            from moeless.traces import TraceBatch
+
+            if topk_ids is None:
+                topk_ids = np.stack([synthetic_topk(loads[l], top_k) for l in range(L)])
+            self.predictor.begin_batch(TraceBatch(0, T, loads, topk_ids, None))
+            for layer in range(L - d):
+                ids = topk_ids[layer]
+                if self.online:
+                    self.predictor.update(layer, ids)
+                pred[layer + d] = self.predictor.predict(layer, ids)
+            if self.online:  # the last d layers' routing is known once the iteration ends
+                for layer in range(L - d, L):
+                    self.predictor.update(layer, topk_ids[layer])
         self._last_share = np.where(total > 0, loads / np.maximum(total, 1), 1.0 / E)
         return pred
 
 
+def lpt_split(replica_gpu: np.ndarray, loads: np.ndarray, replica_time) -> np.ndarray:
+    """One replica per expert: experts by load, largest first, each put whole on the replica whose GPU then
+    finishes earliest (`replica_time(pairs)` seconds). replica_gpu int [M, E, R] (-1 pad), loads [M, E] ->
+    replica_tokens float [M, E, R]. In a memory-bound layer (decode) this reads each expert's weights once,
+    where a pair-balancing split would read every replica's."""
+    rg = np.asarray(replica_gpu)
+    W = np.asarray(loads, dtype=np.float64)
+    M, E, R = rg.shape
+    G = int(rg.max(initial=0)) + 1
+    out = np.zeros((M, E, R))
+    busy = np.zeros((M, G))
+    rows = np.arange(M)
+    order = np.argsort(-W, axis=1, kind="stable")
+    for k in range(E):
+        e = order[:, k]
+        w = W[rows, e]
+        g = rg[rows, e]  # [M, R]
+        t = replica_time(w)  # [M]
+        finish = np.where(g >= 0, busy[rows[:, None], np.maximum(g, 0)] + t[:, None], np.inf)
+        r = finish.argmin(1)
+        out[rows, e, r] = w
+        gr = g[rows, r]
+        busy[rows, gr] += np.where(w > 0, t, 0.0)
+    return out
+
+
+def split_layers(plan: _planner.Plan, loads, cost, tokens, *, split: str = "serve-time"):
+    """The data plane's split of true (or rounded predicted) counts `loads int [M, E]` over `plan`'s replicas,
+    time-aware: per layer the faster, under `cost`, of the pair-balancing split (the planner's exact serve-time
+    split; for more than EXACT_SPLIT_MAX_GPUS GPUs the even split, the exact one being too slow there) and
+    `lpt_split` (each expert whole on one replica). Both are lossless: every pair goes to a replica of the
+    expert its router chose. `split="even"`: the paper's even split only. Returns (replica_tokens float
+    [M, E, R], LayerTimes of [M])."""
+    G = plan.gpus
+    gpu = plan.replica_gpu
+    W = np.asarray(loads)
+    if split == "even":
+        rt = _planner.even_split(plan, W).astype(np.float64)
+        return rt, cost.layer_times(rt, gpu, G, tokens)
+    rt = np.zeros(gpu.shape)
+    rt[..., 0] = W  # layers with one replica per expert: nothing to split
+    multi = np.flatnonzero((plan.logcnt > 1).any(1))
+    if multi.size:
+        sub = _planner.Plan.from_phy2log(plan.phy2log[multi], plan.num_experts, G, plan.slots_per_gpu)
+        Ws = W[multi]
+        tok = np.broadcast_to(np.asarray(tokens, dtype=np.float64), (len(W),))[multi]
+        if G <= _planner.EXACT_SPLIT_MAX_GPUS:
+            base = _planner.serve_time_split(sub, Ws).astype(np.float64)
+        else:
+            base = _planner.even_split(sub, Ws).astype(np.float64)
+        one = lpt_split(sub.replica_gpu, Ws, cost.replica_time)
+        tb = cost.layer_times(base, sub.replica_gpu, G, tok).moe_latency
+        to = cost.layer_times(one, sub.replica_gpu, G, tok).moe_latency
+        best = np.where((to < tb)[:, None, None], one, base)
+        rt[multi] = 0.0
+        rt[multi, :, : best.shape[2]] = best
+    return rt, cost.layer_times(rt, gpu, G, tokens)
+
+
 class MoelessPolicy(Policy):
-    """moeless: per iteration, predict every layer's load, scale and place with `moeless.planner.plan_layers`
-    (warm reuse of the previous plan's instances), then split the true pairs over the replicas (the
-    serve-time split, or the paper's even split). Ablations: `scale=False` (one replica per expert, placement
-    only), `warm=False` (no previous plan: every placement starts cold), `split="even"`."""
+    """moeless's control plane for one iteration: predict every layer's load (`predict`), and ask
+    `moeless.planner.plan_layers` for a plan that reuses the instances live in the function pool
+    (`candidate`: warm pins kept wherever the balance allows, no hedge replicas: a replica with no predicted
+    load saves nothing, so it is never worth a cold start). moeless.sim.serverless decides, layer by layer,
+    whether that plan is worth its cold starts and realises it in the pool; `split_layers` serves it.
+    Ablations: `scale=False` (one replica per expert), `warm=False` (the planner sees no previous plan, the
+    pool's slots are not aligned and every new plan is taken: the policy without warm identity or
+    cost-awareness), `split="even"` (the paper's even split)."""
 
     serverless = True
 
@@ -155,36 +234,16 @@ class MoelessPolicy(Policy):
         self.name, self.prediction = name, prediction
         self.gpus, self.slots, self.top_k = gpus, slots_per_gpu, top_k
         self.scale, self.warm, self.split, self.rule, self.cv_threshold = scale, warm, split, rule, cv_threshold
-        self.previous: _planner.Plan | None = None
 
-    def plan(self, loads: np.ndarray, topk_ids) -> _planner.Plan:
-        predicted = self.prediction.predict(loads, topk_ids, self.top_k)
-        plan = _planner.plan_layers(predicted, self.gpus, self.slots,
-                                    previous=self.previous if self.warm else None,
+    def predict(self, loads: np.ndarray, topk_ids) -> np.ndarray:
+        """Predicted loads float [L, E] of one iteration (layer l from layer l-d's routing)."""
+        return self.prediction.predict(loads, topk_ids, self.top_k)
+
+    def candidate(self, predicted: np.ndarray, live: _planner.Plan | None) -> _planner.Plan:
+        """The planner's plan for `predicted`, reusing `live` (the pool's live instances, idle ones included)."""
+        return _planner.plan_layers(predicted, self.gpus, self.slots, previous=live if self.warm else None,
                                     max_replicas=None if self.scale else 1, rule=self.rule,
-                                    cv_threshold=self.cv_threshold)
-        self.previous = plan
-        return plan
-
-    def layout(self, chunk) -> ChunkLayout:
-        n, L, E = chunk.loads.shape
-        plans = [self.plan(chunk.loads[i], None if chunk.topk_ids is None else chunk.topk_ids[i])
-                 for i in range(n)]
-        stacked = stack_plans(plans)
-        flat = chunk.loads.reshape(n * L, E)
-        if self.split == "even":
-            rt = _planner.even_split(stacked, flat)
-        elif self.gpus <= _planner.EXACT_SPLIT_MAX_GPUS:  # the exact split is fastest over many layers at once
-            rt = _planner.serve_time_split(stacked, flat)
-        else:  # the water-filling split grows faster than linearly in stacked layers: one iteration at a time
-            R = stacked.max_replicas
-            rt = np.concatenate([_pad_r(_planner.serve_time_split(p, chunk.loads[i]), R, 0)
-                                 for i, p in enumerate(plans)])
-        R = stacked.max_replicas
-        return ChunkLayout(replica_tokens=rt.reshape(n, L, E, R).astype(np.float64),
-                           replica_gpu=stacked.replica_gpu.reshape(n, L, E, R),
-                           replicas=np.array([p.logcnt.sum() for p in plans], dtype=np.float64),
-                           plans=plans)
+                                    cv_threshold=self.cv_threshold, reuse_slack=float("inf"), hedge=False)
 
 
 class EplbPolicy(Policy):

@@ -39,6 +39,7 @@ class PolicyResult:
     replicas: list = field(default_factory=list)  # chunks of [n]: live instances over all layers
     cold_starts: list = field(default_factory=list)  # chunks of [n]
     clock_s: list = field(default_factory=list)  # chunks of [n]: iteration start on the policy's clock
+    live: list = field(default_factory=list)  # serverless: chunks of [n] live instances (idle ones included)
     eq2_byte_s: float = 0.0
     cost_gb_s: float = 0.0
     gpu_seconds: float = 0.0
@@ -87,6 +88,8 @@ class PolicyResult:
             "gpu_seconds": float(self.gpu_seconds),
             "cold_starts": int(self._cat("cold_starts").sum()),
             "mean_replicas": float(np.average(rep, weights=w)) if rep.size else 0.0,
+            "mean_live_instances": (float(np.average(self._cat("live"), weights=w)) if self.live
+                                    else float(np.average(rep, weights=w)) if rep.size else 0.0),
             "makespan_s": float(self.makespan_s),
             "serverless": self.serverless,
             "accounting": self.accounting,
