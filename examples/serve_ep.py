@@ -32,10 +32,15 @@ def main() -> int:
         requests = demo.build_requests(encode, args.trace, args.requests, args.max_prompt_tokens,
                                        args.max_new_tokens, args.time_scale)
         res = demo.run_comparison(ctx, model, requests, keep_alive_s=args.keep_alive,
-                                  extra_slots=args.extra_slots, batch_window_s=args.batch_window)
+                                  extra_slots=args.extra_slots, batch_window_s=args.batch_window,
+                                  predictor=demo.predictor_for(args.model, args.predictor),
+                                  replan_slack=args.replan_slack, replan_min_pairs=args.replan_min_pairs,
+                                  repeats=args.repeats)
         if ctx.is_main:
             if args.json:
-                print(json.dumps({p: {k: v for k, v in res[p]["summary"].items() if k != "layer_times_s"}
+                print(json.dumps({p: {k: v for k, v in res[p]["summary"].items()
+                                      if k not in ("layer_times_s", "gpu_pairs", "replicas", "expert_times_s",
+                                                   "layer_cpu_s")}
                                   | {"tokens_per_s": res[p]["tokens_per_s"]} for p in ("ep", "moeless")}))
             else:
                 print(demo.format_table(res))

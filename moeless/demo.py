@@ -1,10 +1,17 @@
 """The serving demo (`make demo`, `moeless demo`): the tiny model served expert-parallel, moeless against plain EP.
 
-G processes (the GPUs present, else 4 CPU processes on gloo) serve the embedded tiny MoE model on a slice of the
-bundled Azure LLM conversation trace: arrival times and prompt / output lengths from the trace, prompt text from
-the tiny model's own corpus, the paper's 1 s batching, prefill then greedy decode. The same requests are served
-with plain expert parallelism and with moeless in one run; the demo prints a short table (MoE-layer latency,
+G processes (the GPUs present, else one gloo process per CPU core, 2 to 4) serve the embedded tiny MoE model on
+a slice of the bundled Azure LLM conversation trace: arrival times and prompt / output lengths from the trace
+(arrivals sped up by --time-scale so that a 1 s batch holds tens of requests: the tiny model's experts are so
+small that only batches of thousands of tokens make expert compute, and so its imbalance, visible next to the
+loop's fixed costs), prompt text from the tiny model's own corpus, the paper's 1 s batching, prefill then greedy
+decode. The same requests, hence the same routing, are served by both policies through the same loop, timing
+the same span of every MoE layer. The demo prints a short table (MoE-layer time, pairs on the busiest rank,
 replicas, cold starts, memory x time), some generated text, and writes a report (JSON, Markdown, plots).
+
+moeless predicts layer l+1's load with the gate-replica predictor fitted to the tiny model
+(moeless/data/tiny_moe/predictor.npz; `python -m moeless.demo --fit-predictor` refits it and prints its held-out
+recall against the raw copied gates).
 
 `run_comparison` is the per-rank body shared with examples/serve_ep.py (torchrun). This module never downloads
 anything and never changes routing; it only drives `moeless.serve`.
@@ -14,31 +21,147 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["add_arguments", "build_requests", "main", "run_comparison", "format_table"]
+__all__ = ["add_arguments", "build_requests", "default_world", "fit_predictor", "format_table", "main",
+           "predictor_for", "run_comparison", "run_from_args"]
+
+PREDICTOR_FILE = "predictor.npz"  # next to the tiny model's weights
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="a local Hugging Face MoE model folder (default: the tiny model)")
-    parser.add_argument("--world", type=int, default=None, help="processes (default: GPUs present, else 4)")
+    parser.add_argument("--world", type=int, default=None,
+                        help="processes (default: the GPUs present, else one per CPU core, 2 to 4)")
     parser.add_argument("--trace", default="azure-conv", help="bundled trace name or a .csv/.jsonl file")
-    parser.add_argument("--requests", type=int, default=10, help="requests replayed from the trace slice")
-    parser.add_argument("--max-prompt-tokens", type=int, default=64, help="cap on a prompt's length")
+    parser.add_argument("--requests", type=int, default=96, help="requests replayed from the trace slice")
+    parser.add_argument("--max-prompt-tokens", type=int, default=256, help="cap on a prompt's length")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="cap on a request's output length")
     parser.add_argument("--batch-window", type=float, default=1.0, help="seconds per batch (the paper's 1 s)")
     parser.add_argument("--time-scale", type=float, default=4.0,
                         help="arrivals this many times faster than the trace (more requests per batch)")
     parser.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle instance is kept")
     parser.add_argument("--extra-slots", type=int, default=1, help="slots per GPU beyond E/G for replicas")
+    parser.add_argument("--predictor", default=None,
+                        help="a saved GateReplicaPredictor (.npz), or 'gate-replica' for the model's raw gates "
+                             "(default: the fitted one shipped with the tiny model)")
+    parser.add_argument("--replan-slack", type=float, default=0.1,
+                        help="keep a layer's plan while its busiest rank is within this fraction of the mean ...")
+    parser.add_argument("--replan-min-pairs", type=int, default=64,
+                        help="... or within this many (token, expert) pairs of it")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs per policy, alternating EP, moeless, moeless, EP, ... (load drift hits both)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck collective fails")
     parser.add_argument("--out", default="reports/demo", help="report folder")
     parser.add_argument("--json", action="store_true", help="print one JSON summary instead of the table")
+    parser.add_argument("--fit-predictor", action="store_true",
+                        help="fit the tiny model's gate-replica predictor on its corpus, print its held-out "
+                             "recall, save it next to the model and exit")
     return parser
+
+
+def default_world() -> int:
+    """The GPUs present, else one process per CPU core (2 to 4): a rank per core stands for a rank per GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return int(min(4, max(2, cores)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the predictor
+
+
+def fit_predictor(model, *, seq_len: int = 128, train_sequences: int = 256, test_sequences: int = 64,
+                  chunk_tokens: int = 1024, seed: int = 0):
+    """Fit the tiny model's gate-replica predictor (distance 1) on its corpus, with layer-aware fine-tuning.
+
+    Sequences of `seq_len` bytes come from the first 95% of the corpus for fitting and from the last 5% (text the
+    model was not trained on) for the held-out metrics. Returns (predictor, metrics): per source layer l, the
+    top-k recall of layer l+1's routing and the Pearson correlation of per-expert loads over chunks of
+    `chunk_tokens` tokens, for the raw copied gate and for the fitted replica."""
+    import torch
+
+    from moeless import tiny_moe
+    from moeless.predictors import GateReplicaPredictor, pearson, topk_recall
+    from moeless.traces import capture_routing
+
+    data = tiny_moe.corpus()
+    cut = len(data) * 19 // 20
+    rng = np.random.default_rng(seed)
+
+    def sequences(lo, hi, n):
+        starts = np.sort(rng.choice((hi - lo) // seq_len, size=n, replace=False)) * seq_len + lo
+        return list(torch.stack([data[s:s + seq_len] for s in starts.tolist()]).split(32))
+
+    train = capture_routing(model, sequences(0, cut, train_sequences))
+    test = capture_routing(model, sequences(cut, len(data), test_sequences))
+    raw = GateReplicaPredictor.from_model(model, distance=1)
+    fitted = GateReplicaPredictor.from_model(model, distance=1, threshold=0.95, epochs=30, lr=3e-3, seed=seed)
+    fitted.fit(train)
+    E = test.num_experts
+    rows = []
+    for l in range(test.num_layers - 1):
+        row = {"layer": l, "target": l + 1, "fine_tuned": bool(fitted.fine_tuned[l])}
+        for name, pred in (("raw", raw), ("fitted", fitted)):
+            row[f"{name}_recall"] = topk_recall(pred.replica_topk(l, test.gate_inputs[l]), test.topk_ids[l + 1])
+            rs = []
+            for s in range(0, test.num_tokens - chunk_tokens + 1, chunk_tokens):
+                sl = slice(s, s + chunk_tokens)
+                got = pred.predict(l, test.topk_ids[l][sl], test.gate_inputs[l][sl])
+                rs.append(pearson(got, np.bincount(test.topk_ids[l + 1][sl].ravel(), minlength=E)))
+            row[f"{name}_pearson"] = float(np.nanmean(rs))
+        rows.append(row)
+    return fitted, {"train_tokens": int(train.num_tokens), "test_tokens": int(test.num_tokens), "layers": rows}
+
+
+def predictor_for(model_path, choice=None):
+    """The server's `predictor`: the GateReplicaPredictor saved at `choice`, "gate-replica" (the model's gates
+    copied as they are), or by default the fitted one shipped with the tiny model (raw gates for other models)."""
+    from moeless import tiny_moe
+    from moeless.predictors import GateReplicaPredictor, load_predictor
+
+    if choice == "gate-replica":
+        return choice
+    if choice is None:
+        path = tiny_moe.MODEL_DIR / PREDICTOR_FILE
+        if model_path is not None or not path.is_file():
+            return "gate-replica"
+    else:
+        path = Path(choice)
+        if not path.is_file():
+            raise ValueError(f"--predictor: no such file {str(choice)!r}")
+    pred = load_predictor(str(path))
+    if not isinstance(pred, GateReplicaPredictor):
+        raise ValueError(f"--predictor: {str(path)!r} holds a {type(pred).__name__}, not a GateReplicaPredictor")
+    return pred
+
+
+def _fit_and_save(out_dir: Path) -> int:
+    import torch
+
+    from moeless import tiny_moe
+
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    pred, metrics = fit_predictor(tiny_moe.load())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = pred.save(str(out_dir / PREDICTOR_FILE))
+    print(f"fitted on {metrics['train_tokens']} tokens in {time.perf_counter() - t:.0f} s; held-out "
+          f"{metrics['test_tokens']} tokens (the corpus' last 5%):")
+    print("layer -> target  fine-tuned  recall raw -> fitted  pearson raw -> fitted")
+    for r in metrics["layers"]:
+        print(f"{r['layer']:5d} -> {r['target']:6d}  {str(r['fine_tuned']):>10}  {r['raw_recall']:10.3f} -> "
+              f"{r['fitted_recall']:.3f}  {r['raw_pearson']:11.3f} -> {r['fitted_pearson']:.3f}")
+    print(f"saved {path}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,30 +193,81 @@ def build_requests(encode, trace_name: str, n: int, max_prompt: int, max_new: in
     return reqs
 
 
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # per rank
 
 
 def run_comparison(ctx, model, requests, *, keep_alive_s: float = 5.0, extra_slots: int = 1,
-                   batch_window_s: float = 1.0, policies=("ep", "moeless")) -> dict:
-    """Serve `requests` once per policy on this rank's process group; returns {policy: {summary, results,
-    seconds, tokens_per_s}} (the same on every rank)."""
+                   batch_window_s: float = 1.0, policies=("ep", "moeless"), predictor="gate-replica",
+                   replan_slack: float | None = 0.1, replan_min_pairs: int = 64, repeats: int = 1) -> dict:
+    """Serve `requests` with each policy through the same loop on this rank's process group; returns {policy:
+    {summary, results, seconds, cpu_seconds, tokens_per_s, runs}} (the same on every rank; cpu_seconds: this
+    rank's). A warm-up (outside every measurement) first pays the one-time costs of the first calls. With
+    repeats > 1 the policies alternate A B B A ... (a drift of the machine's load hits both alike) and each
+    policy's summary pools its runs: per-iteration series concatenated, scalars averaged per run."""
     from moeless import serve
     from moeless.engine import default_slots_per_gpu
 
-    out = {}
-    for policy in policies:
-        E = int(serve.find_moe_blocks(model)[0][1].experts.gate_up_proj.shape[0])
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    E = int(serve.find_moe_blocks(model)[0][1].experts.gate_up_proj.shape[0])
+    warm = serve.ExpertParallelServer(model, ctx, policy="ep", slots_per_gpu=default_slots_per_gpu(E, ctx.world_size, 0))
+    warm.generate([list(r.prompt[:16]) for r in requests[:2 * ctx.world_size]], 2)  # first calls: not measured
+    warm.close()
+    order = [p for i in range(repeats) for p in (policies if i % 2 == 0 else tuple(reversed(policies)))]
+    runs: dict[str, list] = {p: [] for p in policies}
+    for policy in order:
         slots = default_slots_per_gpu(E, ctx.world_size, 0 if policy == "ep" else extra_slots)
-        srv = serve.ExpertParallelServer(model, ctx, policy=policy, slots_per_gpu=slots, keep_alive_s=keep_alive_s)
-        t = time.perf_counter()
+        opts = dict(predictor=predictor, replan_slack=replan_slack, replan_min_pairs=replan_min_pairs) \
+            if policy == "moeless" else {}
+        srv = serve.ExpertParallelServer(model, ctx, policy=policy, slots_per_gpu=slots, keep_alive_s=keep_alive_s,
+                                         **opts)
+        t, c = time.perf_counter(), time.process_time()
         results = srv.serve(requests, batch_window_s=batch_window_s)
-        seconds = time.perf_counter() - t
+        seconds, cpu = time.perf_counter() - t, time.process_time() - c
         summary = srv.close()
         generated = sum(len(r.tokens) for r in results)
-        out[policy] = {"summary": summary, "seconds": seconds, "tokens_per_s": generated / max(seconds, 1e-9),
-                       "results": [{"id": r.id, "tokens": r.tokens, "error": r.error, "batch": r.batch}
-                                   for r in results]}
+        runs[policy].append({"summary": summary, "seconds": seconds, "cpu_seconds": cpu,
+                             "tokens_per_s": generated / max(seconds, 1e-9),
+                             "results": [{"id": r.id, "tokens": r.tokens, "error": r.error, "batch": r.batch}
+                                         for r in results]})
+    return {p: _pool_runs(r) for p, r in runs.items()}
+
+
+_SERIES = ("layer_times_s", "expert_times_s", "layer_cpu_s", "gpu_pairs", "iteration_tokens", "replicas")
+
+
+def _pool_runs(runs: list) -> dict:
+    """One policy's runs as one: per-iteration series concatenated, numbers averaged over the runs."""
+    if len(runs) == 1:
+        return dict(runs[0], runs=1)
+
+    def mean(values):
+        if all(isinstance(v, dict) for v in values):
+            return {k: mean([v[k] for v in values]) for k in values[0]}
+        if all(isinstance(v, list) for v in values):
+            return [mean(list(x)) for x in zip(*values)]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return float(np.mean(values))
+        return values[0]
+
+    out = {k: mean([r[k] for r in runs]) for k in ("seconds", "cpu_seconds", "tokens_per_s")}
+    out["results"], out["runs"] = runs[0]["results"], len(runs)
+    out["same_tokens_every_run"] = all(r["results"] == runs[0]["results"] for r in runs)
+    summaries = [r["summary"] for r in runs]
+    s = {k: mean([x[k] for x in summaries]) for k in summaries[0] if k not in _SERIES + ("prefill_iterations",)}
+    for k in _SERIES:
+        s[k] = [row for x in summaries for row in x[k]]
+    offsets = np.cumsum([0] + [len(x["layer_times_s"]) for x in summaries[:-1]])
+    s["prefill_iterations"] = [int(i + o) for x, o in zip(summaries, offsets) for i in x["prefill_iterations"]]
+    lat = np.asarray(s["layer_times_s"]).reshape(-1) * 1e3
+    s["moe_layer_ms"] = {"mean": float(lat.mean()), "p50": float(np.percentile(lat, 50)),
+                         "p90": float(np.percentile(lat, 90)), "p99": float(np.percentile(lat, 99))}
+    pairs = np.asarray(s["gpu_pairs"], dtype=np.float64)
+    s["pair_balance"] = float(pairs.max(2).sum() / max(1e-9, pairs.mean(2).sum()))
+    out["summary"] = s
     return out
 
 
@@ -110,7 +284,10 @@ def _worker(rank, world, port, args_dict, out_path):
         reqs = build_requests(tiny_moe.encode, args_dict["trace"], args_dict["requests"],
                               args_dict["max_prompt_tokens"], args_dict["max_new_tokens"], args_dict["time_scale"])
         res = run_comparison(ctx, model, reqs, keep_alive_s=args_dict["keep_alive"],
-                             extra_slots=args_dict["extra_slots"], batch_window_s=args_dict["batch_window"])
+                             extra_slots=args_dict["extra_slots"], batch_window_s=args_dict["batch_window"],
+                             predictor=predictor_for(args_dict["model"], args_dict["predictor"]),
+                             replan_slack=args_dict["replan_slack"], replan_min_pairs=args_dict["replan_min_pairs"],
+                             repeats=args_dict["repeats"])
         if rank == 0:
             res["prompts"] = [r.prompt for r in reqs]
             Path(out_path).write_text(json.dumps(res))
@@ -122,54 +299,112 @@ def _worker(rank, world, port, args_dict, out_path):
 # report
 
 
+def _phase_means(summary) -> tuple[float, float]:
+    """Mean MoE-layer ms of prefill iterations and of decode iterations (prefill: the first of each batch)."""
+    t = np.asarray(summary["layer_times_s"]) * 1e3
+    first = np.asarray(summary.get("prefill_iterations", [0]), dtype=np.int64)
+    is_prefill = np.zeros(t.shape[0], dtype=bool)
+    is_prefill[first[first < t.shape[0]]] = True
+    pre = t[is_prefill].mean() if is_prefill.any() else float("nan")
+    dec = t[~is_prefill].mean() if (~is_prefill).any() else float("nan")
+    return float(pre), float(dec)
+
+
 def format_table(res: dict) -> str:
-    rows = [("policy", "tok/s", "MoE mean ms", "p50", "p99", "replicas", "cold starts", "GB-s")]
+    rows = [("policy", "MoE ms mean", "prefill", "decode", "p99", "CPU ms", "busiest/mean pairs", "replicas",
+             "cold starts", "GB-s", "tok/s")]
     for policy in ("ep", "moeless"):
         if policy not in res:
             continue
         s, r = res[policy]["summary"], res[policy]
         m = s["moe_layer_ms"]
-        rows.append((policy, f"{r['tokens_per_s']:.1f}", f"{m['mean']:.2f}", f"{m['p50']:.2f}", f"{m['p99']:.2f}",
-                     f"{s['replicas_mean']:.1f}", str(s["cold_starts"]), f"{s['gb_seconds']:.4f}"))
+        pre, dec = _phase_means(s)
+        rows.append((policy, f"{m['mean']:.2f}", f"{pre:.2f}", f"{dec:.2f}", f"{m['p99']:.2f}",
+                     f"{s['moe_layer_cpu_ms']:.2f}", f"{s['pair_balance']:.3f}", f"{s['replicas_mean']:.1f}",
+                     f"{s['cold_starts']:g}",
+                     f"{s['gb_seconds']:.4f}", f"{r['tokens_per_s']:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     if "ep" in res and "moeless" in res:
-        a, b = res["ep"]["summary"]["moe_layer_ms"]["mean"], res["moeless"]["summary"]["moe_layer_ms"]["mean"]
-        lines.append(f"moeless mean MoE-layer time vs plain EP: {100 * (b - a) / a:+.1f}%")
+        a, b = res["ep"]["summary"], res["moeless"]["summary"]
+        ma, mb = a["moe_layer_ms"]["mean"], b["moe_layer_ms"]["mean"]
+        ca, cb = a["moe_layer_cpu_ms"], b["moe_layer_cpu_ms"]
+        lines.append(f"moeless vs plain EP: mean MoE-layer time {mb - ma:+.2f} ms ({100 * (mb - ma) / ma:+.1f}%), "
+                     f"its CPU critical path {cb - ca:+.2f} ms ({100 * (cb - ca) / ca:+.1f}%), busiest rank's pairs "
+                     f"{100 * (b['pair_balance'] - a['pair_balance']) / a['pair_balance']:+.1f}%")
+        lines.append("(MoE-layer time: wall clock of the layer, the slowest rank's, without the counts all-gather "
+                     "both policies share; CPU ms: the busiest rank's CPU time in it, what the layer would take on "
+                     "unshared cores)")
         same = all(x["tokens"] == y["tokens"] for x, y in zip(res["ep"]["results"], res["moeless"]["results"]))
         lines.append(f"generated tokens identical to plain EP: {same}")
     return "\n".join(lines)
 
 
-def write_report(res: dict, out: Path, decode) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    files = [out / "summary.json"]
-    files[0].write_text(json.dumps({p: {k: v for k, v in res[p].items() if k != "results"}
-                                    for p in ("ep", "moeless") if p in res}, indent=1))
+def _plots(res: dict, out: Path) -> list[Path]:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-        for policy in ("ep", "moeless"):
-            t = np.sort(np.asarray(res[policy]["summary"]["layer_times_s"]).reshape(-1) * 1e3)
-            ax[0].plot(t, np.arange(1, t.size + 1) / t.size, label=policy)
-            lt = np.asarray(res[policy]["summary"]["layer_times_s"]) * 1e3
-            ax[1].plot(lt.mean(0), marker="o", label=policy)
-        ax[0].set(xlabel="MoE-layer time (ms)", ylabel="CDF", title="MoE-layer latency")
-        ax[1].set(xlabel="MoE layer", ylabel="mean time (ms)", title="per layer")
-        for a in ax:
-            a.legend()
-        fig.tight_layout()
-        fig.savefig(out / "latency.png", dpi=100)
-        plt.close(fig)
-        files.append(out / "latency.png")
     except ImportError:  # plots are optional (the "plots" extra)
-        pass
-    lines = ["# moeless serving demo", "", "```", format_table(res), "```", "", "## Generated text (moeless)", ""]
-    for r in res["moeless"]["results"][:3]:
+        return []
+    files = []
+    L = len(res["ep"]["summary"]["layer_times_s"][0])
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+    width = 0.38
+    for i, policy in enumerate(("ep", "moeless")):
+        s = res[policy]["summary"]
+        t = np.asarray(s["layer_times_s"]) * 1e3
+        first = np.asarray(s.get("prefill_iterations", [0]), dtype=np.int64)
+        pre = np.zeros(t.shape[0], dtype=bool)
+        pre[first[first < t.shape[0]]] = True
+        ax[0].bar(np.arange(L) + (i - 0.5) * width, t[pre].mean(0), width, label=policy)
+        ax[1].bar(np.arange(L) + (i - 0.5) * width, t[~pre].mean(0) if (~pre).any() else np.zeros(L), width,
+                  label=policy)
+        pairs = np.asarray(s["gpu_pairs"], dtype=np.float64)  # [iterations, L, G]
+        bal = pairs.max(2).sum(0) / np.maximum(pairs.mean(2).sum(0), 1e-9)
+        ax[2].bar(np.arange(L) + (i - 0.5) * width, bal, width, label=policy)
+    ax[0].set(xlabel="MoE layer", ylabel="mean time (ms)", title="prefill iterations: MoE-layer time")
+    ax[1].set(xlabel="MoE layer", ylabel="mean time (ms)", title="decode iterations: MoE-layer time")
+    ax[2].set(xlabel="MoE layer", ylabel="busiest rank / mean (pairs)", title="load on the busiest rank")
+    ax[2].axhline(1.0, color="gray", lw=0.8)
+    for a in ax:
+        a.set_xticks(range(L))
+        a.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=100)
+    plt.close(fig)
+    files.append(out / "latency.png")
+
+    s = res["moeless"]["summary"]
+    reps = np.asarray(s["replicas"], dtype=np.float64)  # [iterations, L]
+    if reps.size:
+        E = int(res["ep"]["summary"]["replicas_mean"])
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        for l in range(reps.shape[1]):
+            ax.plot(np.arange(reps.shape[0]), reps[:, l], marker="o", ms=3, label=f"layer {l}")
+        ax.axhline(E, color="gray", lw=0.8, ls="--", label="plain EP")
+        for f in s.get("prefill_iterations", []):
+            ax.axvline(f, color="k", lw=0.5, ls=":")
+        ax.set(xlabel="iteration (dotted: a batch's prefill)", ylabel="expert instances in the layer",
+               title="moeless: replicas over time")
+        ax.legend(fontsize=8, ncol=3)
+        fig.tight_layout()
+        fig.savefig(out / "replicas.png", dpi=100)
+        plt.close(fig)
+        files.append(out / "replicas.png")
+    return files
+
+
+def write_report(res: dict, out: Path, decode, extra: str = "") -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "summary.json"]
+    files[0].write_text(json.dumps({p: {k: v for k, v in res[p].items() if k != "results"}
+                                    for p in ("ep", "moeless") if p in res}, indent=1))
+    files += _plots(res, out)
+    lines = ["# moeless serving demo", "", "```", format_table(res), "```", "", extra, "",
+             "![latency](latency.png)", "", "![replicas](replicas.png)", "", "## Generated text (moeless)", ""]
+    for r in res["moeless"]["results"][:4]:
         if r["error"] is None:
             lines += [f"- request {r['id']}: `{decode(res['prompts'][r['id']])[-40:]!r}` -> "
                       f"`{decode(r['tokens'])!r}`"]
@@ -191,15 +426,21 @@ def run_from_args(args: argparse.Namespace) -> int:
     from moeless import tiny_moe
     from moeless.serve import _free_port
 
-    world = args.world or (torch.cuda.device_count() or 4)
+    if getattr(args, "fit_predictor", False):
+        return _fit_and_save(tiny_moe.MODEL_DIR if args.out == "reports/demo" else Path(args.out))
+    world = args.world or default_world()
     if world < 1:
         raise ValueError(f"--world must be >= 1, got {world}")
     if args.model is not None and not Path(args.model).exists():
         raise ValueError(f"--model: no such path {args.model!r}")
+    for name in ("replan_slack", "replan_min_pairs"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    predictor_for(args.model, args.predictor)  # a bad --predictor fails here, before any process starts
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result_path = out / "raw.json"
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     if not args.json:
         print(f"serving the tiny MoE model on {world} processes ({'NCCL' if torch.cuda.is_available() else 'gloo, CPU'})"
               f": {args.requests} requests from {args.trace}, plain EP then moeless ...", flush=True)
@@ -207,17 +448,28 @@ def run_from_args(args: argparse.Namespace) -> int:
     mp.start_processes(_worker, args=(world, _free_port(), vars(args), str(result_path)), nprocs=world,
                        start_method="spawn")
     res = json.loads(result_path.read_text())
-    files = write_report(res, out, tiny_moe.decode)
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    timing = (f"demo: {wall:.0f} s wall, {cpu:.0f} s CPU (all processes); serving: EP {res['ep']['seconds']:.1f} s, "
+              f"moeless {res['moeless']['seconds']:.1f} s wall on rank 0")
+    files = write_report(res, out, tiny_moe.decode, extra=timing)
     if args.json:
-        print(json.dumps({p: {k: v for k, v in res[p]["summary"].items() if k != "layer_times_s"}
+        print(json.dumps({p: {k: v for k, v in res[p]["summary"].items()
+                              if k not in ("layer_times_s", "gpu_pairs", "replicas")}
                           | {"tokens_per_s": res[p]["tokens_per_s"]} for p in ("ep", "moeless")}))
         return 0
     print(format_table(res))
-    for r in res["moeless"]["results"][:2]:
+    for r in res["moeless"]["results"][:3]:
         if r["error"] is None:
             print(f"  {tiny_moe.decode(res['prompts'][r['id']])[-30:]!r} -> {tiny_moe.decode(r['tokens'])!r}")
-    print(f"report: {', '.join(str(f) for f in files)}  ({time.perf_counter() - t0:.0f} s)")
+    print(timing)
+    print(f"report: {', '.join(str(f) for f in files)}")
     return 0
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 if __name__ == "__main__":

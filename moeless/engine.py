@@ -16,6 +16,11 @@ Policies: "moeless" (the planner's `plan_layers`, warm reuse of the layer's prev
 static expert parallelism: E/G experts per GPU, never re-planned), or a callable
 `policy(layer, loads [E] float, previous one-layer Plan) -> one-layer Plan` (tests and experiments).
 
+Hysteresis (`replan_slack`, `replan_min_pairs`): a layer keeps its plan -- no planning, no cold start -- while
+that plan still serves the new loads well: its max GPU load under the exact serve-time split is within
+(1 + replan_slack) x the mean GPU load, or within `replan_min_pairs` pairs of it (small decode batches, whose
+counts are mostly noise and whose imbalance costs less than re-copying experts). None = plan every time.
+
 Load prediction: `GateReplicaLoads` runs the paper's gate-replica predictor on the gate input of layer l as torch
 ops on the data plane's device (the serving loop puts it on a side CUDA stream) and returns per-expert counts;
 without it the engine predicts layer l+d from its true counts in the previous iteration.
@@ -32,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moeless.baselines import static_plan
-from moeless.planner import Plan, plan_layers, serve_time_split
+from moeless.planner import Plan, gpu_loads, plan_layers, serve_time_split
 from moeless.pool import ApplyResult, FunctionPool, Meter, SimulatedClock
 
 __all__ = ["Engine", "EngineStats", "GateReplicaLoads", "POLICIES", "default_slots_per_gpu", "replay_pool"]
@@ -54,6 +59,7 @@ class EngineStats:
     replicas: list = field(default_factory=list)  # [iterations] of int64 [L]
     plans_made: int = 0
     plan_changes: int = 0  # plans whose phy2log differs from the layer's previous one
+    plans_kept: int = 0  # layers whose previous plan still served the new loads well (hysteresis)
     cold_starts: int = 0
     warm_starts: int = 0
 
@@ -114,13 +120,16 @@ class Engine:
     pool: a `moeless.pool.FunctionPool` of the same shape (None: one with `expert_bytes`, `keep_alive_s`,
     `link_bandwidth` bytes/s for its cold-start time model, and a simulated clock: pass `now` (seconds) to
     `start` / `observe` / `close`, e.g. the serving loop's wall clock). planner_options go to
-    `moeless.planner.plan_layers`.
+    `moeless.planner.plan_layers`. replan_slack / replan_min_pairs: the hysteresis of the module docstring.
+    align: renumber each new plan's slots inside a GPU to the pool's live instances (`FunctionPool.align`),
+    so an expert that stays on a GPU is never copied again, whatever slot the planner gave it.
     """
 
     def __init__(self, num_layers: int, num_experts: int, gpus: int, slots_per_gpu: int | None = None, *,
                  policy="moeless", distance: int = 1, pool: FunctionPool | None = None,
                  expert_bytes: float = 1.0, keep_alive_s: float = 60.0, link_bandwidth: float = 25e9,
-                 planner_options: dict | None = None):
+                 planner_options: dict | None = None, replan_slack: float | None = None,
+                 replan_min_pairs: int = 0, align: bool = False):
         for name, v in (("num_layers", num_layers), ("num_experts", num_experts), ("gpus", gpus),
                         ("distance", distance)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -135,6 +144,15 @@ class Engine:
             raise ValueError(f"policy must be one of {POLICIES} or a callable, got {policy!r}")
         if policy == "ep" and num_experts % gpus:
             raise ValueError(f"policy 'ep' needs num_experts={num_experts} divisible by gpus={gpus}")
+        if replan_slack is not None and not (isinstance(replan_slack, (int, float)) and math.isfinite(replan_slack)
+                                             and replan_slack >= 0):
+            raise ValueError(f"replan_slack must be None or a finite number >= 0, got {replan_slack!r}")
+        if isinstance(replan_min_pairs, bool) or not isinstance(replan_min_pairs, (int, np.integer)) \
+                or replan_min_pairs < 0:
+            raise ValueError(f"replan_min_pairs must be an int >= 0, got {replan_min_pairs!r}")
+        self.replan_slack = None if replan_slack is None else float(replan_slack)
+        self.replan_min_pairs = int(replan_min_pairs)
+        self.align = bool(align)
         self.L, self.E, self.G, self.S = int(num_layers), int(num_experts), int(gpus), int(slots_per_gpu)
         self.distance = int(distance)
         self.policy = policy
@@ -184,16 +202,24 @@ class Engine:
         """The one-layer Plan layer `layer` runs with now."""
         return self._plans[self._layer(layer)]
 
-    def split(self, layer: int, counts) -> np.ndarray:
-        """replica_tokens int64 [E, R] of `layer` for its true global counts [E] (pairs per expert)."""
+    def split(self, layer: int, counts, *, exact: bool = True) -> np.ndarray:
+        """replica_tokens int64 [E, R] of `layer` for its true global counts [E] (pairs per expert): the exact
+        serve-time split, or (exact=False, for batches too small for balance to matter) every pair on its
+        expert's first replica: fewer, larger GEMM groups per rank."""
         counts = self._counts(counts, "counts")
-        return serve_time_split(self._plans[self._layer(layer)], counts[None])[0]
+        plan = self._plans[self._layer(layer)]
+        if exact:
+            return serve_time_split(plan, counts[None])[0]
+        rt = np.zeros(plan.log2phy.shape[1:], dtype=np.int64)
+        rt[:, 0] = counts
+        return rt
 
-    def observe(self, layer: int, counts, predicted=None, now: float | None = None):
+    def observe(self, layer: int, counts, predicted=None, now: float | None = None, *, replan: bool = True):
         """Layer `layer`'s true global counts [E] arrived, with the predicted counts [E] of layer + d (or None).
 
         Plans layer (layer + d) mod L (the next iteration's when it wraps), realises it in the pool at `now`
-        and returns (target layer, ApplyResult) -- or None when the policy keeps its plan ("ep")."""
+        and returns (target layer, ApplyResult) -- or None when the layer keeps its plan ("ep", `replan` False,
+        or the hysteresis found the current plan still good for the loads)."""
         layer = self._layer(layer)
         counts = self._counts(counts, "counts")
         self._iteration_replicas[layer] = int(self._plans[layer].logcnt.sum())
@@ -208,9 +234,12 @@ class Engine:
         self._last_counts[layer] = counts
         if layer == self.L - 1:
             self.stats.replicas.append(self._iteration_replicas.copy())
-        if self.policy == "ep" or loads.sum() == 0:
+        if self.policy == "ep" or loads.sum() == 0 or not replan:
             return None
         previous = self._plans[target]
+        if self.policy == "moeless" and self._still_balanced(previous, loads):
+            self.stats.plans_kept += 1
+            return None
         if callable(self.policy):
             new = self.policy(target, loads.astype(np.float64), previous)
             if not isinstance(new, Plan) or new.num_layers != 1 or new.logcnt.shape != (1, self.E) \
@@ -221,6 +250,10 @@ class Engine:
         else:
             new = plan_layers(loads[None].astype(np.float64), self.G, self.S, previous=previous,
                               **self.planner_options)
+        if self.align and hasattr(self.pool, "align"):
+            # warm identity (layer, GPU, expert): the planner's slot order inside a GPU is arbitrary, so take
+            # the order that keeps every instance the pool holds in its slot (balance unchanged)
+            new = self.pool.align(new, layer=target)
         self.stats.plans_made += 1
         if not np.array_equal(new.phy2log, previous.phy2log):
             self.stats.plan_changes += 1
@@ -231,6 +264,21 @@ class Engine:
         self.stats.cold_starts += len(res.cold)
         self.stats.warm_starts += len(res.warm)
         return target, res
+
+    def _still_balanced(self, plan: Plan, loads: np.ndarray) -> bool:
+        """Does `plan` serve `loads` within the hysteresis (max GPU load under the exact split vs the mean)?"""
+        if self.replan_slack is None:
+            return False
+        mean = loads.sum() / self.G
+        limit = max(self.replan_slack * mean, self.replan_min_pairs)
+        # cheap bound first: a GPU serves at most the whole load of the experts it holds a replica of
+        holds = np.zeros((self.E, self.G), dtype=bool)
+        valid = plan.log2phy[0] >= 0
+        holds[np.nonzero(valid)[0], plan.log2phy[0][valid] // self.S] = True
+        if (loads @ holds).max() - mean <= limit:
+            return True
+        per_gpu = gpu_loads(plan, serve_time_split(plan, loads[None]))[0]
+        return bool(per_gpu.max() - mean <= limit)
 
     # -- checks --------------------------------------------------------------------------------------------
     def _layer(self, layer) -> int:

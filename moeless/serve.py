@@ -12,14 +12,24 @@ by `ExpertParallelExperts`, which, per MoE layer and iteration, does
     counts, so no separate all-to-all of counts is needed)  ->  fused_moe over the rank's own slot buffer
     ->  all-to-all back  ->  routed weight  ->  combine (fp32 sum over K)
 
-and, once layer l's counts are known, the engine plans layer l+d; its function pool reports which instances
-cold-start, and each rank copies those of its own slots from the host copy of the experts (on a side CUDA
-stream on GPUs; layer l+d waits on it). Each rank keeps only its S slots' weights ([S, 2I, H] and [S, H, I]);
-all experts stay in host memory once per process.
+and, while the tokens are in flight (an async all-to-all), the engine plans layer l+d (keeping its plan while
+it still balances the predicted loads); its function pool reports which instances cold-start, and each rank
+copies those of its own slots from the host copy of the experts (on a side CUDA stream on GPUs; layer l+d waits
+on it). Each rank keeps S weight buffers per layer ([S, 2I, H] and [S, H, I]); a plan slot reads the buffer that
+holds its expert (the kernels' slot_to_weight), so an expert moved between slots of one rank is not copied
+again. All experts stay in host memory once per process. Batches too small for the engine's hysteresis ever to
+re-plan skip the prediction and the exact split (every pair goes to its expert's first replica).
+
+Peer copies (a cold start fetched from a rank that holds the expert) are left out on purpose: on this data
+plane every process holds the host copy of all experts, so a cold start is a local host-to-device (on CPU, a
+memcpy) copy that needs no other rank; a peer copy would add a send/recv pair that both ranks must reach, on the
+critical path of the rank that serves, to save host-link bandwidth that the tiny model does not use up.
 
 Routing is never changed: a replica computes the same expert, so the outputs equal the single-process model's
 (up to the summation order of a different GEMM grouping). Every layer's time is measured (CUDA events on GPUs,
-perf_counter on CPU), with cold starts, replicas and the pool's memory x time bill.
+perf_counter on CPU) from its entry to its output less the counts all-gather (which also absorbs the wait for
+ranks still in attention; both policies send the same message), with the rank's CPU time in that span, a
+profile of its parts, pairs per rank, cold starts, replicas and the pool's memory x time bill.
 
 A rank that dies or stalls makes the others raise `ServeError` (naming the collective and the layer) within the
 process group's timeout instead of hanging. This is the only module of moeless that imports torch.distributed;
@@ -272,13 +282,19 @@ class ExpertParallelExperts(torch.nn.Module):
         if pin:
             self.host_gate_up, self.host_down = self.host_gate_up.pin_memory(), self.host_down.pin_memory()
         S = server.slots_per_gpu
-        # plain attributes, not buffers: model.to() must not move or duplicate them
-        self.slot_gate_up = torch.zeros((S,) + tuple(self.host_gate_up.shape[1:]), dtype=gate_up.dtype,
-                                        device=server.device)
-        self.slot_down = torch.zeros((S,) + tuple(self.host_down.shape[1:]), dtype=down.dtype, device=server.device)
-        self.slot_expert = np.full(S, -1, dtype=np.int64)  # what each local slot holds (-1 = nothing copied)
+        # The rank's weight buffers: S expert copies per layer. A plan slot reads the buffer that holds its
+        # expert (slot_buf, the kernels' slot_to_weight), so moving an expert between slots of one rank, or two
+        # replicas of it on one rank, costs no copy. Plain attributes, not module buffers: model.to() must not
+        # move or duplicate them.
+        self.buf_gate_up = torch.zeros((S,) + tuple(self.host_gate_up.shape[1:]), dtype=gate_up.dtype,
+                                       device=server.device)
+        self.buf_down = torch.zeros((S,) + tuple(self.host_down.shape[1:]), dtype=down.dtype, device=server.device)
+        self.buf_expert = np.full(S, -1, dtype=np.int64)  # what each buffer holds (-1 = nothing copied)
+        self.slot_buf = np.full(S, -1, dtype=np.int64)  # local plan slot -> its (last) buffer (-1 = never)
+        self.slot_want = np.full(S, -1, dtype=np.int64)  # the expert each local plan slot serves (-1 = free)
         self.ready = None  # CUDA event: the cold starts of this layer are in
-        self.copies = 0
+        self.copies = 0  # cold starts copied in (the pool's bill for this rank)
+        self.repairs = 0  # copies the pool did not bill: a warm instance whose buffer was reused (should be 0)
         self._server = [server]  # a list keeps the server out of the module tree
 
     @property
@@ -286,23 +302,89 @@ class ExpertParallelExperts(torch.nn.Module):
         return (self.host_gate_up[0].numel() * self.host_gate_up.element_size()
                 + self.host_down[0].numel() * self.host_down.element_size())
 
+    @property
+    def slot_expert(self) -> np.ndarray:
+        """[S] the expert each local plan slot serves (-1 = free)."""
+        return np.where(self.slot_want >= 0, self.buf_expert[np.maximum(self.slot_buf, 0)], -1)
+
+    @property
+    def slot_gate_up(self) -> torch.Tensor:
+        """[S, 2I, H] the weights each local plan slot serves (a copy; zeros for a free slot)."""
+        return self._slot_view(self.buf_gate_up)
+
+    @property
+    def slot_down(self) -> torch.Tensor:
+        return self._slot_view(self.buf_down)
+
+    def _slot_view(self, buf):
+        out = buf[torch.from_numpy(np.maximum(self.slot_buf, 0)).to(buf.device)]
+        out[torch.from_numpy(self.slot_want < 0).to(buf.device)] = 0
+        return out
+
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return self._server[0]._moe_layer(self, hidden_states, top_k_index, top_k_weights)
 
-    def load_slots(self, slots_local: np.ndarray, experts: np.ndarray, stream=None) -> None:
-        """Cold starts: copy the host weights of `experts` into local slots `slots_local` (on `stream`)."""
-        if slots_local.size == 0:
-            return
-        ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
-        with ctx:
-            for s, e in zip(slots_local.tolist(), experts.tolist()):
-                self.slot_gate_up[s].copy_(self.host_gate_up[e], non_blocking=stream is not None)
-                self.slot_down[s].copy_(self.host_down[e], non_blocking=stream is not None)
-            if stream is not None:
-                self.ready = torch.cuda.Event()
-                self.ready.record(stream)
-        self.slot_expert[slots_local] = experts
-        self.copies += int(slots_local.size)
+    def realise(self, want: np.ndarray, cold: np.ndarray, stream=None) -> int:
+        """This rank's slots of a new plan: `want` [S] expert per local slot (-1 free), `cold` the local slots
+        the pool cold-started. Warm slots read a buffer that already holds their expert (their own first); each
+        cold slot gets a buffer no warm slot reads -- its own (the instance the pool evicted), else an empty
+        one, else one no idle slot remembers -- and its expert is copied in from the host copy (on `stream`).
+        Returns the number of copies."""
+        S = want.size
+        is_cold = np.zeros(S, dtype=bool)
+        is_cold[np.asarray(cold, dtype=np.int64)] = True
+        new_buf = self.slot_buf.copy()  # free slots remember their last buffer (an idle instance may come back)
+        used = np.zeros(S, dtype=bool)
+
+        def holders(e):
+            return np.flatnonzero(self.buf_expert == e).tolist()
+
+        pending = []
+        for s in np.flatnonzero((want >= 0) & ~is_cold).tolist():  # warm: own buffer, else any holding it
+            cands = holders(int(want[s]))
+            if not cands:
+                pending.append(s)
+                continue
+            new_buf[s] = int(self.slot_buf[s]) if self.slot_buf[s] in cands else cands[0]
+            used[new_buf[s]] = True
+        wanted = set(want[want >= 0].tolist())
+        idle = set(self.slot_buf[(want < 0) & (self.slot_buf >= 0)].tolist())
+        copies, repairs = [], 0
+        for s in np.flatnonzero(is_cold & (want >= 0)).tolist() + pending:
+            e = int(want[s])
+            if not is_cold[s] and holders(e):  # a warm slot whose expert a cold slot of this plan copied in
+                new_buf[s] = holders(e)[0]
+                continue
+            own = int(self.slot_buf[s])
+            b = min(np.flatnonzero(~used).tolist(), key=lambda b: (
+                b != own, self.buf_expert[b] >= 0, b in idle, int(self.buf_expert[b]) in wanted, b))
+            used[b] = True
+            new_buf[s] = b
+            self.buf_expert[b] = e
+            copies.append((b, e))
+            repairs += int(not is_cold[s])
+        self.slot_buf = new_buf
+        self.slot_want = want.astype(np.int64).copy()
+        if copies:
+            ctx = torch.cuda.stream(stream) if stream is not None else _nullcontext()
+            with ctx:
+                for b, e in copies:
+                    self.buf_gate_up[b].copy_(self.host_gate_up[e], non_blocking=stream is not None)
+                    self.buf_down[b].copy_(self.host_down[e], non_blocking=stream is not None)
+                if stream is not None:
+                    self.ready = torch.cuda.Event()
+                    self.ready.record(stream)
+        self.copies += len(copies) - repairs
+        self.repairs += repairs
+        return len(copies)
+
+    def buffers_of(self, local_slots: np.ndarray) -> np.ndarray:
+        """Buffer index per local plan slot (ServeError if a slot's buffer does not hold its expert)."""
+        buf = self.slot_buf[local_slots]
+        if (buf < 0).any() or not np.array_equal(self.buf_expert[buf], self.slot_want[local_slots]) \
+                or (self.slot_want[local_slots] < 0).any():
+            raise ServeError(f"layer {self.layer}: the slot buffers do not hold the plan's experts")
+        return buf
 
 
 def _cache_of(out):
@@ -333,7 +415,8 @@ class ExpertParallelServer:
     ceil(E / G) + 1 for moeless, E / G for ep). predictor: "gate-replica" (the paper's, copied from the model's
     gates), a fitted `moeless.predictors.GateReplicaPredictor`, or "previous" (layer l+d's true counts of the
     last iteration). keep_alive_s: the pool's keep-alive. kernel_backend: moeless_kernels' backend.
-    record_logits: keep every generated token's logits in the results (tests).
+    record_logits: keep every generated token's logits in the results (tests). replan_slack / replan_min_pairs:
+    the engine's hysteresis (keep a layer's plan while it still balances the new loads; None = re-plan always).
 
     Every rank must construct the server, call `generate` / `serve` with the same arguments, and `close` it.
     """
@@ -341,7 +424,7 @@ class ExpertParallelServer:
     def __init__(self, model, ctx: DistContext, *, policy="moeless", slots_per_gpu: int | None = None,
                  distance: int = 1, predictor="gate-replica", keep_alive_s: float = 60.0,
                  kernel_backend: str = "auto", record_logits: bool = False, planner_options: dict | None = None,
-                 link_bandwidth: float = 25e9):
+                 link_bandwidth: float = 25e9, replan_slack: float | None = None, replan_min_pairs: int = 0):
         check_supported(model)
         self.ctx, self.device = ctx, ctx.device
         self.rank, self.world = ctx.rank, ctx.world_size
@@ -393,14 +476,27 @@ class ExpertParallelServer:
         expert_bytes = self.layers[0].expert_bytes
         self.engine = Engine(self.num_layers, E, self.world, self.slots_per_gpu, policy=policy, distance=distance,
                              expert_bytes=expert_bytes, keep_alive_s=keep_alive_s, link_bandwidth=link_bandwidth,
-                             planner_options=planner_options)
+                             planner_options=planner_options, replan_slack=replan_slack,
+                             replan_min_pairs=replan_min_pairs, align=True)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._predict_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # per iteration: [L] seconds per MoE layer (this rank), tokens through the MoE layers (all ranks)
         self._layer_times: list[np.ndarray] = []
         self._pending_events: list = []
         self._iter_times = np.zeros(self.num_layers)
+        self._layer_full: list[np.ndarray] = []  # the same, with the counts all-gather
+        self._iter_full = np.zeros(self.num_layers)
+        self._layer_expert: list[np.ndarray] = []  # this rank's expert compute (host time) per layer
+        self._iter_expert = np.zeros(self.num_layers)
+        self._layer_cpus: list[np.ndarray] = []  # this rank's CPU time per layer (its own work, no waiting)
+        self._iter_cpu = np.zeros(self.num_layers)
+        self.profile: dict[str, list] = {}  # span of the MoE layer -> [wall s, CPU s] on this rank
+        self._mark_at, self._layer_cpu = (0.0, 0.0), 0.0
+        self._gpu_pairs: list[np.ndarray] = []  # [L, G] pairs served by each rank, per iteration
+        self._iter_gpu_pairs = np.zeros((self.num_layers, self.world), dtype=np.int64)
         self._iter_tokens: list[int] = []
+        self._prefill_iterations: list[int] = []  # the iteration each generate() call's prefill ran in
+        self._batch_tokens, self._batch_iter = [0], 0
         self._token_mask: torch.Tensor | None = None
         self.copy_seconds = 0.0
         self.control_seconds = 0.0  # host time of the control plane (plan + copies), per rank
@@ -409,27 +505,25 @@ class ExpertParallelServer:
         self._t0 = time.perf_counter()
         self._barrier("server start")
         start = self.engine.start(0.0)
-        self._realise(start.cold)
+        self._realise(range(self.num_layers), start.cold)
 
     # -- control plane <-> data plane ---------------------------------------------------------------------
     def _now(self) -> float:
         return time.perf_counter() - self._t0
 
-    def _realise(self, cold: np.ndarray) -> None:
-        """Copy the cold-started instances of this rank's slots (cold: (layer, slot) int [n, 2])."""
-        if cold.size == 0:
-            return
+    def _realise(self, layers, cold: np.ndarray) -> None:
+        """Realise the new plans of `layers` on this rank's buffers; cold: the pool's cold-started
+        (layer, slot) int [n, 2], of which this rank copies its own."""
         S = self.slots_per_gpu
-        mine = cold[(cold[:, 1] // S) == self.rank]
         t = time.perf_counter()
+        mine = cold[(cold[:, 1] // S) == self.rank] if cold.size else np.zeros((0, 2), dtype=np.int64)
         if self._copy_stream is not None and mine.size:
             # a wrapped-around target may still be read by this iteration's queued kernels
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        for layer in np.unique(mine[:, 0]):
+        for layer in layers:
+            want = self.engine.plan(int(layer)).phy2log[0, self.rank * S:(self.rank + 1) * S]
             rows = mine[mine[:, 0] == layer]
-            plan = self.engine.plan(int(layer))
-            experts = plan.phy2log[0, rows[:, 1]]
-            self.layers[int(layer)].load_slots(rows[:, 1] % S, experts, self._copy_stream)
+            self.layers[int(layer)].realise(want, rows[:, 1] % S, self._copy_stream)
         self.copy_seconds += time.perf_counter() - t
 
     def _collective(self, what: str, layer: int, fn):
@@ -454,11 +548,11 @@ class ExpertParallelServer:
     def _moe_layer(self, mod: ExpertParallelExperts, hidden, top_k_index, top_k_weights):
         layer, E, G, S, K = mod.layer, self.num_experts, self.world, self.slots_per_gpu, top_k_index.shape[1]
         cuda = self.device.type == "cuda"
+        t0 = time.perf_counter()
+        self._mark(None)
         if cuda:
-            ev0 = torch.cuda.Event(enable_timing=True)
-            ev0.record()
-        else:
-            t0 = time.perf_counter()
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+            ev[0].record()
         H = hidden.shape[-1]
         hidden = hidden.reshape(-1, H)
         if top_k_weights.shape[1] != K:  # dense router scores [T, E]
@@ -475,8 +569,13 @@ class ExpertParallelServer:
         ids = ids.to(torch.int64)
 
         # predict layer l+d from this layer's gate input (side stream: overlaps the counting below)
+        # a batch too small for the hysteresis ever to re-plan (even all its pairs on one rank stay within
+        # replan_min_pairs of the mean) needs neither a prediction nor the planner: known alike on every rank
+        quiet = self.engine.replan_slack is not None and \
+            self._batch_tokens[min(self._batch_iter, len(self._batch_tokens) - 1)] * K * (G - 1) / G \
+            <= self.engine.replan_min_pairs
         predicted = None
-        if self._predictor is not None:
+        if self._predictor is not None and not quiet:
             if cuda:
                 self._predict_stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(self._predict_stream):
@@ -484,6 +583,7 @@ class ExpertParallelServer:
                 torch.cuda.current_stream().wait_stream(self._predict_stream)
             else:
                 predicted = self._predictor.counts(layer, x)
+        self._mark("predict")
         counts = torch.bincount(ids.reshape(-1), minlength=E)
         msg = torch.zeros(2 * E + 2, dtype=torch.int64, device=self.device)
         msg[:E] = counts
@@ -492,8 +592,18 @@ class ExpertParallelServer:
             msg[2 * E + 1] = 1
         msg[2 * E] = int(self._now() * 1e6)
         parts = [torch.empty_like(msg) for _ in range(G)]
+        # the all-gather also waits for ranks still in the layers before (their attention): it is timed apart
+        # and left out of the MoE-layer time (both policies send the same message)
+        self._mark("count")
+        tg0 = time.perf_counter()
+        if cuda:
+            ev[1].record()
         self._collective("all-gather of expert counts", layer, lambda: dist.all_gather(parts, msg))
+        if cuda:
+            ev[2].record()
         gathered = torch.stack(parts).cpu().numpy()
+        gather_s = time.perf_counter() - tg0
+        self._mark("all-gather of counts")
         by_rank = gathered[:, :E]  # [G, E] pairs per expert on each rank
         true = by_rank.sum(0)
         now = max(gathered[0, 2 * E] / 1e6, self._last_now)  # rank 0's clock: every rank's pool sees the same
@@ -503,7 +613,7 @@ class ExpertParallelServer:
         # the serve-time split of the true counts, cut rank by rank (rank-major order of the pairs)
         plan = self.engine.plan(layer)
         log2phy = plan.log2phy[0]  # [E, R]
-        rt = self.engine.split(layer, true)  # [E, R]
+        rt = self.engine.split(layer, true, exact=not quiet)  # [E, R]
         chunk_hi = np.cumsum(rt, axis=1)
         chunk_lo = chunk_hi - rt
         rank_hi = np.cumsum(by_rank, axis=0)
@@ -514,10 +624,12 @@ class ExpertParallelServer:
         slot_counts = np.zeros((G, G * S), dtype=np.int64)  # pairs from rank g to physical slot p
         for g in range(G):
             np.add.at(slot_counts[g], log2phy[valid], local_rt[g][valid])
+        self._iter_gpu_pairs[layer] = slot_counts.sum(0).reshape(G, S).sum(1)  # pairs each rank's experts serve
         send = slot_counts[self.rank].reshape(G, S).sum(1)
         recv_by_slot = slot_counts[:, self.rank * S:(self.rank + 1) * S]  # [G, S]
         recv = recv_by_slot.sum(1)
 
+        self._mark("split")
         # pairs -> slots (routing unchanged), grouped by slot, hence by destination rank
         if T:
             dispatch = replica_dispatch(
@@ -529,27 +641,45 @@ class ExpertParallelServer:
             order = torch.zeros(0, dtype=torch.int64, device=self.device)
             send_x = x.new_zeros((0, H))
         recv_x = x.new_empty((int(recv.sum()), H))
-        self._collective("all-to-all of tokens", layer, lambda: dist.all_to_all_single(
-            recv_x, send_x.contiguous(), output_split_sizes=recv.tolist(), input_split_sizes=send.tolist()))
+        work = self._collective("all-to-all of tokens", layer, lambda: dist.all_to_all_single(
+            recv_x, send_x.contiguous(), output_split_sizes=recv.tolist(), input_split_sizes=send.tolist(),
+            async_op=True))
+        self._mark("dispatch")
+        # the control plane of layer l+d runs while the tokens are in flight (the rank would only wait); it
+        # touches layer l+d's buffers only, so it must wait for this layer's end when l+d wraps onto l itself
+        target = (layer + self.engine.distance) % self.num_layers
+        if target != layer:
+            self._control(layer, true, pred, now, not quiet)
+        self._mark("control plane")
+        self._collective("all-to-all of tokens", layer, work.wait)
+        self._mark("all-to-all")
 
-        # the rank's experts: received pairs arrive grouped by source rank, then by slot
+        # the rank's experts: received pairs arrive grouped by source rank, then by slot; a slot reads the
+        # buffer holding its expert
         if recv_x.shape[0]:
             if mod.ready is not None:
                 torch.cuda.current_stream().wait_event(mod.ready)
             local_slot = np.repeat(np.tile(np.arange(S), G), recv_by_slot.reshape(-1))
-            expected = plan.phy2log[0, self.rank * S:(self.rank + 1) * S]
-            if not np.array_equal(mod.slot_expert[np.unique(local_slot)], expected[np.unique(local_slot)]):
-                raise ServeError(f"rank {self.rank}: layer {layer}'s slot buffer does not hold the plan's experts")
-            slot_ids = torch.from_numpy(local_slot).to(self.device, torch.int32)[:, None]
-            y = fused_moe(recv_x, mod.slot_gate_up, mod.slot_down, topk_ids=slot_ids,
+            used = np.unique(local_slot)
+            if not np.array_equal(mod.slot_want[used], plan.phy2log[0, self.rank * S + used]):
+                raise ServeError(f"rank {self.rank}: layer {layer}'s slots do not hold the plan's experts")
+            buf_of = np.zeros(S, dtype=np.int64)
+            buf_of[used] = mod.buffers_of(used)
+            slot_ids = torch.from_numpy(buf_of[local_slot]).to(self.device, torch.int32)[:, None]
+            te = time.perf_counter()
+            y = fused_moe(recv_x, mod.buf_gate_up, mod.buf_down, topk_ids=slot_ids,
                           topk_weights=torch.ones(slot_ids.shape, dtype=torch.float32, device=self.device),
                           interleaved=mod.interleaved, backend=self.kernel_backend).out
+            self._iter_expert[layer] = time.perf_counter() - te  # host time; on a GPU only the launches
         else:
             y = recv_x
+            self._iter_expert[layer] = 0.0
+        self._mark("experts")
         back = x.new_empty((send_x.shape[0], H))
         self._collective("all-to-all back", layer, lambda: dist.all_to_all_single(
             back, y.contiguous(), output_split_sizes=send.tolist(), input_split_sizes=recv.tolist()))
 
+        self._mark("all-to-all back")
         # routed weight per pair, then the sum over K (fp32)
         pair_out = torch.zeros((T * K, H), dtype=torch.float32, device=self.device)
         if T:
@@ -561,32 +691,58 @@ class ExpertParallelServer:
         else:
             out = out_active
 
+        self._mark("combine")
+        self._iter_cpu[layer] = self._layer_cpu
         if cuda:
-            ev1 = torch.cuda.Event(enable_timing=True)
-            ev1.record()
-            self._pending_events.append((layer, ev0, ev1))
+            ev[3].record()
+            self._pending_events.append((layer, ev))
         else:
-            self._iter_times[layer] = time.perf_counter() - t0
-        # control plane: plan layer l+d and start its cold starts. On a GPU this host work overlaps the device's
-        # work on this layer; on CPU it is serial, so it is timed apart (control_ms), not in the layer's time.
-        tc = time.perf_counter()
-        applied = self.engine.observe(layer, true, pred, now)
-        if applied is not None:
-            self._realise(applied[1].cold)
-        self.control_seconds += time.perf_counter() - tc
+            self._iter_full[layer] = time.perf_counter() - t0
+            self._iter_times[layer] = self._iter_full[layer] - gather_s
+        if target == layer:
+            self._control(layer, true, pred, now, not quiet)
+            self._mark("control plane")
         if layer == 0:
             self._iter_tokens.append(int(true.sum()) // K)
         if layer == self.num_layers - 1:
             self._end_iteration()
         return out
 
+    def _mark(self, what: str | None) -> None:
+        """Profile: charge the time since the last mark to `what` (wall and this thread's CPU); None starts a
+        layer. The layer's CPU time leaves out the counts all-gather, like its wall time."""
+        w, c = time.perf_counter(), time.thread_time()
+        if what is None:
+            self._layer_cpu = 0.0
+        else:
+            prof = self.profile.setdefault(what, [0.0, 0.0])
+            prof[0] += w - self._mark_at[0]
+            prof[1] += c - self._mark_at[1]
+            if what != "all-gather of counts":
+                self._layer_cpu += c - self._mark_at[1]
+        self._mark_at = (w, c)
+
+    def _control(self, layer: int, true, pred, now, replan: bool = True) -> None:
+        """Plan layer l+d from layer l's counts and the prediction; copy this rank's cold starts."""
+        tc = time.perf_counter()
+        applied = self.engine.observe(layer, true, pred, now, replan=replan)
+        if applied is not None:
+            self._realise([applied[0]], applied[1].cold)
+        self.control_seconds += time.perf_counter() - tc
+
     def _end_iteration(self) -> None:
         if self._pending_events:
             torch.cuda.synchronize(self.device)
-            for layer, a, b in self._pending_events:
-                self._iter_times[layer] = a.elapsed_time(b) / 1e3
+            for layer, ev in self._pending_events:
+                self._iter_full[layer] = ev[0].elapsed_time(ev[3]) / 1e3
+                self._iter_times[layer] = self._iter_full[layer] - ev[1].elapsed_time(ev[2]) / 1e3
             self._pending_events = []
+        self._batch_iter += 1
         self._layer_times.append(self._iter_times.copy())
+        self._layer_full.append(self._iter_full.copy())
+        self._layer_expert.append(self._iter_expert.copy())
+        self._layer_cpus.append(self._iter_cpu.copy())
+        self._gpu_pairs.append(self._iter_gpu_pairs.copy())
 
     # -- generation -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -600,6 +756,11 @@ class ExpertParallelServer:
         if len(max_new_tokens) != n or n == 0:
             raise ValueError(f"max_new_tokens must be an int or one per prompt ({n}); prompts must not be empty")
         steps = max(max_new_tokens)
+        self._prefill_iterations.append(len(self._layer_times))
+        # tokens of every iteration of this batch over all ranks (prefill, then the requests still decoding)
+        self._batch_tokens = [sum(len(p) for p in prompts)] + [sum(m > j for m in max_new_tokens)
+                                                                for j in range(1, steps)]
+        self._batch_iter = 0
         mine = list(range(self.rank, n, self.world))
         local: dict[int, Result] = {i: Result(id=i) for i in mine}
         if not mine:  # no request here: still take part in every iteration's collectives
@@ -697,13 +858,17 @@ class ExpertParallelServer:
     def summary(self) -> dict:
         """Per-layer latencies (the slowest rank's, per iteration and layer), tokens, replicas, cold starts and
         the pool's bill, identical on every rank (gathers the ranks' layer times)."""
-        mine = np.array(self._layer_times, dtype=np.float64).reshape(-1, self.num_layers)
+        mine = np.stack([np.array(x, dtype=np.float64).reshape(-1, self.num_layers)
+                         for x in (self._layer_times, self._layer_full, self._layer_expert, self._layer_cpus)])
         all_times = [None] * self.world
         if self.world > 1:
             self._collective("all-gather of layer times", -1, lambda: dist.all_gather_object(all_times, mine))
         else:
             all_times = [mine]
-        times = np.max(np.stack(all_times), axis=0)  # [iterations, L]: a layer ends when its slowest rank ends
+        # [iterations, L]: a layer ends when its slowest rank ends
+        times, full, expert, cpu = np.max(np.stack(all_times), axis=0)
+        full_lat = full.reshape(-1)
+        pairs = np.array(self._gpu_pairs, dtype=np.int64).reshape(-1, self.num_layers, self.world)
         pool, stats = self.engine.pool, self.engine.stats
         meter = pool.meter
         lat = times.reshape(-1)
@@ -720,16 +885,30 @@ class ExpertParallelServer:
                 "p90": float(np.percentile(lat, 90) * 1e3) if lat.size else float("nan"),
                 "p99": float(np.percentile(lat, 99) * 1e3) if lat.size else float("nan"),
             },
+            "moe_layer_with_gather_ms": float(full_lat.mean() * 1e3) if full_lat.size else float("nan"),
+            "expert_ms": float(expert.mean() * 1e3) if expert.size else float("nan"),
+            "expert_times_s": expert.tolist(),
+            "moe_layer_cpu_ms": float(cpu.mean() * 1e3) if cpu.size else float("nan"),
+            "layer_cpu_s": cpu.tolist(),
+            "profile_this_rank_ms": {k: [v[0] * 1e3 / max(1, times.size), v[1] * 1e3 / max(1, times.size)]
+                                     for k, v in self.profile.items()},
             "layer_times_s": times.tolist(),
+            "gpu_pairs": pairs.tolist(),
+            "pair_balance": float(pairs.max(2).sum() / max(1e-9, pairs.mean(2).sum())),
+            "iteration_tokens": list(self._iter_tokens),
+            "prefill_iterations": list(self._prefill_iterations),
+            "replicas": [r.tolist() for r in stats.replicas],
             "replicas_mean": float(reps.mean()) if reps.size else float(self.num_experts),
             "plans_made": stats.plans_made,
             "plan_changes": stats.plan_changes,
+            "plans_kept": stats.plans_kept,
             "cold_starts": int(meter.cold_starts),
             "warm_starts": int(meter.warm_starts),
             "releases": int(meter.releases),
             "gb_seconds": float(meter.gb_seconds),
             "gpu_seconds": float(meter.gpu_seconds),
             "copies_this_rank": int(sum(m.copies for m in self.layers)),
+            "unbilled_copies_this_rank": int(sum(m.repairs for m in self.layers)),
             "copy_seconds_this_rank": float(self.copy_seconds),
             "control_ms_per_layer": float(self.control_seconds * 1e3 / max(1, times.size)),
             "expert_bytes": int(self.layers[0].expert_bytes),

@@ -96,3 +96,85 @@ def test_bad_arguments_name_themselves():
         eng.observe(0, -np.ones(E))
     with pytest.raises(ValueError, match="predictor"):
         GateReplicaLoads(object())
+
+
+def test_hysteresis_keeps_a_plan_exactly_when_the_split_still_balances():
+    from moeless.planner import Plan, gpu_loads
+
+    S = default_slots_per_gpu(E, G)
+    rng = np.random.default_rng(3)
+    kept = 0
+    for trial in range(30):
+        slack, floor = float(rng.choice([0.0, 0.1, 0.3])), int(rng.choice([0, 20]))
+        eng = Engine(2, E, G, policy="moeless", replan_slack=slack, replan_min_pairs=floor)
+        eng.start(0.0)
+        prev = eng.plan(1)
+        if trial % 2:  # near-even loads: often kept
+            loads = rng.integers(30, 40, size=E)
+        else:  # skewed: mostly re-planned
+            loads = rng.integers(0, 60, size=E) * (1 + 10 * (rng.random(E) < 0.2))
+        per_gpu = gpu_loads(prev, serve_time_split(prev, loads[None]))[0]  # brute force of the rule
+        keep = per_gpu.max() - per_gpu.mean() <= max(slack * per_gpu.mean(), floor)
+        got = eng.observe(0, loads, loads, now=1.0)
+        if loads.sum() == 0:
+            continue
+        assert (got is None) == keep, (trial, per_gpu, slack, floor)
+        assert eng.stats.plans_kept == int(keep)
+        kept += int(keep)
+        if keep:
+            assert eng.plan(1) == prev
+    assert 5 <= kept <= 25  # both branches were exercised
+    # replan=False only records: no plan, no pool change
+    eng = Engine(2, E, G, policy="moeless")
+    eng.start(0.0)
+    hot = np.array([500, 1, 1, 1, 1, 1, 1, 1])
+    assert eng.observe(0, hot, hot, now=1.0, replan=False) is None and eng.stats.plans_made == 0
+    assert eng.observe(0, hot, hot, now=2.0) is not None and eng.stats.plans_made == 1
+    with pytest.raises(ValueError, match="replan_slack"):
+        Engine(L, E, G, replan_slack=-1.0)
+    with pytest.raises(ValueError, match="replan_min_pairs"):
+        Engine(L, E, G, replan_min_pairs=-1)
+
+
+def test_split_without_exact_puts_each_expert_on_its_first_replica():
+    eng = Engine(1, E, G, policy=lambda layer, loads, prev: plan, keep_alive_s=float("inf"))
+    from moeless.planner import Plan
+
+    S = default_slots_per_gpu(E, G)
+    p2l = static_plan(1, E, G, S).phy2log[0].copy()
+    p2l[p2l < 0] = [0, 0, 3, 5][: int((p2l < 0).sum())]
+    plan = Plan.from_phy2log(p2l[None], E, G, S)
+    eng.start(0.0)
+    eng.observe(0, np.ones(E), None, now=1.0)
+    counts = np.array([40, 0, 3, 9, 1, 7, 2, 5])
+    rt = eng.split(0, counts, exact=False)
+    np.testing.assert_array_equal(rt.sum(1), counts)
+    np.testing.assert_array_equal(rt[:, 0], counts)
+    np.testing.assert_array_equal(eng.split(0, counts), serve_time_split(plan, counts[None])[0])
+
+
+def test_align_renumbers_slots_inside_gpus_only_and_never_costs_cold_starts():
+    pool_mod = pytest.importorskip("moeless.pool")
+    if not hasattr(pool_mod.FunctionPool, "align"):
+        pytest.skip("this pool has no align()")
+    rng = np.random.default_rng(5)
+    S = default_slots_per_gpu(E, G)
+    engines = {a: Engine(L, E, G, policy="moeless", keep_alive_s=float("inf"), align=a) for a in (False, True)}
+    for eng in engines.values():
+        eng.start(0.0)
+    t = 1.0
+    for it in range(4):
+        true = rng.integers(0, 50, size=(L, E))
+        true[:, rng.integers(0, E)] += 300
+        for layer in range(L):
+            plain, aligned = engines[False], engines[True]
+            prev = aligned.plan((layer + 1) % L)
+            want = plan_layers(true[(layer + 1) % L][None].astype(float), G, S, previous=prev)
+            aligned.observe(layer, true[layer], true[(layer + 1) % L] if layer + 1 < L else None, now=t)
+            plain.observe(layer, true[layer], true[(layer + 1) % L] if layer + 1 < L else None, now=t)
+            got = aligned.plan((layer + 1) % L)
+            if got != prev:  # re-planned: the planner's plan, slots permuted inside each GPU
+                np.testing.assert_array_equal(np.sort(got.phy2log.reshape(G, S), 1),
+                                              np.sort(want.phy2log.reshape(G, S), 1))
+            t += 1.0
+    assert engines[True].stats.cold_starts <= engines[False].stats.cold_starts

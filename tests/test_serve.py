@@ -255,3 +255,54 @@ def test_moe_blocks_found_in_layer_order():
     blocks = serve.find_moe_blocks(model)
     assert [n for n, _ in blocks] == [f"model.layers.{i}.mlp" for i in range(4)] or \
         [n for n, _ in blocks] == [f"model.layers.{i}.block_sparse_moe" for i in range(4)]
+
+
+def test_slot_buffers_follow_experts_between_slots():
+    """realise(): an expert moved between slots of one rank is read from its buffer (no copy); cold slots are
+    copied into buffers no warm slot reads; the slot views always hold the plan's experts' host weights."""
+
+    class _Server:
+        device = torch.device("cpu")
+        slots_per_gpu = 4
+
+    E, H, I = 6, 3, 2
+    gen = torch.Generator().manual_seed(0)
+
+    class _Experts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_up_proj = torch.nn.Parameter(torch.randn(E, 2 * I, H, generator=gen))
+            self.down_proj = torch.nn.Parameter(torch.randn(E, H, I, generator=gen))
+            self.num_experts = E
+
+    experts = _Experts()
+    mod = serve.ExpertParallelExperts(_Server(), 0, experts)
+
+    def check(want):
+        for s, e in enumerate(want):
+            if e >= 0:
+                assert mod.slot_expert[s] == e
+                assert torch.equal(mod.slot_gate_up[s], experts.gate_up_proj[e].detach())
+                assert torch.equal(mod.slot_down[s], experts.down_proj[e].detach())
+            else:
+                assert mod.slot_expert[s] == -1
+
+    want = np.array([0, 1, 2, -1])
+    assert mod.realise(want, np.array([0, 1, 2])) == 3
+    check(want)
+    want = np.array([2, 0, 1, -1])  # a rotation inside the rank: all warm under (layer, GPU, expert)
+    assert mod.realise(want, np.zeros(0, dtype=np.int64)) == 0
+    check(want)
+    want = np.array([2, 4, 1, 5])  # two new experts: one into the free buffer, one over the expert that left
+    assert mod.realise(want, np.array([1, 3])) == 2
+    check(want)
+    want = np.array([2, 2, 5, -1])  # two replicas of one expert on the rank share its buffer
+    assert mod.realise(want, np.zeros(0, dtype=np.int64)) == 0
+    check(want)
+    assert mod.copies == 5 and mod.repairs == 0
+    want = np.array([3, 2, 5, -1])  # "warm" but no buffer holds expert 3: copied, counted as unbilled
+    assert mod.realise(want, np.zeros(0, dtype=np.int64)) == 1
+    check(want)
+    assert mod.copies == 5 and mod.repairs == 1
+    with pytest.raises(serve.ServeError, match="do not hold"):
+        mod.buffers_of(np.array([3]))  # a free slot
