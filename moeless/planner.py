@@ -136,6 +136,20 @@ def _check_budget(num_experts: int, gpus: int, slots_per_gpu: int) -> None:
         )
 
 
+def _starts(ks: np.ndarray) -> np.ndarray:
+    """bool mask of the entries of the 1-D `ks` that differ from their predecessor (the first always does)."""
+    out = np.empty(ks.size, dtype=bool)
+    out[:1] = True
+    np.not_equal(ks[1:], ks[:-1], out=out[1:])
+    return out
+
+
+def _take_rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """np.take_along_axis(a, idx, 1) for 2-D arrays, without its per-call overhead (a hot path)."""
+    n, m = a.shape
+    return a.ravel()[idx + (np.arange(n) * m)[:, None]]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Plan
 # ----------------------------------------------------------------------------------------------------------
@@ -289,8 +303,8 @@ def _derive_log2phy(p2l: np.ndarray, E: int) -> tuple[np.ndarray, np.ndarray]:
     counts = np.bincount((key + np.arange(L)[:, None] * (E + 1)).ravel(), minlength=L * (E + 1)).reshape(L, E + 1)
     logcnt = counts[:, :E].astype(np.int64)
     R = max(1, int(logcnt.max(initial=0)))
-    ks = np.take_along_axis(key, order, 1)
-    rank = np.arange(P) - np.take_along_axis(np.cumsum(counts, 1) - counts, ks, 1)
+    ks = _take_rows(key, order)
+    rank = np.arange(P) - _take_rows(np.cumsum(counts, 1) - counts, ks)
     occ = ks < E
     log2phy = np.full(L * E * R, -1, dtype=np.int64)
     log2phy[((np.arange(L)[:, None] * E + ks) * R + rank)[occ]] = order[occ]
@@ -523,7 +537,7 @@ def _group_rank(key: np.ndarray) -> np.ndarray:
     """Rank of each entry among the entries with the same key, in array order (0 for the first)."""
     o = np.argsort(key, kind="stable")
     ks = key[o]
-    start = np.r_[True, ks[1:] != ks[:-1]]
+    start = _starts(ks)
     first = np.maximum.accumulate(np.where(start, np.arange(ks.size), 0))
     rank = np.empty_like(o)
     rank[o] = np.arange(ks.size) - first
@@ -548,13 +562,19 @@ def _place_arrays(W, R, G, S, previous, tolerance, bridge, cap, items=None, hedg
 
     # ---- 1. warm reuse: keep the previous slot of (e, r), largest loads first, up to the GPU's limit ------
     if previous is not None:
-        in_prev = valid & (it.r < previous.logcnt[rows[:, None], e_safe])
-        prev_slot = np.where(
-            in_prev, previous.log2phy[rows[:, None], e_safe, np.minimum(it.r, previous.max_replicas - 1)], -1)
+        le = rows[:, None] * E + e_safe  # flat (layer, expert) ids: 1-D gathers instead of 2-D/3-D fancy indexing
+        in_prev = valid & (it.r < previous.logcnt.reshape(-1)[le])
+        Rp = previous.max_replicas
+        prev_slot = np.where(in_prev, previous.log2phy.reshape(-1)[le * Rp + np.minimum(it.r, Rp - 1)], -1)
         prev_gpu = np.where(prev_slot >= 0, prev_slot // S, G)  # G: not a candidate
         # previous duplicates of an expert on one GPU (unavoidable then) are not kept twice: an expert's items
         # are adjacent in item order, so comparing with the few items before suffices
-        for k in range(1, int(R.max()) if R.size else 1):
+        # log2phy lists slots in ascending order, so an expert's previous GPUs are non-decreasing in rank and
+        # a duplicate follows its twin directly: one comparison (k = 1) then finds them all; a hand-made
+        # previous plan out of order gets the general loop
+        same_e = it_e[:, 1:] == it_e[:, :-1]
+        k_max = 2 if not (same_e & (prev_gpu[:, 1:] < prev_gpu[:, :-1])).any() else int(R.max()) if R.size else 1
+        for k in range(1, k_max):
             dup = (prev_gpu[:, k:] < G) & (prev_gpu[:, k:] == prev_gpu[:, :-k]) & (it_e[:, k:] == it_e[:, :-k])
             prev_gpu[:, k:][dup] = G
         # per (layer, GPU), in item order (load descending): the prefix whose cumulated load stays within the
@@ -566,7 +586,7 @@ def _place_arrays(W, R, G, S, previous, tolerance, bridge, cap, items=None, hedg
         segk = seg[order]
         wk = it_w.ravel()[order]
         csum = np.cumsum(wk)
-        seg_start = np.r_[True, segk[1:] != segk[:-1]]
+        seg_start = _starts(segk)
         base = np.maximum.accumulate(np.where(seg_start, csum - wk, -np.inf))
         keep_sorted = (prev_gpu.ravel()[order] < G) & (csum - base <= limit[segk // (G + 1)])
         kept = order[keep_sorted]  # flat (layer, item) ids
@@ -581,8 +601,8 @@ def _place_arrays(W, R, G, S, previous, tolerance, bridge, cap, items=None, hedg
         todo = valid & ~placed.reshape(L, P)
         # the queue: unplaced items, still in item order
         qo = np.argsort(~todo, axis=1, kind="stable")
-        q_e = np.take_along_axis(it_e, qo, 1).ravel()
-        q_w = np.take_along_axis(it_w, qo, 1).ravel()
+        q_e = _take_rows(it_e, qo).ravel()
+        q_w = _take_rows(it_w, qo).ravel()
         n_todo = todo.sum(1)
         free = (p2lf < 0).reshape(L * G, S)
         fo = np.argsort(~free, axis=1, kind="stable").ravel()  # per GPU: free slots first, ascending
@@ -628,8 +648,8 @@ def _place_arrays(W, R, G, S, previous, tolerance, bridge, cap, items=None, hedg
                 todo = valid.copy()
                 todo[li, ii] = False
                 qo = np.argsort(~todo, axis=1, kind="stable")
-                q_e = np.take_along_axis(it_e, qo, 1).ravel()
-                q_w = np.take_along_axis(it_w, qo, 1).ravel()
+                q_e = _take_rows(it_e, qo).ravel()
+                q_w = _take_rows(it_w, qo).ravel()
                 n_todo = todo.sum(1)
     room2 = room.reshape(L, G)
     gl2 = gl.reshape(L, G)
@@ -661,7 +681,7 @@ def _place_arrays(W, R, G, S, previous, tolerance, bridge, cap, items=None, hedg
                             kind="stable")
         else:
             og = np.argsort(key, axis=1, kind="stable")
-        ls = np.take_along_axis(key, og, 1)
+        ls = _take_rows(key, og)
         gid = (al * G)[:, None] + og  # flat (layer, GPU) ids, lightest first
         j = pa[:, None] + cols
         inq = j < n_todo[al, None]
@@ -734,11 +754,11 @@ def _place_arrays(W, R, G, S, previous, tolerance, bridge, cap, items=None, hedg
                 ds = np.where(light, -exc, 0.0)
                 oh = np.argsort(-xs, axis=1, kind="stable")
                 ol = np.argsort(-ds, axis=1, kind="stable")
-                ch = np.cumsum(np.take_along_axis(xs, oh, 1), 1)
-                cd = np.cumsum(np.take_along_axis(ds, ol, 1), 1)
+                ch = np.cumsum(_take_rows(xs, oh), 1)
+                cd = np.cumsum(_take_rows(ds, ol), 1)
                 total = np.minimum(ch[:, -1], cd[:, -1])
                 o = np.argsort(np.concatenate([ch, cd], 1), axis=1, kind="stable")  # at ties heavy ends first
-                ends = np.minimum(np.take_along_axis(np.concatenate([ch, cd], 1), o, 1), total[:, None])
+                ends = np.minimum(_take_rows(np.concatenate([ch, cd], 1), o), total[:, None])
                 is_h = o < G
                 hk_all = np.cumsum(is_h, 1) - is_h  # rank of the heavy GPU of the segment that ends here
                 lk_all = np.cumsum(~is_h, 1) - ~is_h
@@ -779,7 +799,7 @@ def _place_arrays(W, R, G, S, previous, tolerance, bridge, cap, items=None, hedg
                 order = np.argsort(src, kind="stable")
                 mv = move[order]
                 before = np.cumsum(mv) - mv
-                start = np.r_[True, src[order][1:] != src[order][:-1]]
+                start = _starts(src[order])
                 before -= np.maximum.accumulate(np.where(start, before, 0.0))
                 amount = np.empty_like(move)
                 amount[order] = np.clip(slf[src[order]] - before, 0.0, mv)
@@ -872,7 +892,8 @@ def _place(W, R, G, S, previous, tolerance, bridge, cap, reuse_slack=0.05, hedge
         if worse.any():
             sub = doubt[worse]
             warm = warm.copy()
-            warm[sub] = _relabel_to(cold[worse], previous.phy2log[sub], G, S, previous.log2phy[sub])
+            warm[sub] = _relabel_to(cold[worse], previous.phy2log[sub], G, S, previous.log2phy[sub],
+                                    previous.logcnt[sub])
     return Plan._derived(warm, E, G, S)
 
 
@@ -887,12 +908,11 @@ def _split_optimum(plan: Plan, W: np.ndarray) -> np.ndarray:
     for b in range(G):
         v = f.reshape(L, nX >> (b + 1), 2, 1 << b)
         v[:, :, 1, :] += v[:, :, 0, :]
-    size = np.array([bin(x).count("1") for x in range(nX)])
-    size[0] = 1
+    size = np.maximum(_popcount_table(G), 1)
     return (f / size).max(1)
 
 
-def _relabel_to(p2l: np.ndarray, prev: np.ndarray, G: int, S: int, prev_log2phy=None) -> np.ndarray:
+def _relabel_to(p2l: np.ndarray, prev: np.ndarray, G: int, S: int, prev_log2phy=None, prev_cnt=None) -> np.ndarray:
     """Renumber the GPUs of p2l [L, G*S] (greedy maximum overlap of expert sets with prev's GPUs), then put
     each instance in the slot where its expert lived on that GPU before, if any; balance is unchanged."""
     L = p2l.shape[0]
@@ -903,7 +923,7 @@ def _relabel_to(p2l: np.ndarray, prev: np.ndarray, G: int, S: int, prev_log2phy=
     # replica of its expert) only: sparse, instead of a dense [L, G, G, S, S] comparison
     if prev_log2phy is None:
         prev_log2phy, prev_cnt = _derive_log2phy(prev, int(max(prev.max(initial=-1), p2l.max(initial=-1))) + 1)
-    else:
+    elif prev_cnt is None:
         prev_cnt = (prev_log2phy >= 0).sum(2)
     Rp = prev_log2phy.shape[2]
     inst = np.flatnonzero(p2l >= 0)
@@ -921,26 +941,23 @@ def _relabel_to(p2l: np.ndarray, prev: np.ndarray, G: int, S: int, prev_log2phy=
     taken = np.zeros((L, G), dtype=bool)
     cols = np.arange(G)
     score = overlap  # matched new GPUs' rows and old GPUs' columns are set to -1 as they go
-    lay = rows  # the layers still matching (score holds only those)
     for _ in range(_RELABEL_ROUNDS):
-        best_h = score.argmax(2)  # [A, G]
+        best_h = score.argmax(2)  # [L, G]
         best_v = np.take_along_axis(score, best_h[:, :, None], 2)[:, :, 0]
         live = best_v > 0
-        go_on = live.any(1)
-        if not go_on.all():
-            if not go_on.any():
-                break
-            score, lay, best_h, best_v, live = score[go_on], lay[go_on], best_h[go_on], best_v[go_on], live[go_on]
+        if not live.any():
+            break
+        # layers that are done propose nothing (no live overlap left); not compacting `score` saves its copy
         # old GPU h accepts the proposer with the largest overlap (ties: lower id): sort the live proposals by
         # (layer, old GPU, overlap descending, new GPU) and take the first of each (layer, old GPU)
         ai, gi = np.nonzero(live)
         hi = best_h[ai, gi]
         o = np.lexsort((gi, -best_v[ai, gi], ai * G + hi))
         grp = (ai * G + hi)[o]
-        first = o[np.r_[True, grp[1:] != grp[:-1]]]
+        first = o[_starts(grp)]
         ai, gi, hi = ai[first], gi[first], hi[first]
-        perm[lay[ai], gi] = hi
-        taken[lay[ai], hi] = True
+        perm[ai, gi] = hi
+        taken[ai, hi] = True
         score[ai, gi, :] = -1
         score[ai, :, hi] = -1
     # new GPUs without overlap take the remaining old GPUs in order
@@ -1074,6 +1091,21 @@ def balance(gpu_loads) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------
 # Serve-time split (numpy and torch share one implementation through a small array shim)
 # ----------------------------------------------------------------------------------------------------------
+_POPCOUNT: dict[int, np.ndarray] = {}
+
+
+def _popcount_table(n_bits: int) -> np.ndarray:
+    """int64 [2^n_bits]: bits set in each index (cached: the exact split needs it on every call; read-only)."""
+    t = _POPCOUNT.get(n_bits)
+    if t is None:
+        t = np.zeros(1, dtype=np.int64)
+        for _ in range(n_bits):  # the table of n+1 bits is that of n bits, then the same plus one
+            t = np.concatenate([t, t + 1])
+        t.setflags(write=False)
+        _POPCOUNT[n_bits] = t
+    return t
+
+
 class _NumpyOps:
     inf = np.inf
 
@@ -1114,8 +1146,7 @@ class _NumpyOps:
         return np.bincount(idx, weights=weights, minlength=n).astype(np.int64)
 
     def popcount(self, n_bits):
-        x = np.arange(1 << n_bits)
-        return np.array([bin(v).count("1") for v in x], dtype=np.int64)
+        return _popcount_table(n_bits)
 
     def to_numpy(self, a):
         return a
@@ -1175,7 +1206,7 @@ class _TorchOps:
         return out.index_add_(0, idx, weights.to(self.t.int64))
 
     def popcount(self, n_bits):
-        return self.asarray(_NumpyOps().popcount(n_bits))
+        return self.asarray(_popcount_table(n_bits).copy())  # a writable copy: torch warns on read-only
 
     def to_numpy(self, a):
         return a.cpu().numpy()
@@ -1278,23 +1309,32 @@ def _split_exact(xp, W, rgpu, valid, logcnt, G):
     n_steps = int(xp.to_numpy(xp.amax(n_dec, 0))) if L else 0
     bit_flat = bit.reshape(L, E * Rm)
     rest_flat = rest.reshape(L, E * Rm)
+    # the GPU-set masks of a step depend on the plan only, not on what earlier steps decided: they are built
+    # for a block of steps at once (blocks of ~2M sets bound the memory), the loop only reads them
+    block = max(1, (1 << 21) // max(1, L * nX))
     for k in range(n_steps):
+        if k % block == 0:
+            qs = order[:, k : min(k + block, n_steps)]
+            gbs = xp.gather(bit_flat, qs, 1)[:, :, None]
+            rss = xp.gather(rest_flat, qs, 1)
+            n_left_b = 1 + size[rss]  # replicas from this one on, one per GPU
+            rss = rss[:, :, None]
+            in_g_b = (X & gbs) != 0
+            in_rest_b = (X & rss) == rss
+            only_rest_b = in_rest_b & ~in_g_b  # the sets that must hold what this replica leaves to the later ones
+            only_g_b = in_g_b & ~in_rest_b  # the sets that must hold what this replica takes
         act = n_dec > k
         q = order[:, k]
         e = q // Rm
-        gb = bit_flat[rows, q][:, None]
-        rs = rest_flat[rows, q][:, None]
         w = W_rem[rows, e]
-        in_g = (X & gb) != 0
-        in_rest = (X & rs) == rs
-        only_rest = in_rest & ~in_g  # the sets that must hold what this replica leaves to the later ones
-        only_g = in_g & ~in_rest  # the sets that must hold what this replica takes
+        only_rest = only_rest_b[:, k % block]
+        only_g = only_g_b[:, k % block]
         lo_min = xp.amin(xp.where(only_rest, slack, 1 << 62), 1)
         hi_min = xp.amin(xp.where(only_g, slack, 1 << 62), 1)
         lo = xp.where(w - lo_min > 0, w - lo_min, 0)
         hi = xp.where(hi_min < w, hi_min, w)
         # an even share of what is left, clipped into the feasible interval
-        n_left = 1 + _popcount_vec(xp, rs[:, 0], G)
+        n_left = n_left_b[:, k % block]
         pref = (w + n_left - 1) // n_left
         x = xp.where(pref < lo, lo, xp.where(pref > hi, hi, pref))
         x = xp.where(act, x, 0)
@@ -1302,7 +1342,7 @@ def _split_exact(xp, W, rgpu, valid, logcnt, G):
         # W(X) gains the expert's w on the sets that hold its whole GPU set (g and the rest), loses what the
         # rest still carries (w_new) on the sets holding the rest, and x on those holding g: on the sets with
         # both that is w - w_new - x = 0, so only the sets with one side change (x = 0 on inactive layers)
-        slack = slack - xp.where(only_rest, xp.where(act, w_new, 0)[:, None], 0) - xp.where(only_g, x[:, None], 0)
+        slack = slack - (only_rest * xp.where(act, w_new, 0)[:, None] + only_g * x[:, None])
         W_rem = _set_rows(xp, W_rem, rows, e, w_new, act)
         x_all = _set_rows(xp, x_all, rows, q, x, act)
     x_all = x_all.reshape(L, E, Rm)
@@ -1389,13 +1429,6 @@ def _waterfill(xp, levels, w):
     pour_sorted = xp.where(open_, pour_sorted, 0)
     inv = xp.argsort(order, 1)
     return xp.gather(pour_sorted, inv, 1)
-
-
-def _popcount_vec(xp, v, n_bits):
-    c = v & 0
-    for b in range(n_bits):
-        c = c + ((v >> b) & 1)
-    return c
 
 
 def _stack_last(xp, cols):

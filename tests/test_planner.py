@@ -448,3 +448,23 @@ def test_line_transport_tail_keeps_the_balance(monkeypatch):
         plan = plan_layers(loads, 16, 5, hedge=False)
         _check_invariants(plan, loads, 16, 5)
         assert (balance(gpu_loads(plan, serve_time_split(plan, loads.astype(np.int64)))) <= 1.01).all()
+
+
+def test_warm_reuse_does_not_keep_a_previous_duplicate_twice():
+    # expert 0 lived twice on GPU 0 (slots 0, 1) and once on GPU 1 (slot 2); a hand-made previous plan lists
+    # its slots out of ascending order (GPU 0, 1, 0), so the duplicates are not adjacent in rank order. Both
+    # would fit GPU 0's limit, but a GPU keeps one instance of an expert: its other replicas go to GPUs 1, 2.
+    G, S = 3, 2
+    prev = Plan(np.array([[0, 0, 0, 1, 1, -1]]), np.array([[[0, 2, 1], [3, 4, -1]]]), np.array([[3, 2]]), G, S)
+    plan = planner.place_replicas(np.array([[30.0, 60.0]]), np.array([[3, 2]]), G, S, previous=prev, bridge=False)
+    plan.validate()
+    assert sorted(plan.replica_gpu[0, 0].tolist()) == [0, 1, 2]
+
+
+def test_popcount_table_and_take_rows_match_numpy():
+    for n in range(11):
+        assert planner._popcount_table(n).tolist() == [bin(x).count("1") for x in range(1 << n)]
+    rng = np.random.default_rng(0)
+    a = rng.random((5, 7))
+    idx = rng.integers(0, 7, size=(5, 4))
+    assert np.array_equal(planner._take_rows(a, idx), np.take_along_axis(a, idx, 1))
