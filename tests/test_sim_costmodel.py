@@ -107,3 +107,32 @@ def test_simulator_reproduces_equation_1_for_megatron():
     lat, _ = res.policies["megatron"].latencies
     assert np.allclose(lat, np.concatenate(lat_ref), rtol=1e-6)
     assert res.policies["megatron"].eq2_byte_s == pytest.approx(eq2_ref, rel=1e-9)
+
+
+@pytest.mark.parametrize("cost", [RooflineCost(TINY, HW), PaperLinearCost(TINY, 0.3, 0.07, 0.5)],
+                         ids=["roofline", "paper-linear"])
+def test_slot_layer_times_match_the_padded_layout(cost):
+    """The per-slot pricing against the [..., E, R] one on random plans (two replicas of one expert on one GPU
+    included): the same numbers, bit for bit (the simulator's results must not move)."""
+    from moeless.planner import Plan
+
+    rng = np.random.default_rng(3)
+    G, S, E, L = 3, 4, 5, 6
+    p2l = np.where(rng.random((L, G * S)) < 0.8, rng.integers(0, E, (L, G * S)), -1)
+    p2l[:, :E] = np.arange(E)  # every expert resident
+    p2l[:, E] = 0  # expert 0 twice on GPU 1 (slots 4, 5) in every layer
+    plan = Plan.from_phy2log(p2l, E, G, S)
+    l2p = plan.log2phy
+    rt = np.where(l2p >= 0, rng.integers(0, 9, l2p.shape), 0).astype(np.float64)
+    slot = np.zeros((L, G * S))
+    for li, e, r in zip(*np.nonzero(l2p >= 0)):
+        slot[li, l2p[li, e, r]] = rt[li, e, r]
+    tokens = rt.sum((1, 2))
+    want = cost.layer_times(rt, plan.replica_gpu, G, tokens)
+    got = cost.slot_layer_times(slot, p2l, G, tokens)
+    for field in ("compute", "a2a", "misc"):
+        assert np.array_equal(getattr(got, field), getattr(want, field)), field
+    with pytest.raises(ValueError, match="slot_tokens"):
+        cost.slot_layer_times(np.where(p2l < 0, 1.0, slot), p2l, G, tokens)
+    with pytest.raises(ValueError, match="num_gpus"):
+        cost.slot_layer_times(slot, p2l, 5, tokens)

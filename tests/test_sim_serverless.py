@@ -128,3 +128,30 @@ def test_moeless_end_to_end_accounting():
     assert d["moeless"]["initial_loads"] == 256
     # warm identity and cost-awareness: far fewer cold starts than the plan-and-take-it ablation
     assert d["moeless"]["cold_starts"] < d["moeless-nowarm"]["cold_starts"]
+
+
+def test_slot_split_matches_the_planner_and_the_padded_split():
+    """split_slots against the planner's even split and split_layers' [L, E, R] layout, slot by slot; slot_rank
+    against log2phy."""
+    from moeless.planner import even_split, plan_layers
+    from moeless.sim.policies import slot_rank, split_slots
+
+    cost = RooflineCost(TINY, HW)
+    rng = np.random.default_rng(5)
+    loads = rng.integers(0, 30, (4, 3))
+    loads[0] = 0
+    plan = plan_layers(loads.astype(np.float64) + 1, 2, 3)
+    l2p = plan.log2phy
+    rank = slot_rank(plan.phy2log, 3)
+    for li, e, r in zip(*np.nonzero(l2p >= 0)):
+        assert rank[li, l2p[li, e, r]] == r
+    assert (rank[plan.phy2log < 0] == -1).all()
+    for split, want_rt in (("even", even_split(plan, loads)), ("serve-time", split_layers(plan, loads, cost, 9)[0])):
+        st, times = split_slots(plan, loads, cost, 9, split=split)
+        for li, e, r in zip(*np.nonzero(l2p >= 0)):
+            assert st[li, l2p[li, e, r]] == want_rt[li, e, r]
+        assert (st[plan.phy2log < 0] == 0).all()
+        want = cost.layer_times(want_rt.astype(np.float64), plan.replica_gpu, 2, 9)
+        assert np.array_equal(times.moe_latency, want.moe_latency)
+    with pytest.raises(ValueError, match="loads"):
+        split_slots(plan, loads[:2], cost, 9)

@@ -2,6 +2,9 @@
 
 Input layout (any leading dims `...`, usually [L] or [n, L]): `replica_tokens [..., E, R]` ((token, expert)
 pairs each replica of expert e serves) and `replica_gpu [..., E, R]` (the GPU holding it, -1 = no replica).
+The same layout per slot (`slot_layer_times`: `slot_tokens`, `slot_expert [..., G*S]` as a plan's phy2log)
+prices identically (bit for bit for integer pair counts) without the padding of R (hot experts get dozens of
+replicas, so most of a [..., E, R] array is padding at DeepSeek-V3 scale): the simulator's hot path uses it.
 
 Two models, one interface (`layer_times` -> `LayerTimes(compute, a2a, misc)`; MoE-layer latency =
 compute + 2 * a2a, dispatch and combine costing the same):
@@ -49,11 +52,45 @@ def _check_layout(replica_tokens, replica_gpu, num_gpus):
         raise ValueError(f"num_gpus must be an int >= 1, got {num_gpus!r}")
     if gpu.size and (gpu.max() >= num_gpus or gpu.min() < -1):
         raise ValueError(f"replica_gpu must lie in [-1, {num_gpus}), got [{gpu.min()}, {gpu.max()}]")
+    if tokens.size and tokens.min() < 0:
+        raise ValueError("replica_tokens must be >= 0")
     if ((gpu < 0) & (tokens != 0)).any():
         raise ValueError("replica_tokens must be 0 where replica_gpu is -1 (tokens sent to no replica)")
-    if (tokens < 0).any():
-        raise ValueError("replica_tokens must be >= 0")
-    return tokens, gpu.astype(np.int64)
+    return tokens, gpu.astype(np.int64, copy=False)
+
+
+def _replicas(tokens: np.ndarray, gpu: np.ndarray, num_gpus: int):
+    """The live replicas of a checked layout, without its padding (hot experts have many replicas, so most of
+    a padded [..., E, R] layout is -1): (row index [N] into the G-wide per-GPU rows (m * G + g), expert-GPU
+    group key [N] (ascending within each expert's replicas when its GPUs are, as in a plan's log2phy), pairs
+    [N]) in the layout's flattened (m, e, r) order, m the flattened leading index."""
+    E, R = tokens.shape[-2:]
+    flat_g = gpu.reshape(-1)
+    live = np.flatnonzero(flat_g >= 0)
+    g = flat_g[live]
+    me = live // R  # m * E + e
+    row = (me // E) * num_gpus + g
+    key = me * num_gpus + g
+    return row, key, tokens.reshape(-1)[live]
+
+
+def _merged_groups(row, key, pairs):
+    """Replicas of one expert on one GPU merged (they share one weight copy): (row [K], pairs [K]) of each
+    (expert, GPU) group, groups in ascending (m, e, g) order, so a bincount over rows adds each GPU's groups in
+    ascending expert order (the order the padded formulation added them in: same floating-point sums)."""
+    if key.size > 1 and (key[1:] < key[:-1]).any():  # not the plan order: sort (stable: keeps replica order)
+        order = np.argsort(key, kind="stable")
+        row, key, pairs = row[order], key[order], pairs[order]
+    if key.size == 0:
+        return row, pairs
+    start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    if start.size == key.size:  # no expert has two replicas on one GPU
+        return row, pairs
+    # the sum of a run as a difference of running sums, as before (exact for integer pair counts)
+    csum = np.cumsum(pairs)
+    end = np.r_[start[1:], key.size] - 1
+    before = np.where(start > 0, csum[np.maximum(start - 1, 0)], 0.0)
+    return row[start], csum[end] - before
 
 
 def tokens_per_expert_gpu(replica_tokens, replica_gpu, num_gpus: int) -> np.ndarray:
@@ -113,6 +150,51 @@ def per_gpu_sum(values, replica_gpu, num_gpus: int) -> np.ndarray:
     return np.bincount(idx, weights=v[valid], minlength=M * num_gpus).reshape(*lead, num_gpus)
 
 
+def _slot_rows(slot_tokens, slot_expert, num_gpus):
+    """A plan-shaped layout `slot_tokens [..., G*S]` (pairs each slot serves) with `slot_expert [..., G*S]`
+    (its expert, -1 = free slot; slot p on GPU p // S), checked and cut into per-GPU rows [M * G, S] whose
+    slots are sorted by expert (stable) and whose replicas of one expert are merged into the first of them:
+    (merged pairs, pairs in that order, M). No padding: a slot layout is as wide as the GPUs' slots, where a
+    [..., E, R] one is E times as wide as the hottest expert's replica count."""
+    tokens = np.asarray(slot_tokens, dtype=np.float64)
+    expert = np.asarray(slot_expert)
+    if tokens.shape != expert.shape or tokens.ndim < 1:
+        raise ValueError(f"slot_tokens {tokens.shape} and slot_expert {expert.shape} must be one shape [..., G*S]")
+    if not isinstance(num_gpus, (int, np.integer)) or num_gpus < 1 or tokens.shape[-1] % num_gpus:
+        raise ValueError(f"num_gpus must be an int >= 1 dividing the {tokens.shape[-1]} slots, got {num_gpus!r}")
+    if tokens.size and tokens.min() < 0:
+        raise ValueError("slot_tokens must be >= 0")
+    if ((expert < 0) & (tokens != 0)).any():
+        raise ValueError("slot_tokens must be 0 in free slots (slot_expert -1)")
+    M = int(np.prod(tokens.shape[:-1], dtype=np.int64))
+    S = tokens.shape[-1] // num_gpus
+    t = tokens.reshape(M * num_gpus, S)
+    e = np.where(expert < 0, -1, expert).astype(np.int64, copy=False).reshape(M * num_gpus, S)
+    # ascending expert inside each GPU (ties in slot order): the order the [..., E, R] formulation adds a
+    # GPU's replicas in. One sort of expert * S + slot gives the order and the sorted experts at once.
+    key = np.sort(e * S + np.arange(S), axis=-1)
+    order, ks = key % S, key // S
+    ts = np.take_along_axis(t, order, -1)
+    # each run of one expert summed into its first slot, right to left over the (few) slots of a GPU
+    merged = np.zeros_like(ts)
+    run = np.zeros(len(ts))
+    for col in range(S - 1, -1, -1):
+        run = ts[:, col] + run
+        first = ks[:, col] != ks[:, col - 1] if col else np.ones(len(ts), dtype=bool)
+        merged[:, col] = np.where(first & (ks[:, col] >= 0), run, 0.0)
+        run = np.where(first, 0.0, run)
+    return merged, ts, M
+
+
+def _row_sum(v: np.ndarray) -> np.ndarray:
+    """Sum over the last (short) axis one column at a time, from 0: the same floating-point sums as a
+    bincount adding the same values in the same order."""
+    acc = np.zeros(v.shape[:-1])
+    for s in range(v.shape[-1]):
+        acc = acc + v[..., s]
+    return acc
+
+
 class RooflineCost:
     """Roofline expert time, link-bandwidth all-to-all, roofline non-expert work (see the module docstring)."""
 
@@ -133,10 +215,13 @@ class RooflineCost:
     def gpu_compute(self, replica_tokens, replica_gpu, num_gpus: int) -> np.ndarray:
         """Each GPU's expert time [..., G]."""
         tokens, gpu = _check_layout(replica_tokens, replica_gpu, num_gpus)
-        if tokens.shape[-1] == 1:
-            return per_gpu_sum(self.replica_time(tokens), gpu, num_gpus)
-        merged, gs, _ = _merge_sorted(tokens, gpu)
-        return per_gpu_sum(self.replica_time(merged), gs, num_gpus)
+        return self._gpu_compute(tokens, gpu, num_gpus, _replicas(tokens, gpu, num_gpus))
+
+    def _gpu_compute(self, tokens, gpu, num_gpus, replicas) -> np.ndarray:
+        lead = tokens.shape[:-2]
+        M = int(np.prod(lead, dtype=np.int64))
+        row, pairs = _merged_groups(*replicas)
+        return np.bincount(row, weights=self.replica_time(pairs), minlength=M * num_gpus).reshape(*lead, num_gpus)
 
     def a2a_gpu(self, gpu_pairs, num_gpus: int) -> np.ndarray:
         """One all-to-all direction per GPU [..., G] from the pairs each GPU receives `gpu_pairs [..., G]`.
@@ -164,8 +249,21 @@ class RooflineCost:
 
     def layer_times(self, replica_tokens, replica_gpu, num_gpus: int, tokens) -> LayerTimes:
         pairs, gpu = _check_layout(replica_tokens, replica_gpu, num_gpus)
-        compute = self.gpu_compute(pairs, gpu, num_gpus).max(-1)
-        a2a = self.a2a_gpu(per_gpu_sum(pairs, gpu, num_gpus), num_gpus).max(-1)
+        reps = _replicas(pairs, gpu, num_gpus)
+        compute = self._gpu_compute(pairs, gpu, num_gpus, reps).max(-1)
+        M = int(np.prod(pairs.shape[:-2], dtype=np.int64))
+        received = np.bincount(reps[0], weights=reps[2], minlength=M * num_gpus).reshape(*pairs.shape[:-2], num_gpus)
+        a2a = self.a2a_gpu(received, num_gpus).max(-1)
+        misc = self.misc_time(tokens, num_gpus) + np.zeros_like(compute)
+        return LayerTimes(compute=compute, a2a=a2a, misc=misc)
+
+    def slot_layer_times(self, slot_tokens, slot_expert, num_gpus: int, tokens) -> LayerTimes:
+        """`layer_times` of a layout given per slot (`slot_tokens`, `slot_expert` [..., G*S], slot p on GPU
+        p // S, as a plan's phy2log): the same numbers, without the padding of [..., E, R]."""
+        merged, pairs, M = _slot_rows(slot_tokens, slot_expert, num_gpus)
+        lead = np.shape(slot_tokens)[:-1]
+        compute = _row_sum(self.replica_time(merged)).reshape(*lead, num_gpus).max(-1)
+        a2a = self.a2a_gpu(_row_sum(pairs).reshape(*lead, num_gpus), num_gpus).max(-1)
         misc = self.misc_time(tokens, num_gpus) + np.zeros_like(compute)
         return LayerTimes(compute=compute, a2a=a2a, misc=misc)
 
@@ -203,6 +301,14 @@ class PaperLinearCost:
         compute = np.where(g >= 0, self.alpha * t, 0.0).max(axis=(-2, -1))
         gpu_pairs = per_gpu_sum(t, g, num_gpus)
         a2a = (self.beta * gpu_pairs).max(-1)
+        return LayerTimes(compute=compute, a2a=a2a, misc=np.full(compute.shape, self.t_misc))
+
+    def slot_layer_times(self, slot_tokens, slot_expert, num_gpus: int, tokens) -> LayerTimes:
+        """`layer_times` of a layout given per slot (see RooflineCost.slot_layer_times)."""
+        _, pairs, M = _slot_rows(slot_tokens, slot_expert, num_gpus)
+        lead = np.shape(slot_tokens)[:-1]
+        compute = (self.alpha * np.asarray(slot_tokens, dtype=np.float64)).max(-1) if M else np.zeros(lead)
+        a2a = (self.beta * _row_sum(pairs).reshape(*lead, num_gpus)).max(-1)
         return LayerTimes(compute=compute, a2a=a2a, misc=np.full(compute.shape, self.t_misc))
 
     def cold_start_s(self, from_peer: bool = False) -> float:

@@ -19,6 +19,7 @@ import numpy as np
 
 from moeless import baselines as _baselines
 from moeless import planner as _planner
+from moeless.sim.costmodel import LayerTimes
 
 POLICY_NAMES = ("megatron", "eplb", "oracle", "moeless", "moeless-history", "moeless-noscale",
                 "moeless-nowarm", "moeless-evensplit")
@@ -46,6 +47,14 @@ def stack_plans(plans) -> _planner.Plan:
     first = plans[0]
     return _planner.Plan.from_phy2log(np.concatenate([p.phy2log for p in plans]), first.num_experts,
                                       first.gpus, first.slots_per_gpu)
+
+
+def replica_gpu(plan: _planner.Plan) -> np.ndarray:
+    """`plan.replica_gpu` (int64 [L, E, R_max], -1 pad) by one table lookup instead of a division over the
+    padded array; Plan recomputes its property on every access, so callers keep the result."""
+    P = plan.gpus * plan.slots_per_gpu
+    gpu_of_slot = np.r_[np.arange(P, dtype=np.int64) // plan.slots_per_gpu, -1]  # index -1: the pad
+    return gpu_of_slot[plan.log2phy]
 
 
 def _pad_r(a: np.ndarray, width: int, fill) -> np.ndarray:
@@ -77,6 +86,7 @@ class StaticPolicy(Policy):
         self.name, self.plan, self.lossy = name, plan, oracle
         self.resident = int(plan.logcnt.sum())
         self.rerouted_pairs = 0.0
+        self.replica_gpu = replica_gpu(plan)  # the plan is fixed: computed once
 
     def layout(self, chunk) -> ChunkLayout:
         loads = chunk.loads.astype(np.float64)  # [n, L, E]
@@ -90,8 +100,7 @@ class StaticPolicy(Policy):
         else:  # redundant copies: the even split
             tiled = tile_plan(self.plan, n)
             rt = _planner.even_split(tiled, loads.reshape(n * L, E)).reshape(n, L, E, -1).astype(np.float64)
-        gpu = self.plan.replica_gpu
-        return ChunkLayout(replica_tokens=rt, replica_gpu=gpu, replicas=np.full(n, float(self.resident)))
+        return ChunkLayout(replica_tokens=rt, replica_gpu=self.replica_gpu, replicas=np.full(n, float(self.resident)))
 
 
 def synthetic_topk(loads_l: np.ndarray, top_k: int) -> np.ndarray:
@@ -161,24 +170,124 @@ def lpt_split(replica_gpu: np.ndarray, loads: np.ndarray, replica_time) -> np.nd
     replica_tokens float [M, E, R]. In a memory-bound layer (decode) this reads each expert's weights once,
     where a pair-balancing split would read every replica's."""
     rg = np.asarray(replica_gpu)
+    M, E, R = rg.shape
+    order, pick, Ws = _lpt_pick(rg, loads, replica_time)
+    out = np.zeros((M, E, R))
+    out[np.arange(M)[:, None], order, pick] = Ws
+    return out
+
+
+def _lpt_pick(rg: np.ndarray, loads, replica_time):
+    """lpt_split's choices: (order [M, E] experts in processing order, pick [M, E] the replica index each
+    gets, Ws [M, E] their pairs)."""
     W = np.asarray(loads, dtype=np.float64)
     M, E, R = rg.shape
     G = int(rg.max(initial=0)) + 1
-    out = np.zeros((M, E, R))
-    busy = np.zeros((M, G))
     rows = np.arange(M)
     order = np.argsort(-W, axis=1, kind="stable")
-    for k in range(E):
-        e = order[:, k]
-        w = W[rows, e]
-        g = rg[rows, e]  # [M, R]
-        t = replica_time(w)  # [M]
-        finish = np.where(g >= 0, busy[rows[:, None], np.maximum(g, 0)] + t[:, None], np.inf)
-        r = finish.argmin(1)
-        out[rows, e, r] = w
-        gr = g[rows, r]
-        busy[rows, gr] += np.where(w > 0, t, 0.0)
+    # everything that does not depend on the GPUs' busy times, gathered once in processing order
+    Ws = np.take_along_axis(W, order, 1)
+    Ts = replica_time(Ws)  # [M, E] elementwise: the same seconds as one expert at a time
+    Tadd = np.where(Ws > 0, Ts, 0.0)
+    gs = rg[rows[:, None], order]  # [M, E, R]
+    live = gs >= 0
+    cnt = live.sum(2).max(0)  # [E] the most replicas any row's k-th expert has
+    # flat indices into busy [M * G + 1]: to look up (a missing replica looks up the last entry, +inf) and to
+    # add to (a missing replica adds to the last GPU, as busy[rows, -1] did)
+    # expert-major ([E, M, R], contiguous per step): one step gathers one block
+    add = np.ascontiguousarray((rows[:, None, None] * G + np.where(live, gs, G - 1)).transpose(1, 0, 2))
+    look = np.where(live.transpose(1, 0, 2), add, M * G)
+    TsT, TaddT = np.ascontiguousarray(Ts.T), np.ascontiguousarray(Tadd.T)
+    busy = np.zeros(M * G + 1)
+    busy[-1] = np.inf
+    pick = np.zeros((M, E), dtype=np.int64)
+    # experts are in decreasing load: past the last one with pairs in any row, nothing is placed or added
+    K = int((Ws > 0).sum(1).max(initial=0))
+    for k in range(K):
+        rk = int(cnt[k])
+        if rk <= 1:  # at most one replica in every row: no choice
+            busy[add[k, :, 0]] += TaddT[k]
+            continue
+        r = (busy[look[k, :, :rk]] + TsT[k][:, None]).argmin(1)
+        pick[:, k] = r
+        busy[add[k, rows, r]] += TaddT[k]
+    return order, pick, Ws
+
+
+def slot_rank(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
+    """int64 [M, G*S]: each slot's index among its expert's replicas (ascending slot order, log2phy's R
+    index); -1 for a free slot."""
+    p2l = np.asarray(phy2log)
+    M, P = p2l.shape
+    key = np.where(p2l >= 0, p2l, num_experts)
+    order = np.argsort(key.astype(np.int16) if num_experts < 1 << 15 else key, axis=1, kind="stable")
+    ks = np.take_along_axis(key, order, 1)
+    new = np.ones((M, P), dtype=bool)
+    new[:, 1:] = ks[:, 1:] != ks[:, :-1]
+    pos = np.arange(P)
+    first = np.maximum.accumulate(np.where(new, pos, 0), axis=1)
+    rank = np.empty((M, P), dtype=np.int64)
+    np.put_along_axis(rank, order, pos - first, 1)
+    return np.where(p2l >= 0, rank, -1)
+
+
+def _slot_even(p2l, rank, logcnt, W) -> np.ndarray:
+    """moeless.planner.even_split per slot: expert e's pairs W // R + (rank < W % R) on its replica `rank`."""
+    rows = np.arange(len(p2l))[:, None]
+    e = np.maximum(p2l, 0)
+    w, c = W[rows, e], logcnt[rows, e]
+    return np.where(p2l >= 0, w // c + (rank < w % c), 0).astype(np.float64)
+
+
+def _to_slots(rt: np.ndarray, log2phy: np.ndarray, num_slots: int) -> np.ndarray:
+    """[M, E, R] replica pairs -> [M, G*S] slot pairs."""
+    out = np.zeros((len(rt), num_slots))
+    li, ei, ri = np.nonzero(log2phy >= 0)
+    out[li, log2phy[li, ei, ri]] = rt[li, ei, ri]
     return out
+
+
+def split_slots(plan: _planner.Plan, loads, cost, tokens, *, split: str = "serve-time", rank=None):
+    """`split_layers` per slot: (slot_tokens float [M, G*S] (pairs each slot of plan.phy2log serves),
+    LayerTimes of [M]), the same numbers without the [M, E, R] padding. `rank`: `slot_rank` of the plan
+    when the caller has it."""
+    G, S, E = plan.gpus, plan.slots_per_gpu, plan.num_experts
+    p2l = plan.phy2log
+    W = np.asarray(loads)
+    if W.shape != plan.logcnt.shape:
+        raise ValueError(f"loads must have shape {list(plan.logcnt.shape)} (the plan's [L, E]), got {list(W.shape)}")
+    if not np.issubdtype(W.dtype, np.integer):
+        if not np.array_equal(W, np.floor(W)) or (W < 0).any():
+            raise ValueError("loads must be non-negative integer pair counts")
+    W = W.astype(np.int64)
+    if rank is None:
+        rank = slot_rank(p2l, E)
+    if split == "even":
+        st = _slot_even(p2l, rank, plan.logcnt, W)
+        return st, cost.slot_layer_times(st, p2l, G, tokens)
+    rows = np.arange(len(W))[:, None]
+    # layers with one replica per expert: nothing to split
+    st = np.where(p2l >= 0, W[rows, np.maximum(p2l, 0)], 0).astype(np.float64)
+    multi = np.flatnonzero((plan.logcnt > 1).any(1))
+    if multi.size:
+        sub = plan if multi.size == len(W) else _planner.Plan.from_phy2log(p2l[multi], E, G, S)
+        Ws = W[multi]
+        tok = np.broadcast_to(np.asarray(tokens, dtype=np.float64), (len(W),))[multi]
+        if G <= _planner.EXACT_SPLIT_MAX_GPUS:
+            base = _to_slots(_planner.serve_time_split(sub, Ws).astype(np.float64), sub.log2phy, G * S)
+        else:
+            base = _slot_even(p2l[multi], rank[multi], plan.logcnt[multi], Ws)
+        order, pick, Wo = _lpt_pick(replica_gpu(sub), Ws, cost.replica_time)
+        m = np.arange(len(multi))[:, None]
+        one = np.zeros((len(multi), G * S))
+        one[m, sub.log2phy[m, order, pick]] = Wo
+        tb = cost.slot_layer_times(base, p2l[multi], G, tok)
+        to = cost.slot_layer_times(one, p2l[multi], G, tok)
+        take = to.moe_latency < tb.moe_latency
+        st[multi] = np.where(take[:, None], one, base)
+        if multi.size == len(W):  # every layer priced already: the chosen split's times (rows are independent)
+            return st, LayerTimes(*(np.where(take, getattr(to, f), getattr(tb, f)) for f in ("compute", "a2a", "misc")))
+    return st, cost.slot_layer_times(st, p2l, G, tokens)
 
 
 def split_layers(plan: _planner.Plan, loads, cost, tokens, *, split: str = "serve-time"):
@@ -187,31 +296,11 @@ def split_layers(plan: _planner.Plan, loads, cost, tokens, *, split: str = "serv
     split; for more than EXACT_SPLIT_MAX_GPUS GPUs the even split, the exact one being too slow there) and
     `lpt_split` (each expert whole on one replica). Both are lossless: every pair goes to a replica of the
     expert its router chose. `split="even"`: the paper's even split only. Returns (replica_tokens float
-    [M, E, R], LayerTimes of [M])."""
-    G = plan.gpus
-    gpu = plan.replica_gpu
-    W = np.asarray(loads)
-    if split == "even":
-        rt = _planner.even_split(plan, W).astype(np.float64)
-        return rt, cost.layer_times(rt, gpu, G, tokens)
-    rt = np.zeros(gpu.shape)
-    rt[..., 0] = W  # layers with one replica per expert: nothing to split
-    multi = np.flatnonzero((plan.logcnt > 1).any(1))
-    if multi.size:
-        sub = _planner.Plan.from_phy2log(plan.phy2log[multi], plan.num_experts, G, plan.slots_per_gpu)
-        Ws = W[multi]
-        tok = np.broadcast_to(np.asarray(tokens, dtype=np.float64), (len(W),))[multi]
-        if G <= _planner.EXACT_SPLIT_MAX_GPUS:
-            base = _planner.serve_time_split(sub, Ws).astype(np.float64)
-        else:
-            base = _planner.even_split(sub, Ws).astype(np.float64)
-        one = lpt_split(sub.replica_gpu, Ws, cost.replica_time)
-        tb = cost.layer_times(base, sub.replica_gpu, G, tok).moe_latency
-        to = cost.layer_times(one, sub.replica_gpu, G, tok).moe_latency
-        best = np.where((to < tb)[:, None, None], one, base)
-        rt[multi] = 0.0
-        rt[multi, :, : best.shape[2]] = best
-    return rt, cost.layer_times(rt, gpu, G, tokens)
+    [M, E, R], LayerTimes of [M]); `split_slots` gives the same per slot, faster."""
+    st, times = split_slots(plan, loads, cost, tokens, split=split)
+    l2p = plan.log2phy
+    rt = np.where(l2p >= 0, np.take_along_axis(st, np.maximum(l2p, 0).reshape(len(st), -1), 1).reshape(l2p.shape), 0.0)
+    return rt, times
 
 
 class MoelessPolicy(Policy):
@@ -264,7 +353,9 @@ class EplbPolicy(Policy):
         self.rebuilds = 0
 
     def layout(self, chunk) -> ChunkLayout:
-        return StaticPolicy(self.name, self.plan).layout(chunk)
+        if getattr(self, "_static", None) is None or self._static.plan is not self.plan:
+            self._static = StaticPolicy(self.name, self.plan)  # one per plan: its replica_gpu is kept
+        return self._static.layout(chunk)
 
     def observe(self, chunk, begin: np.ndarray) -> None:
         self.window += (chunk.loads * chunk.weight[:, None, None]).sum(0)

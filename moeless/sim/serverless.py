@@ -39,7 +39,7 @@ import numpy as np
 from moeless import planner as _planner
 from moeless.pool import FunctionPool, SimulatedClock
 from moeless.sim.costmodel import equation2_cost
-from moeless.sim.policies import split_layers
+from moeless.sim.policies import slot_rank, split_slots
 
 
 def link_timeline(host, peer, moe, misc, copy_s, distance: int, horizon=None):
@@ -100,17 +100,25 @@ def one_per_expert(live_p2l: np.ndarray, num_experts: int, gpus: int, slots_per_
     has[li, live_p2l[li, pi], pi // S] = True
     has = has[:, :E]
     order = np.argsort(has.sum(2), axis=1, kind="stable")
-    count = np.zeros((L, G), dtype=np.int64)
     rows = np.arange(L)
-    out = np.full((L, G, S), -1, dtype=np.int64)
+    # one argmin per expert over score = count, + MID off the expert's live GPUs, + BIG on full GPUs: the
+    # least loaded live GPU with room if there is one, else the least loaded GPU with room (lowest index on
+    # ties, as two masked argmins give)
+    MID = E + 1
+    BIG = 4 * MID
+    off = np.where(has[rows[:, None], order].transpose(1, 0, 2), 0, MID)  # [E, L, G] in processing order
+    expert = np.ascontiguousarray(order.T)
+    # a GPU's experts so far, + BIG once it is full; the chosen GPU always has room (E <= G * cap), so its
+    # score is its count
+    score = np.zeros(L * G, dtype=np.int64)
+    out = np.full(L * G * S, -1, dtype=np.int64)
+    base = rows * G
     for k in range(E):
-        e = order[:, k]
-        room = count < cap
-        opts = has[rows, e] & room
-        g = np.where(opts.any(1), np.where(opts, count, np.iinfo(np.int64).max).argmin(1),
-                     np.where(room, count, np.iinfo(np.int64).max).argmin(1))
-        out[rows, g, count[rows, g]] = e
-        count[rows, g] += 1
+        idx = base + (score.reshape(L, G) + off[k]).argmin(1)
+        c = score[idx]
+        out[idx * S + c] = expert[k]
+        c += 1
+        score[idx] = c + BIG * (c >= cap)
     return out.reshape(L, G * S)
 
 
@@ -155,17 +163,19 @@ class ServerlessRunner:
         src = self.pool.copy_sources(np.arange(self.L), p2l).reshape(self.L, self.G, self.S)
         return (src == 1).sum(-1), (src == 2).sum(-1)
 
-    def _trim(self, plan: _planner.Plan, rt: np.ndarray) -> np.ndarray:
-        """phy2log of `plan` keeping only the instances its split `rt [L, E, R]` gives pairs, and each expert's
-        first instance when it gets none (every expert keeps one resident instance: a cold expert would stall
-        the layer). The others leave the plan: idle, still warm until their keep-alive runs out."""
-        l2p = plan.log2phy
-        first = np.arange(l2p.shape[2])[None, None, :] == 0
-        keep = (l2p >= 0) & ((rt > 0) | (first & (rt.sum(-1, keepdims=True) == 0)))
-        out = np.full_like(plan.phy2log, -1)
-        li, ei, ri = np.nonzero(keep)
-        out[li, l2p[li, ei, ri]] = ei
-        return out
+    def _trim(self, plan: _planner.Plan, st: np.ndarray, rank: np.ndarray) -> np.ndarray:
+        """phy2log of `plan` keeping only the instances its split `st [L, G*S]` (per slot) gives pairs, and
+        each expert's first instance (`rank` 0, see policies.slot_rank) when it gets none (every expert keeps
+        one resident instance: a cold expert would stall the layer). The others leave the plan: idle, still
+        warm until their keep-alive runs out."""
+        p2l = plan.phy2log
+        L, E = len(p2l), plan.num_experts
+        occupied = p2l >= 0
+        key = (np.arange(L)[:, None] * E + p2l)[occupied]
+        total = np.bincount(key, weights=st[occupied], minlength=L * E).reshape(L, E)
+        idle = total[np.arange(L)[:, None], np.maximum(p2l, 0)] == 0
+        keep = occupied & ((st > 0) | ((rank == 0) & idle))
+        return np.where(keep, p2l, -1)
 
     def _step(self, loads, topk, tokens, prefill, t):
         pol, L, G, E, S = self.policy, self.L, self.G, self.E, self.S
@@ -183,8 +193,9 @@ class ServerlessRunner:
             both = _planner.Plan.from_phy2log(np.concatenate([c.phy2log[r] for c, r in zip(cands, rows)]), E, G, S)
             # every expert with a positive predicted share is expected to get a pair: ceil, not round
             rounded = np.ceil(np.concatenate([pred[r] for r in rows]) - 1e-9).astype(np.int64)
-            rt_pred, pt = split_layers(both, rounded, self.cost, float(tokens), split=pol.split)
-            trimmed = self._trim(both, rt_pred)
+            rank = slot_rank(both.phy2log, E)
+            st_pred, pt = split_slots(both, rounded, self.cost, float(tokens), split=pol.split, rank=rank)
+            trimmed = self._trim(both, st_pred, rank)
             p2ls = np.repeat(trimmed[None, :L], C, axis=0)
             moe = np.repeat(pt.moe_latency[None, :L], C, axis=0)
             host = np.zeros((C, L, G), dtype=np.int64)
@@ -203,13 +214,14 @@ class ServerlessRunner:
         else:
             plan = pol.candidate(pred, None)
         res = self.pool.apply(plan, t)
-        rt, times = split_layers(plan, loads, self.cost, float(tokens), split=pol.split)
+        _, times = split_slots(plan, loads, self.cost, float(tokens), split=pol.split)
         moe, misc = times.moe_latency, times.misc
         host, peer = self._copies_of(res)
         self.copies[0] += int(host.sum())
         self.copies[1] += int(peer.sum())
         _, stall = link_timeline(host[None], peer[None], moe[None], misc, self.copy_s, self.distance)
-        eq2 = equation2_cost(times, plan.replica_gpu, self.model.expert_bytes, self.m_misc).sum()
+        # Equation 2 counts the layer's replicas: its occupied slots ([L, G*S, 1] reads as [L, E, R] there)
+        eq2 = equation2_cost(times, plan.phy2log[..., None], self.model.expert_bytes, self.m_misc).sum()
         return plan, res, moe, misc, stall, eq2
 
     def _copies_of(self, res) -> tuple[np.ndarray, np.ndarray]:
