@@ -180,7 +180,9 @@ def build_routing(spec: str, model: ModelSpec, seed: int):
     want = (model.num_moe_layers, model.num_experts, model.top_k)
     if got != want:
         raise ValueError(f"routing: {spec!r} has (layers, experts, top-k) = {got}, but the model {model.name} "
-                         f"has {want}; pick a routing source of the same model")
+                         f"has {want}; pick a routing source of the same model: "
+                         "--routing esft:PATH | jsonl:PATH | npz:PATH (a trace of this model, e.g. captured with "
+                         "moeless.traces.capture_routing), popularity:PATH, or a synthetic zipf:S | uniform")
     return src
 
 
