@@ -204,9 +204,10 @@ class HardwareSpec:
 
 
 # --- presets ---------------------------------------------------------------------------------------------
-# H200 efficiencies are measured on this project's lent H200 (an 8192^3 bf16 matmul through PyTorch at about
-# 788 TFLOP/s of the 989 peak; a device-to-device copy at about 4.3 TB/s of 4.8). The A6000 and H100 carry
-# the same fractions as an assumption until the project's GPU benchmarks measure them.
+# H200 efficiencies: an H200's achieved rates as reported for the machines we benchmark on (an 8192^3 bf16
+# matmul through PyTorch at about 788 TFLOP/s of the 989 peak; a device-to-device copy at about 4.3 TB/s of
+# 4.8), not yet measured by this project's own benchmarks (bench/gpu_check.sh). The A6000 and H100 carry the
+# same fractions as an assumption until the project's GPU benchmarks measure them.
 _H200_FLOPS_EFF = 788e12 / 989e12
 _H200_BW_EFF = 4.3e12 / 4.8e12
 
@@ -230,7 +231,7 @@ HARDWARE: dict[str, HardwareSpec] = {
         link_bandwidth=450e9, link_group=8, host_bandwidth=50e9,
         flops_efficiency=_H200_FLOPS_EFF, bandwidth_efficiency=_H200_BW_EFF,
         source="NVIDIA H200 SXM datasheet (bf16 dense 989 TFLOP/s, 4.8 TB/s HBM3e, NVLink 900 GB/s both "
-               "directions); efficiencies measured on an H200 (788 TFLOP/s matmul, 4.3 TB/s copy)",
+               "directions); efficiencies from reported H200 rates (788 TFLOP/s matmul, 4.3 TB/s copy)",
     ),
 }
 
