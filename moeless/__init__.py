@@ -17,6 +17,9 @@ _HF_MOE_MODULE = "transformers.integrations.moe"
 
 
 def _register_hf() -> None:
+    half_loaded = sys.modules.get("moeless.hf")
+    if half_loaded is not None and not hasattr(half_loaded, "register"):
+        return  # moeless.hf itself is importing transformers; it registers when it finishes loading
     try:
         from moeless import hf
 

@@ -250,3 +250,8 @@ def moeless_experts_forward(
         _warned.add(key)
         logger.warning("moeless: %s runs the generic torch path because of %s", key[0], ", ".join(blockers))
     return _generic_experts(self, hidden_states, ids, weights)
+
+
+# Importing this module first (before transformers) loads transformers from here, while the module is half
+# built; moeless's import hook then leaves the registration to this line.
+register()

@@ -453,3 +453,17 @@ def test_autograd_takes_the_exact_path_and_matches_eager_gradients(monkeypatch, 
     monkeypatch.setenv("MOELESS_BACKEND", "triton")
     with pytest.raises(NotImplementedError, match="autograd"):
         hf.moeless_experts_forward(module, hidden, ids, weights)
+
+
+@pytest.mark.parametrize("code", [
+    "import moeless.hf as h",                                   # moeless.hf first: it imports transformers
+    "import moeless; import transformers.integrations.moe",      # the lazy hook registers on transformers' import
+    "import transformers.integrations.moe; import moeless",      # transformers already there: registered at once
+])
+def test_registration_in_every_import_order(code):
+    import subprocess
+    import sys
+
+    check = "from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS as F; assert 'moeless' in F"
+    proc = subprocess.run([sys.executable, "-c", f"{code}; {check}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
