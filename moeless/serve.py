@@ -622,8 +622,7 @@ class ExpertParallelServer:
                            np.maximum(rank_lo[:, :, None], chunk_lo[None]), 0, None)  # [G, E, R]
         valid = log2phy >= 0
         slot_counts = np.zeros((G, G * S), dtype=np.int64)  # pairs from rank g to physical slot p
-        for g in range(G):
-            np.add.at(slot_counts[g], log2phy[valid], local_rt[g][valid])
+        np.add.at(slot_counts, (slice(None), log2phy[valid]), local_rt[:, valid])
         self._iter_gpu_pairs[layer] = slot_counts.sum(0).reshape(G, S).sum(1)  # pairs each rank's experts serve
         send = slot_counts[self.rank].reshape(G, S).sum(1)
         recv_by_slot = slot_counts[:, self.rank * S:(self.rank + 1) * S]  # [G, S]

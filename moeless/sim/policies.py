@@ -43,12 +43,6 @@ def tile_plan(plan: _planner.Plan, n: int) -> _planner.Plan:
                                       plan.slots_per_gpu)
 
 
-def stack_plans(plans) -> _planner.Plan:
-    first = plans[0]
-    return _planner.Plan.from_phy2log(np.concatenate([p.phy2log for p in plans]), first.num_experts,
-                                      first.gpus, first.slots_per_gpu)
-
-
 def replica_gpu(plan: _planner.Plan) -> np.ndarray:
     """`plan.replica_gpu` (int64 [L, E, R_max], -1 pad) by one table lookup instead of a division over the
     padded array; Plan recomputes its property on every access, so callers keep the result."""
@@ -56,12 +50,6 @@ def replica_gpu(plan: _planner.Plan) -> np.ndarray:
     gpu_of_slot = np.r_[np.arange(P, dtype=np.int64) // plan.slots_per_gpu, -1]  # index -1: the pad
     return gpu_of_slot[plan.log2phy]
 
-
-def _pad_r(a: np.ndarray, width: int, fill) -> np.ndarray:
-    if a.shape[-1] == width:
-        return a
-    pad = np.full(a.shape[:-1] + (width - a.shape[-1],), fill, dtype=a.dtype)
-    return np.concatenate([a, pad], axis=-1)
 
 
 class Policy:
