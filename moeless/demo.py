@@ -265,8 +265,9 @@ def _pool_runs(runs: list) -> dict:
     lat = np.asarray(s["layer_times_s"]).reshape(-1) * 1e3
     s["moe_layer_ms"] = {"mean": float(lat.mean()), "p50": float(np.percentile(lat, 50)),
                          "p90": float(np.percentile(lat, 90)), "p99": float(np.percentile(lat, 99))}
-    pairs = np.asarray(s["gpu_pairs"], dtype=np.float64)
-    s["pair_balance"] = float(pairs.max(2).sum() / max(1e-9, pairs.mean(2).sum()))
+    from moeless.serve import pair_balance
+
+    s["pair_balance"] = pair_balance(s["gpu_pairs"])
     out["summary"] = s
     return out
 

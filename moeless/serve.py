@@ -239,6 +239,12 @@ class Result:
     logits: np.ndarray | None = None
 
 
+def pair_balance(gpu_pairs) -> float:
+    """Busiest rank's pairs over the mean rank's, summed over [iterations, layers, ranks] pairs (1.0 = even)."""
+    pairs = np.asarray(gpu_pairs, dtype=np.float64)
+    return float(pairs.max(-1).sum() / max(1e-9, pairs.mean(-1).sum()))
+
+
 def check_request(req, max_context: int, vocab_size: int) -> str | None:
     """Why `req` cannot be served, or None."""
     if not isinstance(req, Request):
@@ -893,7 +899,7 @@ class ExpertParallelServer:
                                      for k, v in self.profile.items()},
             "layer_times_s": times.tolist(),
             "gpu_pairs": pairs.tolist(),
-            "pair_balance": float(pairs.max(2).sum() / max(1e-9, pairs.mean(2).sum())),
+            "pair_balance": pair_balance(pairs),
             "iteration_tokens": list(self._iter_tokens),
             "prefill_iterations": list(self._prefill_iterations),
             "replicas": [r.tolist() for r in stats.replicas],
