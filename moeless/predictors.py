@@ -33,11 +33,10 @@ lazily, only for fine-tuning and `from_model`. It never changes routing.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
-from moeless.traces import RoutingTrace, TraceBatch, expert_loads, find_routers, router_top_k
+from moeless.traces import RoutingTrace, TraceBatch, expert_loads, find_routers, load_npz_arrays, router_top_k
 
 __all__ = [
     "LoadPredictor",
@@ -232,13 +231,7 @@ def save_predictors(predictors: dict[str, LoadPredictor], path: str) -> str:
 
 def load_predictors(path: str) -> dict[str, LoadPredictor]:
     """Read the predictors written by `save_predictors` (or `LoadPredictor.save`), by label."""
-    if not os.path.isfile(path):
-        raise ValueError(f"path: {path!r} is not a file")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a saved moeless predictor ({exc})") from None
+    arrays = load_npz_arrays(path, "not a saved moeless predictor")
     out = {}
     i = 0
     while f"{i}.meta" in arrays:

@@ -462,15 +462,20 @@ def write_npz(trace: RoutingTrace, path: str, *, compress: bool = True) -> None:
     (np.savez_compressed if compress else np.savez)(path, **arrays)
 
 
-def read_npz(path: str) -> RoutingTrace:
-    """Read a trace written by `write_npz`."""
+def load_npz_arrays(path: str, what: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz file (no pickles); a ValueError saying `what` the file is not, on failure."""
     if not os.path.isfile(path):
         raise ValueError(f"path: {path!r} is not a file")
     try:
         with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
+            return {k: z[k] for k in z.files}
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable .npz file ({exc})") from None
+        raise ValueError(f"{path}: {what} ({exc})") from None
+
+
+def read_npz(path: str) -> RoutingTrace:
+    """Read a trace written by `write_npz`."""
+    data = load_npz_arrays(path, "not a readable .npz file")
     missing = [k for k in ("format_version", "num_experts", "topk_ids") if k not in data]
     if missing:
         raise ValueError(f"{path}: not a moeless trace, missing array(s) {missing}")

@@ -149,6 +149,11 @@ def read_request_csv(path_or_file, *, timestamp_column: str | None = None, input
     finally:
         if close:
             fh.close()
+    return _request_trace(times, inputs, outputs, name)
+
+
+def _request_trace(times, inputs, outputs, name: str) -> RequestTrace:
+    """A RequestTrace from parsed columns, times rebased to the first request."""
     t = np.asarray(times, dtype=np.float64)
     if len(t):
         t = t - t[0]
@@ -177,10 +182,7 @@ def read_mooncake_jsonl(path_or_file, *, name: str | None = None) -> RequestTrac
     finally:
         if close:
             fh.close()
-    t = np.asarray(times, dtype=np.float64)
-    if len(t):
-        t = t - t[0]
-    return RequestTrace(t, np.asarray(inputs, dtype=np.int64), np.asarray(outputs, dtype=np.int64), name=name)
+    return _request_trace(times, inputs, outputs, name)
 
 
 def load_trace(name_or_path: str) -> RequestTrace:
