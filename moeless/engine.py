@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moeless.baselines import static_plan
-from moeless.planner import Plan, gpu_loads, plan_layers, serve_time_split
+from moeless.planner import Plan, _positive_int, gpu_loads, plan_layers, serve_time_split
 from moeless.pool import ApplyResult, FunctionPool, Meter, SimulatedClock
 
 __all__ = ["Engine", "EngineStats", "GateReplicaLoads", "POLICIES", "default_slots_per_gpu", "replay_pool"]
@@ -132,12 +132,10 @@ class Engine:
                  replan_min_pairs: int = 0, align: bool = False):
         for name, v in (("num_layers", num_layers), ("num_experts", num_experts), ("gpus", gpus),
                         ("distance", distance)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            _positive_int(name, v)
         if slots_per_gpu is None:
             slots_per_gpu = default_slots_per_gpu(num_experts, gpus, 1 if policy != "ep" else 0)
-        if isinstance(slots_per_gpu, bool) or not isinstance(slots_per_gpu, (int, np.integer)) or slots_per_gpu < 1:
-            raise ValueError(f"slots_per_gpu must be a positive integer, got {slots_per_gpu!r}")
+        _positive_int("slots_per_gpu", slots_per_gpu)
         if gpus * slots_per_gpu < num_experts:
             raise ValueError(f"slots_per_gpu={slots_per_gpu} x gpus={gpus} cannot hold {num_experts} experts once")
         if not (callable(policy) or policy in POLICIES):
