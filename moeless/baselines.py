@@ -19,7 +19,7 @@ from collections import deque
 
 import numpy as np
 
-from moeless.planner import Plan, _check_loads, _positive_int
+from moeless.planner import Plan, _check_loads, _positive_int, replicate_minmax
 
 __all__ = ["EPLB", "balanced_packing", "oracle_reroute", "rebalance_experts", "replicate_experts", "static_plan"]
 
@@ -43,22 +43,29 @@ def static_plan(num_layers: int, num_experts: int, gpus: int, slots_per_gpu: int
 
 def replicate_experts(loads, num_physical: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """EPLB's replication: `num_physical` replicas per row, each redundant one to the expert with the largest
-    load per replica. Returns phy2log [X, num_physical] (experts 0..E-1 first, then the redundant ones in the
-    order they were added), rank [X, num_physical] (replica rank of each) and logcnt [X, E]."""
+    load per replica (ties: the lower expert id). Returns phy2log [X, num_physical] (experts 0..E-1 first,
+    then the redundant ones in the order the greedy adds them), rank [X, num_physical] (replica rank of each)
+    and logcnt [X, E].
+
+    The replica counts are the planner's `replicate_minmax` (the one greedy replication of the project); the
+    order follows from them: the greedy adds the increments W_e / k (k = 1 .. logcnt_e - 1) in descending
+    order, ties to the lower expert id, so a stable sort of the taken increments replays it."""
     W = _check_loads(loads)
     X, E = W.shape
     num_physical = _positive_int("num_physical", num_physical)
     if num_physical < E:
         raise ValueError(f"num_physical={num_physical} must be >= the number of experts {E}")
+    logcnt = replicate_minmax(W, num_physical)
+    K = int(logcnt.max(initial=1)) - 1
     phy2log = np.tile(np.arange(num_physical, dtype=np.int64), (X, 1))
     rank = np.zeros((X, num_physical), dtype=np.int64)
-    logcnt = np.ones((X, E), dtype=np.int64)
-    rows = np.arange(X)
-    for i in range(E, num_physical):
-        e = (W / logcnt).argmax(1)
-        phy2log[:, i] = e
-        rank[:, i] = logcnt[rows, e]
-        logcnt[rows, e] += 1
+    if K > 0:
+        k = np.arange(1, K + 1)
+        taken = k[None, None, :] < logcnt[:, :, None]  # [X, E, K]: increment k of expert e was taken
+        inc = np.where(taken, W[:, :, None] / k, -np.inf).reshape(X, E * K)
+        order = np.argsort(-inc, axis=1, kind="stable")[:, : num_physical - E]  # (value desc, expert, k)
+        phy2log[:, E:] = order // K
+        rank[:, E:] = order % K + 1
     return phy2log, rank, logcnt
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moeless.planner import Plan
+from moeless.planner import Plan, align_slots
 
 __all__ = ["ApplyResult", "FunctionPool", "Meter", "RealClock", "SimulatedClock"]
 
@@ -323,35 +323,13 @@ class FunctionPool:
         balance, are unchanged. Changes nothing in the pool."""
         layers, p2l = self._targets(plan, layer)
         L, G, S = len(layers), self.gpus, self.slots_per_gpu
-        new = p2l.reshape(L, G, S)
         cur = self.expert[layers].reshape(L, G, S)
-        earlier = np.tril(np.ones((S, S), dtype=bool), -1)  # earlier[s, t]: t < s
-
-        def occurrence(a):  # how many earlier slots of the same GPU hold the same expert
-            return ((a[..., :, None] == a[..., None, :]) & earlier).sum(-1)
-
-        # the k-th instance of expert e on a GPU in the plan takes the slot of the k-th live one in the pool
-        match = ((new[..., :, None] == cur[..., None, :]) & (new >= 0)[..., :, None]
-                 & (occurrence(new)[..., :, None] == occurrence(cur)[..., None, :]))  # [L, G, S(new), S(cur)]
-        has = match.any(-1)
-        want = match.argmax(-1)
-        taken = np.zeros((L, G, S), dtype=bool)
-        li, gi, si = np.nonzero(has)
-        taken[li, gi, want[li, gi, si]] = True
-        # the untaken slots by preference: free, then idle by keep-alive deadline, then in-plan
+        # the untaken slots by preference: free, then idle by keep-alive deadline (expired ones first), then
+        # the slots of instances in the current plan
         deadline = (self.last_used[layers] + self.keep_alive_s).reshape(L, G, S)
         idle = (cur >= 0) & ~self.in_plan[layers].reshape(L, G, S)
-        key = np.where(cur < 0, -np.inf, np.where(idle, deadline, np.inf))  # expired idle: deadline <= t, early
-        key = np.where(taken, np.nan, key)  # nan sorts last
-        pref = np.argsort(key, axis=-1, kind="stable")
-        # plan entries without a match, occupied ones first (they need a slot; free entries fill the rest)
-        need = ~has
-        order_new = np.argsort(np.where(need & (new >= 0), 0, np.where(need, 1, 2)), axis=-1, kind="stable")
-        rank = np.empty_like(order_new)
-        np.put_along_axis(rank, order_new, np.arange(S)[None, None, :].repeat(G, 1).repeat(L, 0), -1)
-        pos = np.where(has, want, np.take_along_axis(pref, np.minimum(rank, S - 1), -1))
-        out = np.full((L, G, S), -1, dtype=np.int64)
-        np.put_along_axis(out, pos, new, -1)
+        key = np.where(cur < 0, -np.inf, np.where(idle, deadline, np.inf))
+        out = align_slots(p2l.reshape(L, G, S), cur, key)
         return Plan.from_phy2log(out.reshape(L, G * S), plan.num_experts, self.gpus, self.slots_per_gpu)
 
     def live_phy2log(self) -> np.ndarray:

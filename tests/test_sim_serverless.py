@@ -7,7 +7,7 @@ import pytest
 
 from moeless.planner import Plan
 from moeless.sim import SimConfig, run_simulation
-from moeless.sim.costmodel import RooflineCost, merged_replicas
+from moeless.costmodel import RooflineCost, merged_replicas
 from moeless.sim.policies import lpt_split, split_layers
 from moeless.sim.serverless import link_timeline, one_per_expert
 from moeless.specs import HardwareSpec, ModelSpec

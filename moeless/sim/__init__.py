@@ -4,7 +4,7 @@ The second data plane of the same control plane: request traces (moeless.sim.wor
 routing (moeless.sim.routing) gives every iteration's per-layer expert loads, the policies
 (moeless.sim.policies: megatron, eplb, oracle, moeless and its ablations) drive the real planner and
 predictors, moeless.sim.serverless keeps the instances' lifecycle and bill, and one cost model
-(moeless.sim.costmodel: roofline, or the paper's linear Equations 1-3) prices every layout.
+(moeless.costmodel: roofline, or the paper's linear Equations 1-3) prices every layout.
 
     from moeless.sim import SimConfig, run_simulation, write_report
     result = run_simulation(SimConfig())          # the paper's setup

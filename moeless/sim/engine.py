@@ -25,7 +25,7 @@ import numpy as np
 
 from moeless import planner as _planner
 from moeless.sim import workload as _workload
-from moeless.sim.costmodel import PaperLinearCost, RooflineCost, equation2_cost
+from moeless.costmodel import PaperLinearCost, RooflineCost, equation2_cost
 from moeless.sim.policies import (POLICY_NAMES, LoadPrediction, MoelessPolicy, StaticPolicy)
 from moeless.sim.results import GB, PolicyResult, SimResult
 from moeless.sim.routing import (PopularityProfile, PopularityRouting, TraceRouting, mixtral_popularity,

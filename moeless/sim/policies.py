@@ -19,7 +19,7 @@ import numpy as np
 
 from moeless import baselines as _baselines
 from moeless import planner as _planner
-from moeless.sim.costmodel import LayerTimes
+from moeless.costmodel import LayerTimes
 
 POLICY_NAMES = ("megatron", "eplb", "oracle", "moeless", "moeless-history", "moeless-noscale",
                 "moeless-nowarm", "moeless-evensplit")

@@ -38,7 +38,7 @@ import numpy as np
 
 from moeless import planner as _planner
 from moeless.pool import FunctionPool, SimulatedClock
-from moeless.sim.costmodel import equation2_cost
+from moeless.costmodel import equation2_cost
 from moeless.sim.policies import slot_rank, split_slots
 
 

@@ -1,9 +1,9 @@
-"""moeless.sim.costmodel: the roofline against hand computations, the paper's Equations 1 and 2 against a
+"""moeless.costmodel: the roofline against hand computations, the paper's Equations 1 and 2 against a
 brute-force evaluation written from the paper's formulas, end to end through the simulator."""
 import numpy as np
 import pytest
 
-from moeless.sim.costmodel import PaperLinearCost, RooflineCost, equation2_cost
+from moeless.costmodel import PaperLinearCost, RooflineCost, equation2_cost
 from moeless.specs import HardwareSpec, ModelSpec
 
 TINY = ModelSpec("tiny", num_moe_layers=1, num_experts=2, top_k=1, hidden_size=4, moe_intermediate_size=8)

@@ -43,6 +43,32 @@ class LayerTimes:
         return self.compute + 2.0 * self.a2a
 
 
+@dataclass(frozen=True)
+class CostProfile:
+    """The cost model's arithmetic as scalars, for the policy's compiled loops (moeless.policy) on G GPUs.
+
+    An instance (an expert's replicas on one GPU, merged) serving n > 0 pairs takes
+    max(n * flop_s, read_s + n * act_s) + launch_s seconds (0 for n = 0); a GPU's expert time is the sum over
+    its instances (`per_gpu_sum`) or, in the paper's model, the layer's is the max over replicas; one
+    all-to-all direction takes a2a_s * max over GPUs of (pairs received, or total / G when `a2a_floor`: a
+    GPU sends its own tokens' pairs). MoE-layer time = expert time + 2 * all-to-all. `misc_s(tokens)` is
+    the non-expert time, `copy_s` the host and peer cold-start seconds."""
+
+    flop_s: float
+    read_s: float
+    act_s: float
+    launch_s: float
+    a2a_s: float
+    a2a_floor: bool
+    per_gpu_sum: bool
+    gpus: int
+
+    def as_array(self) -> np.ndarray:
+        """float64 [7] in the order the compiled loops read them."""
+        return np.array([self.flop_s, self.read_s, self.act_s, self.launch_s, self.a2a_s,
+                         float(self.a2a_floor), float(self.per_gpu_sum)], dtype=np.float64)
+
+
 def _check_layout(replica_tokens, replica_gpu, num_gpus):
     tokens = np.asarray(replica_tokens, dtype=np.float64)
     gpu = np.asarray(replica_gpu)
@@ -267,6 +293,18 @@ class RooflineCost:
         misc = self.misc_time(tokens, num_gpus) + np.zeros_like(compute)
         return LayerTimes(compute=compute, a2a=a2a, misc=misc)
 
+    def profile(self, num_gpus: int) -> CostProfile:
+        """This model as scalars on `num_gpus` GPUs (see CostProfile); the same numbers as layer_times."""
+        m, h = self.model, self.hardware
+        G = int(num_gpus)
+        a2a = 0.0
+        if G > 1:
+            in_group = (min(h.link_group, G) - 1) / (G - 1)
+            a2a = (G - 1) / G * m.token_bytes * max(in_group / h.link_bandwidth, (1 - in_group) / h.host_bandwidth)
+        return CostProfile(flop_s=m.flops_per_token / h.flops, read_s=m.expert_bytes / h.bandwidth,
+                           act_s=m.activation_bytes_per_token / h.bandwidth, launch_s=h.launch_s, a2a_s=a2a,
+                           a2a_floor=True, per_gpu_sum=True, gpus=G)
+
     def cold_start_s(self, from_peer: bool = False) -> float:
         """Seconds to copy one expert's weights into a GPU slot: from host memory over PCIe, or from a peer
         GPU of the same link group that holds it."""
@@ -310,6 +348,15 @@ class PaperLinearCost:
         compute = (self.alpha * np.asarray(slot_tokens, dtype=np.float64)).max(-1) if M else np.zeros(lead)
         a2a = (self.beta * _row_sum(pairs).reshape(*lead, num_gpus)).max(-1)
         return LayerTimes(compute=compute, a2a=a2a, misc=np.full(compute.shape, self.t_misc))
+
+    def profile(self, num_gpus: int) -> CostProfile:
+        """Equations 1-3 as scalars: alpha per pair of a replica, the max over replicas, beta per pair of a GPU."""
+        return CostProfile(flop_s=self.alpha, read_s=0.0, act_s=0.0, launch_s=0.0, a2a_s=self.beta,
+                           a2a_floor=False, per_gpu_sum=False, gpus=int(num_gpus))
+
+    def misc_time(self, tokens, num_gpus: int) -> np.ndarray:
+        """T_misc per layer, whatever the tokens."""
+        return np.full(np.shape(tokens), self.t_misc, dtype=np.float64)
 
     def cold_start_s(self, from_peer: bool = False) -> float:
         return 0.0  # the paper's model has no cold-start term
