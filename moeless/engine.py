@@ -1,29 +1,31 @@
-"""The per-iteration control plane of real serving: predict -> scale -> place, and the function pool realises it.
+"""The per-iteration control plane: it drives one policy (moeless.policy) layer by layer and realises its plans in
+the serverless function pool. The real serving loop (moeless.serve) and the simulator (moeless.sim) both run it,
+the same way, so a simulated figure describes what serving does.
 
-One `Engine` per served model and policy. In every iteration, for every MoE layer l in order, the data plane
-(`moeless.serve`) calls:
+In every iteration the data plane calls, for every MoE layer l in order:
 
-    plan(l)                           the one-layer Plan that layer l runs with (decided d layers earlier)
-    split(l, counts)                  replica_tokens [E, R] of layer l for its true counts (serve-time split)
-    observe(l, counts, predicted)     layer l's true counts and the predicted counts of layer l+d arrived:
-                                      scale and place layer l+d, realise it in the pool; returns the cold starts
-                                      the data plane must copy (the instances that are not warm)
+    begin_iteration(tokens, prefill)  once, before layer 0 (optional: the phase and size of the batch)
+    plan(l)                           the one-layer Plan layer l runs with (decided d layers earlier)
+    split(l, counts)                  replica_tokens [E, R] of layer l for its true counts (the policy's split)
+    observe(l, counts, predicted)     layer l's true counts and the predicted counts of layer l+d arrived: the
+                                      policy decides layer l+d, the pool realises it; returns (l+d, ApplyResult)
+                                      whose cold starts the data plane must copy, or None
+    end_iteration(now)                after the last layer: the policy's end-of-iteration plan (EPLB's rebuild),
+                                      realised in the pool (ApplyResult or None)
 
-Layers l+d past the last layer are planned for the next iteration from this iteration's true counts of
-layer l+d-L (nothing can predict the next batch's first layers before it exists).
+Layers l+d past the last layer are decided for the next iteration from this iteration's true counts of layer
+l+d-L (nothing predicts the next batch's first layers before it exists).
 
-Policies: "moeless" (the planner's `plan_layers`, warm reuse of the layer's previous plan), "ep" (Megatron
-static expert parallelism: E/G experts per GPU, never re-planned), or a callable
-`policy(layer, loads [E] float, previous one-layer Plan) -> one-layer Plan` (tests and experiments).
-
-Hysteresis (`replan_slack`, `replan_min_pairs`): a layer keeps its plan -- no planning, no cold start -- while
-that plan still serves the new loads well: its max GPU load under the exact serve-time split is within
-(1 + replan_slack) x the mean GPU load, or within `replan_min_pairs` pairs of it (small decode batches, whose
-counts are mostly noise and whose imbalance costs less than re-copying experts). None = plan every time.
+What the policy is told (`LayerContext`) is computed in *model time*, the cost model's predicted seconds of the
+layers served so far, not the wall clock: the copy links' queues (a cold start queues on its GPU's link for
+the cost model's copy time), the look-ahead (d layers of the recent mean layer time) and the expected warm life
+of a new instance (iterations that the instances this engine cold-started stayed in the plan, per phase,
+measured online). So the same inputs give the same plans in serving and in simulation; only the pool's
+keep-alive (releases) follows the clock passed as `now`.
 
 Load prediction: `GateReplicaLoads` runs the paper's gate-replica predictor on the gate input of layer l as torch
-ops on the data plane's device (the serving loop puts it on a side CUDA stream) and returns per-expert counts;
-without it the engine predicts layer l+d from its true counts in the previous iteration.
+ops on the data plane's device and returns per-expert counts; without it the engine predicts layer l+d from its
+true counts in the previous iteration.
 
 Every rank runs one engine on the same inputs (global counts, rank 0's clock), so the plans agree without being
 broadcast. This module is floor 3: it never imports torch.distributed, never copies weights (the data plane
@@ -36,32 +38,32 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moeless.baselines import static_plan
-from moeless.planner import Plan, _positive_int, gpu_loads, plan_layers, serve_time_split
+from moeless.planner import Plan
+from moeless.planner.plan import _positive_int
+from moeless.policy import LayerContext, Policy
 from moeless.pool import ApplyResult, FunctionPool, Meter, SimulatedClock
 
-__all__ = ["Engine", "EngineStats", "GateReplicaLoads", "POLICIES", "default_slots_per_gpu", "replay_pool"]
-
-POLICIES = ("moeless", "ep")
+__all__ = ["Engine", "EngineStats", "GateReplicaLoads", "default_slots_per_gpu", "replay_pool"]
 
 
 def default_slots_per_gpu(num_experts: int, gpus: int, extra: int = 1) -> int:
-    """Static EP's share ceil(E / G) plus `extra` slots per GPU for replicas."""
-    if not isinstance(extra, (int, np.integer)) or extra < 0:
+    """Expert parallelism's share ceil(E / G) plus `extra` slots per GPU for replicas."""
+    if isinstance(extra, bool) or not isinstance(extra, (int, np.integer)) or extra < 0:
         raise ValueError(f"extra must be an int >= 0, got {extra!r}")
     return -(-int(num_experts) // int(gpus)) + int(extra)
 
 
 @dataclass
 class EngineStats:
-    """What the control plane did: per (iteration, layer) replicas in use; plans made; cold starts realised."""
+    """What the control plane did: per (iteration, layer) replicas in use; decisions; cold starts realised."""
 
     replicas: list = field(default_factory=list)  # [iterations] of int64 [L]
-    plans_made: int = 0
-    plan_changes: int = 0  # plans whose phy2log differs from the layer's previous one
-    plans_kept: int = 0  # layers whose previous plan still served the new loads well (hysteresis)
+    plans_made: int = 0  # layers whose plan the policy changed
+    plan_changes: int = 0  # the same (kept for the serving summary's field name)
+    plans_kept: int = 0  # decisions that kept the current plan
     cold_starts: int = 0
     warm_starts: int = 0
+    rebuilds: int = 0  # whole-model plans from end_iteration (EPLB)
 
 
 class GateReplicaLoads:
@@ -115,76 +117,96 @@ class GateReplicaLoads:
 
 
 class Engine:
-    """The control plane of `num_layers` MoE layers on `gpus` x `slots_per_gpu` slots (see the module docstring).
+    """Drive `policy` (a moeless.policy.Policy) over its layers (see the module docstring).
 
-    pool: a `moeless.pool.FunctionPool` of the same shape (None: one with `expert_bytes`, `keep_alive_s`,
-    `link_bandwidth` bytes/s for its cold-start time model, and a simulated clock: pass `now` (seconds) to
-    `start` / `observe` / `close`, e.g. the serving loop's wall clock). planner_options go to
-    `moeless.planner.plan_layers`. replan_slack / replan_min_pairs: the hysteresis of the module docstring.
-    align: renumber each new plan's slots inside a GPU to the pool's live instances (`FunctionPool.align`),
-    so an expert that stays on a GPU is never copied again, whatever slot the planner gave it.
+    pool: a `moeless.pool.FunctionPool` of the policy's shape (None: one with `expert_bytes`, `keep_alive_s`,
+    the host link's `link_bandwidth` and the peer link's `peer_bandwidth` (bytes/s) inside groups of
+    `link_group` GPUs, on a simulated clock: pass `now` (seconds) to start / observe / end_iteration / close).
+    copy_s: (host, peer) seconds of one cold start in model time (default: the policy's cost model's, else the
+    pool's). misc: seconds of non-expert work per layer for an iteration of t tokens, `misc(t)` (default: the
+    policy's cost model's, else 0), which the look-ahead counts. horizon_prior: the expected warm life
+    (iterations) counted as one more measured instance; None: the iterations that fit in the pool's keep-alive
+    at the mean iteration time so far (an instance stays at least that long; the measurements correct it where
+    popularity moves faster), capped at 1,000. prewarm: after each layer runs, `prepare` decides its plan for
+    the next iteration (copies then have an iteration to arrive); off: only the decision d layers ahead.
     """
 
-    def __init__(self, num_layers: int, num_experts: int, gpus: int, slots_per_gpu: int | None = None, *,
-                 policy="moeless", distance: int = 1, pool: FunctionPool | None = None,
+    # recent true loads per layer kept as the scenarios of the decision well ahead (`prepare`)
+    SCENARIOS = 8
+
+    def __init__(self, policy: Policy, *, distance: int = 1, pool: FunctionPool | None = None,
                  expert_bytes: float = 1.0, keep_alive_s: float = 60.0, link_bandwidth: float = 25e9,
-                 planner_options: dict | None = None, replan_slack: float | None = None,
-                 replan_min_pairs: int = 0, align: bool = False):
-        for name, v in (("num_layers", num_layers), ("num_experts", num_experts), ("gpus", gpus),
-                        ("distance", distance)):
-            _positive_int(name, v)
-        if slots_per_gpu is None:
-            slots_per_gpu = default_slots_per_gpu(num_experts, gpus, 1 if policy != "ep" else 0)
-        _positive_int("slots_per_gpu", slots_per_gpu)
-        if gpus * slots_per_gpu < num_experts:
-            raise ValueError(f"slots_per_gpu={slots_per_gpu} x gpus={gpus} cannot hold {num_experts} experts once")
-        if not (callable(policy) or policy in POLICIES):
-            raise ValueError(f"policy must be one of {POLICIES} or a callable, got {policy!r}")
-        if policy == "ep" and num_experts % gpus:
-            raise ValueError(f"policy 'ep' needs num_experts={num_experts} divisible by gpus={gpus}")
-        if replan_slack is not None and not (isinstance(replan_slack, (int, float)) and math.isfinite(replan_slack)
-                                             and replan_slack >= 0):
-            raise ValueError(f"replan_slack must be None or a finite number >= 0, got {replan_slack!r}")
-        if isinstance(replan_min_pairs, bool) or not isinstance(replan_min_pairs, (int, np.integer)) \
-                or replan_min_pairs < 0:
-            raise ValueError(f"replan_min_pairs must be an int >= 0, got {replan_min_pairs!r}")
-        self.replan_slack = None if replan_slack is None else float(replan_slack)
-        self.replan_min_pairs = int(replan_min_pairs)
-        self.align = bool(align)
-        self.L, self.E, self.G, self.S = int(num_layers), int(num_experts), int(gpus), int(slots_per_gpu)
-        self.distance = int(distance)
+                 peer_bandwidth: float | None = None, link_group: int = 1, copy_s=None, misc=None,
+                 horizon_prior: float | None = None, prewarm: bool = True):
+        if not isinstance(policy, Policy):
+            raise ValueError(f"policy must be a moeless.policy.Policy (see moeless.policy.make_policy), got "
+                             f"{type(policy).__name__}")
+        _positive_int("distance", distance)
         self.policy = policy
-        self.planner_options = dict(planner_options or {})
+        self.L, self.E, self.G, self.S = policy.L, policy.E, policy.G, policy.S
+        if distance >= self.L and self.L > 1:
+            raise ValueError(f"distance={distance} must be smaller than the {self.L} layers")
+        self.distance = int(distance)
         if pool is None:
             pool = FunctionPool(self.L, self.G, self.S, expert_bytes=float(expert_bytes),
                                 link_bandwidth=float(link_bandwidth), keep_alive_s=float(keep_alive_s),
-                                clock=SimulatedClock())
+                                peer_bandwidth=peer_bandwidth, link_group=int(link_group), clock=SimulatedClock())
         elif (pool.num_layers, pool.gpus, pool.slots_per_gpu) != (self.L, self.G, self.S):
             raise ValueError(f"pool has (layers, gpus, slots) = ({pool.num_layers}, {pool.gpus}, "
-                             f"{pool.slots_per_gpu}), the engine ({self.L}, {self.G}, {self.S})")
+                             f"{pool.slots_per_gpu}), the policy ({self.L}, {self.G}, {self.S})")
         self.pool = pool
-        if self.E % self.G == 0 and self.E // self.G <= self.S:
-            initial = static_plan(self.L, self.E, self.G, self.S)
-        else:  # experts round-robin over GPUs when E / G is not whole
-            p2l = np.full((self.L, self.G * self.S), -1, dtype=np.int64)
-            e = np.arange(self.E)
-            p2l[:, (e % self.G) * self.S + e // self.G] = e
-            initial = Plan.from_phy2log(p2l, self.E, self.G, self.S)
+        cost = getattr(policy, "cost", None)
+        if copy_s is None:
+            copy_s = ((cost.cold_start_s(False), cost.cold_start_s(True)) if cost is not None
+                      else (pool.cold_start_s, pool.peer_cold_start_s))
+        self.copy_host, self.copy_peer = (float(c) for c in copy_s)
+        if getattr(policy, "free_moves", False):
+            self.copy_host = self.copy_peer = 0.0
+        if misc is None:
+            misc = (lambda t: float(cost.misc_time(t, self.G))) if cost is not None else (lambda t: 0.0)
+        self._misc = misc
+        if horizon_prior is not None and not (math.isfinite(horizon_prior) and horizon_prior >= 1):
+            raise ValueError(f"horizon_prior must be None or a finite number >= 1, got {horizon_prior!r}")
+        self.horizon_prior = None if horizon_prior is None else float(horizon_prior)
+        self.prewarm = bool(prewarm)
+        self._iterations = 0.0
+        initial = policy.initial_plan()
         self._plans = [initial[l] for l in range(self.L)]
         self._last_counts = np.zeros((self.L, self.E), dtype=np.int64)  # true counts, latest iteration
+        self._share: list = [None] * self.L  # per layer, load shares averaged over one keep-alive
+        self._recent = np.zeros((self.L, self.SCENARIOS, self.E))  # per layer, its last true counts (a ring)
+        self._n_recent = np.zeros(self.L, dtype=np.int64)
+        self._iter_counts = np.zeros((self.L, self.E), dtype=np.int64)
         self._iteration_replicas = np.zeros(self.L, dtype=np.int64)
+        # model time: the cost model's seconds of the layers served so far; each GPU's copy link is free at
+        # link_free (model time); the recent mean layer seconds (moe + misc) give the look-ahead
+        self.model_t = 0.0
+        self._link_free = np.zeros(self.G)
+        self._layer_s = None
+        self.last_layer_s = 0.0
+        self._tokens = 0.0
+        self._prefill = False
+        # warm life of the instances this engine cold-started: slots' expert if made here (-1 otherwise)
+        self._made = np.full((self.L, self.G * self.S), -1, dtype=np.int64)
+        self._last_use = np.full((self.L, self.G * self.S), -np.inf)  # when each slot's instance last served
+        self._n_made = 0
+        self._uses = 0.0
+        self._weight = 1.0
         self.stats = EngineStats()
         self.applied: list[tuple[float, int, np.ndarray]] = []  # (now, layer, phy2log [G*S]) in pool order
         self._started = False
+        self._now = 0.0
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self, now: float | None = None) -> ApplyResult:
-        """Realise the initial placement (static EP layout) in the pool: every slot of every layer cold-starts."""
+        """Realise the policy's initial plan in the pool: every slot of every layer cold-starts (before the first
+        batch, as a serverful deployment loads its weights)."""
         if self._started:
             raise ValueError("engine already started")
         self._started = True
         full = Plan.from_phy2log(np.stack([p.phy2log[0] for p in self._plans]), self.E, self.G, self.S)
         t = self.pool.advance_to(now)
+        self._now = t
         res = self.pool.apply(full, t)
         for l in range(self.L):
             self.applied.append((t, l, full.phy2log[l].copy()))
@@ -195,88 +217,172 @@ class Engine:
         """Charge the pool up to `now`, release everything, return the meter."""
         return self.pool.close(now)
 
+    def begin_iteration(self, tokens: float, prefill: bool = False, weight: float = 1.0) -> None:
+        """The coming iteration's tokens, phase and weight (how many real iterations it stands for)."""
+        if not (math.isfinite(tokens) and tokens >= 0):
+            raise ValueError(f"tokens must be a finite number >= 0, got {tokens!r}")
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"weight must be a finite number > 0, got {weight!r}")
+        self._tokens = float(tokens)
+        self._prefill = bool(prefill)
+        self._weight = float(weight)
+
+    def wants_plan(self, batch_tokens: int, top_k: int = 1) -> bool:
+        """Whether the policy decides per layer at all for a batch of `batch_tokens` tokens (a serverful policy
+        never does; an empty batch has nothing to decide): the data plane skips the prediction otherwise."""
+        return bool(self.policy.serverless) and batch_tokens > 0
+
     # -- per layer -----------------------------------------------------------------------------------------
     def plan(self, layer: int) -> Plan:
         """The one-layer Plan layer `layer` runs with now."""
         return self._plans[self._layer(layer)]
 
-    def split(self, layer: int, counts, *, exact: bool = True) -> np.ndarray:
-        """replica_tokens int64 [E, R] of `layer` for its true global counts [E] (pairs per expert): the exact
-        serve-time split, or (exact=False, for batches too small for balance to matter) every pair on its
-        expert's first replica: fewer, larger GEMM groups per rank."""
+    def split(self, layer: int, counts) -> np.ndarray:
+        """replica_tokens int64 [E, R] of `layer` for its true global counts [E] (pairs per expert), by the
+        policy's split; advances the model clock by the layer's predicted seconds."""
+        layer = self._layer(layer)
         counts = self._counts(counts, "counts")
-        plan = self._plans[self._layer(layer)]
-        if exact:
-            return serve_time_split(plan, counts[None])[0]
-        rt = np.zeros(plan.log2phy.shape[1:], dtype=np.int64)
-        rt[:, 0] = counts
+        plan = self._plans[layer]
+        rt, t = self.policy.split(layer, plan, counts)
+        l2p = plan.log2phy[0]
+        used = l2p[(rt > 0) & (l2p >= 0)]
+        self._last_use[layer, used] = self._now
+        if self._n_made:  # warm life: this engine's instances that serve pairs now
+            self._uses += self._weight * float((self._made[layer, used] == plan.phy2log[0, used]).sum())
+        tokens = self._tokens if self._tokens > 0 else float(counts.sum())
+        self.last_layer_s = float(t) + self._misc(tokens)
+        self._layer_s = self.last_layer_s if self._layer_s is None else 0.9 * self._layer_s + 0.1 * self.last_layer_s
+        self.model_t += self.last_layer_s
         return rt
 
     def observe(self, layer: int, counts, predicted=None, now: float | None = None, *, replan: bool = True):
         """Layer `layer`'s true global counts [E] arrived, with the predicted counts [E] of layer + d (or None).
 
-        Plans layer (layer + d) mod L (the next iteration's when it wraps), realises it in the pool at `now`
-        and returns (target layer, ApplyResult) -- or None when the layer keeps its plan ("ep", `replan` False,
-        or the hysteresis found the current plan still good for the loads)."""
+        The policy decides layer + d of this iteration (with `prewarm` off, also the next iteration's layers
+        when l + d wraps past the last layer, from this iteration's true counts); a new plan is realised in the
+        pool at `now`. Returns (target layer, ApplyResult), or None when the layer keeps its plan."""
         layer = self._layer(layer)
         counts = self._counts(counts, "counts")
         self._iteration_replicas[layer] = int(self._plans[layer].logcnt.sum())
+        self._iter_counts[layer] = counts
         target = layer + self.distance
         if target >= self.L:
             target -= self.L
             loads = self._last_counts[target] if target < layer else counts  # true counts of this iteration
         elif predicted is not None:
-            loads = self._counts(predicted, "predicted")
+            loads = self._counts(predicted, "predicted", integral=False)
         else:
             loads = self._last_counts[target]  # the previous iteration's true counts of the target layer
         self._last_counts[layer] = counts
+        total = float(counts.sum())
+        self._recent[layer, self._n_recent[layer] % self.SCENARIOS] = counts
+        self._n_recent[layer] += 1
+        if total > 0:  # the layer's load shares, averaged over one keep-alive
+            share = counts / total
+            if self._share[layer] is None:
+                self._share[layer] = share
+            else:
+                w = 0.5 ** (self._weight / self._keep_iterations())
+                self._share[layer] = w * self._share[layer] + (1 - w) * share
         if layer == self.L - 1:
             self.stats.replicas.append(self._iteration_replicas.copy())
-        if self.policy == "ep" or loads.sum() == 0 or not replan:
+        if not replan or (self.prewarm and layer + self.distance >= self.L):
             return None
-        previous = self._plans[target]
-        if self.policy == "moeless" and self._still_balanced(previous, loads):
+        return self._decide(target, loads, now, self.distance)
+
+    def prepare(self, layer: int, now: float | None = None):
+        """After layer `layer` ran (its instances are free again): decide its plan for the next iteration, so
+        that the copies have an iteration to arrive instead of d layers (the decision d layers ahead then
+        refines it with the prediction, the new instances already live). The loads it plans for are the layer's
+        shares averaged over time times
+        this iteration's pairs (an exponential average whose half-life is the iterations of one keep-alive: the
+        time an instance is committed for). It may re-plan the replicas from the homes alone (LayerContext.refresh).
+        Returns (layer, ApplyResult) or None; nothing with `prewarm` off."""
+        layer = self._layer(layer)
+        if not self.prewarm or self._share[layer] is None:
+            return None
+        loads = self._share[layer] * float(self._last_counts[layer].sum())
+        return self._decide(layer, loads, now, self.L - self.distance, refresh=True)
+
+    def _decide(self, target: int, loads: np.ndarray, now, layers_ahead: int, refresh: bool = False):
+        scenarios = None
+        if refresh:
+            k = min(int(self._n_recent[target]), self.SCENARIOS)
+            scenarios = self._recent[target, :k]
+        """The policy's decision for `target` given its predicted loads; `layers_ahead` layers hide its copies."""
+        if not self.policy.serverless or not loads.sum() > 0:
+            return None
+        t = self.pool.advance_to(now)
+        self._now = t
+        live = self.pool.expert[target]
+        ctx = LayerContext(
+            layer=target, loads=loads.astype(np.float64), tokens=self._tokens, current=self._plans[target],
+            live=live, loaded=self.pool.ready_at[target] <= t,
+            link_wait=np.maximum(self._link_free - self.model_t, 0.0),
+            lookahead=layers_ahead * (self._layer_s or 0.0), horizon=self.horizon(),
+            link_group=self.pool.link_group,
+            pinned=(live >= 0) & (self._last_use[target] >= t - self.pool.keep_alive_s), refresh=refresh,
+            scenarios=scenarios)
+        new = self.policy.decide(ctx)
+        if new is None:
             self.stats.plans_kept += 1
             return None
-        if callable(self.policy):
-            new = self.policy(target, loads.astype(np.float64), previous)
-            if not isinstance(new, Plan) or new.num_layers != 1 or new.logcnt.shape != (1, self.E) \
-                    or (new.gpus, new.slots_per_gpu) != (self.G, self.S):
-                raise ValueError(f"policy must return a one-layer Plan on {self.G} x {self.S} slots for "
-                                 f"{self.E} experts")
-            new.validate()
-        else:
-            new = plan_layers(loads[None].astype(np.float64), self.G, self.S, previous=previous,
-                              **self.planner_options)
-        if self.align and hasattr(self.pool, "align"):
-            # warm identity (layer, GPU, expert): the planner's slot order inside a GPU is arbitrary, so take
-            # the order that keeps every instance the pool holds in its slot (balance unchanged)
-            new = self.pool.align(new, layer=target)
+        # warm identity (layer, GPU, expert): the policy's slot order inside a GPU is arbitrary, so take the
+        # order that keeps every instance the pool holds in its slot (balance unchanged)
+        new = self.pool.align(new, layer=target)
         self.stats.plans_made += 1
-        if not np.array_equal(new.phy2log, previous.phy2log):
-            self.stats.plan_changes += 1
+        self.stats.plan_changes += 1
         self._plans[target] = new
-        t = self.pool.advance_to(now)
         res = self.pool.apply(new, t, layer=target)
         self.applied.append((t, target, new.phy2log[0].copy()))
-        self.stats.cold_starts += len(res.cold)
-        self.stats.warm_starts += len(res.warm)
+        self._account_copies(res)
         return target, res
 
-    def _still_balanced(self, plan: Plan, loads: np.ndarray) -> bool:
-        """Does `plan` serve `loads` within the hysteresis (max GPU load under the exact split vs the mean)?"""
-        if self.replan_slack is None:
-            return False
-        mean = loads.sum() / self.G
-        limit = max(self.replan_slack * mean, self.replan_min_pairs)
-        # cheap bound first: a GPU serves at most the whole load of the experts it holds a replica of
-        holds = np.zeros((self.E, self.G), dtype=bool)
-        valid = plan.log2phy[0] >= 0
-        holds[np.nonzero(valid)[0], plan.log2phy[0][valid] // self.S] = True
-        if (loads @ holds).max() - mean <= limit:
-            return True
-        per_gpu = gpu_loads(plan, serve_time_split(plan, loads[None]))[0]
-        return bool(per_gpu.max() - mean <= limit)
+    def end_iteration(self, now: float | None = None, weight: float = 1.0) -> ApplyResult | None:
+        """After the last layer: count the warm life of this engine's instances, and realise the policy's
+        whole-model plan if it has one (EPLB's rebuild at its cadence)."""
+        self._iterations += weight
+        new = self.policy.end_iteration(self._iter_counts.copy(), float(self._now if now is None else now), weight)
+        if new is None:
+            return None
+        t = self.pool.advance_to(now)
+        self._now = t
+        self._plans = [new[l] for l in range(self.L)]
+        res = self.pool.apply(new, t)
+        for l in range(self.L):
+            self.applied.append((t, l, new.phy2log[l].copy()))
+        self.stats.rebuilds += 1
+        self.stats.cold_starts += len(res.cold)
+        return res
+
+    def _keep_iterations(self) -> float:
+        """Iterations in one keep-alive at the mean iteration time so far (1 before any), at most 1,000."""
+        mean_it = self.model_t / self._iterations if self._iterations > 0 else 0.0
+        if mean_it <= 0:
+            return 1.0
+        return min(1000.0, max(1.0, self.pool.keep_alive_s / mean_it))
+
+    def horizon(self) -> float:
+        """Expected warm life, in iterations, of an instance cold-started now: the mean number of iterations in
+        which the instances this engine cold-started served pairs, with `horizon_prior` counted as one more
+        instance (see the class docstring)."""
+        prior = self._keep_iterations() if self.horizon_prior is None else self.horizon_prior
+        return max(1.0, (self._uses + prior) / (self._n_made + 1))
+
+    def _account_copies(self, res: ApplyResult) -> None:
+        """The cold starts of a decision: model-time link queues, warm-life tracking, statistics."""
+        self.stats.cold_starts += len(res.cold)
+        self.stats.warm_starts += len(res.warm)
+        if not len(res.cold):
+            return
+        layer, slot = res.cold[:, 0], res.cold[:, 1]
+        self._made[layer, slot] = self.pool.expert[layer, slot]
+        self._last_use[layer, slot] = self._now  # a new instance is kept for a keep-alive, used or not
+        self._n_made += len(res.cold)
+        secs = np.where(res.from_peer, self.copy_peer, self.copy_host) if len(res.from_peer) == len(res.cold) \
+            else np.full(len(res.cold), self.copy_host)
+        add = np.bincount(slot // self.S, weights=secs, minlength=self.G)
+        self._link_free = np.where(add > 0, np.maximum(self._link_free, self.model_t) + add, self._link_free)
 
     # -- checks --------------------------------------------------------------------------------------------
     def _layer(self, layer) -> int:
@@ -284,13 +390,16 @@ class Engine:
             raise ValueError(f"layer must be an int in [0, {self.L}), got {layer!r}")
         return int(layer)
 
-    def _counts(self, counts, name) -> np.ndarray:
+    def _counts(self, counts, name, integral: bool = True) -> np.ndarray:
         c = np.asarray(counts)
         if c.shape != (self.E,):
             raise ValueError(f"{name} must have shape [E={self.E}], got {c.shape}")
-        if not np.issubdtype(c.dtype, np.number) or (c < 0).any() or not np.all(np.isfinite(c)):
+        if not np.issubdtype(c.dtype, np.number) or np.iscomplexobj(c) or (c < 0).any() \
+                or not np.all(np.isfinite(c)):
             raise ValueError(f"{name} must be finite non-negative counts")
-        if (c != np.round(c)).any():
+        if not integral:
+            return c.astype(np.float64)
+        if c.dtype.kind not in "iu" and (c != np.round(c)).any():
             raise ValueError(f"{name} must hold integer counts")
         return c.astype(np.int64)
 
@@ -301,6 +410,8 @@ def replay_pool(applied, num_layers: int, num_experts: int, gpus: int, slots_per
     pool = FunctionPool(num_layers, gpus, slots_per_gpu, expert_bytes=expert_bytes, link_bandwidth=link_bandwidth,
                         keep_alive_s=keep_alive_s, clock=SimulatedClock())
     for now, layer, p2l in applied:
+        if layer is None:
+            continue
         plan = Plan.from_phy2log(p2l[None], num_experts, gpus, slots_per_gpu)
         pool.apply(plan, now, layer=layer)
     return pool.close(end if math.isfinite(end) else None)

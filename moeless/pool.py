@@ -182,6 +182,8 @@ class FunctionPool:
     def advance_to(self, now=None) -> float:
         """Charge the meter up to `now` and release the instances whose keep-alive ran out."""
         t = self._now(now)
+        if t == self._t:
+            return t  # nothing to charge, and releases due by t happened when the clock reached t
         live = self.expert >= 0
         if live.any():
             end = np.minimum(np.where(self.in_plan, np.inf, self._deadline()), t)

@@ -348,6 +348,27 @@ class HistoryPredictor(LoadPredictor):
         ids = self._check_ids(topk_ids)
         return self.share[layer + self.distance] * ids.size
 
+    # load-level use, every layer at once (the simulator's popularity routing has loads, not tokens)
+    def predict_loads(self, pairs: float) -> np.ndarray:
+        """[L, E] the predicted pairs of every layer for an iteration of `pairs` (token, k) pairs: share * pairs
+        (row l is the prediction of layer l, made from layer l-d's iteration)."""
+        if self.share is None:
+            raise ValueError("HistoryPredictor: fit it (or restore it) before predicting")
+        return self.share * float(pairs)
+
+    def observe_loads(self, loads, tokens: int) -> None:
+        """All layers' true loads [L, E] of one iteration of `tokens` tokens: the same update as `update` layer
+        by layer."""
+        if self.share is None:
+            raise ValueError("HistoryPredictor: fit it (or restore it) before updating")
+        W = np.asarray(loads, dtype=np.float64)
+        if W.shape != self.share.shape:
+            raise ValueError(f"loads must have shape {list(self.share.shape)}, got {list(W.shape)}")
+        if tokens <= 0:
+            return
+        w = _decay(int(tokens), self.half_life_tokens)
+        self.share = w * self.share + (1 - w) * W / (int(tokens) * self.top_k)
+
 
 # ---- affinity -----------------------------------------------------------------------------------------------
 class AffinityPredictor(LoadPredictor):

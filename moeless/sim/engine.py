@@ -1,16 +1,18 @@
 """The simulated data plane: replay a request trace through every policy on a simulated clock.
 
 `run_simulation(SimConfig()) -> SimResult` builds the setup (model and hardware specs, the iteration schedule,
-the routing source, the cost model), then walks the iterations in chunks: the routing of a chunk is drawn once
-and handed to every policy, each policy's control plane (moeless.planner / baselines / predictors / pool)
-lays out replicas, and one cost model prices every layout. Defaults are the paper's setup: Mixtral-8x7B on
-8x RTX A6000 with pairwise NVLink, the busiest 10 minutes of the Azure conv trace, 1 s batches, Megatron-LM,
-EPLB, the oracle and moeless.
+the routing source, the cost model), warms the policies on the trace before the window (EPLB's statistics and
+plan, the predictors: a running deployment), then walks the iterations in chunks: the routing of a chunk is
+drawn once and handed to every policy, each policy (the moeless.policy objects the serving loop runs, through
+moeless.sim.policies and moeless.sim.serverless) lays out and splits the pairs, and one cost model prices every
+layout. Defaults are the paper's setup: Mixtral-8x7B on 8x RTX A6000 with pairwise NVLink, the busiest 10
+minutes of the Azure conv trace, 1 s batches; Megatron-LM, EPLB at the paper's and at vLLM's cadence, the lossy
+oracle and moeless.
 
-Accounting (stated in every result): serverful policies (megatron, eplb, oracle) pay for every resident
-expert instance for the whole run (memory x makespan) and for all G GPUs (GPU-seconds = G x makespan);
-serverless moeless pays for the instances that are live, keep-alive included, as its function pool bills
-them. Equation 2 of the paper is reported beside both.
+Accounting (one for all, stated in every result): every policy's instances live in a moeless.pool function
+pool that bills each instance from load to release (GB-s); serverful policies never release theirs (resident
+for the whole run); moeless's homes are resident and its replicas are billed while live, keep-alive included.
+Copies (cold starts, EPLB's rebuilds) are counted and reported in GB. Equation 2 of the paper is reported too.
 
 This module never launches a kernel and never reads the wall clock for simulated time.
 """
@@ -23,10 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moeless import planner as _planner
 from moeless.sim import workload as _workload
-from moeless.costmodel import PaperLinearCost, RooflineCost, equation2_cost
-from moeless.sim.policies import (POLICY_NAMES, LoadPrediction, MoelessPolicy, StaticPolicy)
+from moeless.costmodel import PaperLinearCost, RooflineCost
+from moeless.sim.policies import POLICY_NAMES, LoadPrediction, ServerfulRunner, synthetic_topk
 from moeless.sim.results import GB, PolicyResult, SimResult
 from moeless.sim.routing import (PopularityProfile, PopularityRouting, TraceRouting, mixtral_popularity,
                                  profile_from_trace)
@@ -51,12 +52,14 @@ class SimConfig:
     token_budget: int = 8192
     routing: str = "mixtral-popularity"  # or "uniform", "zipf:S", "esft:PATH", "jsonl:PATH", "npz:PATH",
     #                                      "popularity:PATH" (a popularity profile fitted to a routing trace)
-    policies: tuple = ("megatron", "eplb", "oracle", "moeless")
+    policies: tuple = ("megatron", "eplb", "eplb-vllm", "oracle", "moeless")
     predictor: str | None = None  # None: "history" with popularity routing, "affinity" with a routing trace
     distance: int = 1
-    rule: str = "ideal"
-    cv_threshold: float = 0.2
-    eplb_interval_s: float = 600.0
+    eplb_interval_s: float = 600.0  # "eplb": rebuilt every interval from the loads since the last rebuild
+    eplb_window_iterations: int = 1000  # "eplb-vllm": statistics over this many iterations (vLLM's default) ...
+    eplb_step_iterations: int = 3000  # ... a rebuild every this many iterations (vLLM's default)
+    history_s: float | None = None  # trace seconds before the window that warm EPLB and the predictors
+    #                                 (a running deployment); None: max(eplb_interval_s, 600)
     keep_alive_s: float = 60.0
     cost_model: str = "roofline"  # or "paper-linear"
     alpha: float = 1e-6  # paper-linear: seconds per pair of one replica
@@ -84,6 +87,12 @@ class SimConfig:
             raise ValueError(f"decode_stride must be 'auto' or an int >= 1, got {self.decode_stride!r}")
         if self.eplb_interval_s <= 0 or self.keep_alive_s < 0:
             raise ValueError("eplb_interval_s must be > 0 and keep_alive_s >= 0")
+        for name in ("eplb_window_iterations", "eplb_step_iterations"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.history_s is not None and not (math.isfinite(self.history_s) and self.history_s >= 0):
+            raise ValueError(f"history_s must be None or a finite number >= 0, got {self.history_s!r}")
         return self
 
 
@@ -205,27 +214,7 @@ def build_setup(config: SimConfig) -> Setup:
     else:
         start, window = config.window_start_s, _workload.select_window(trace, config.window_start_s, config.window_s)
     window = _workload.scale_rate(window, config.rate_scale)
-    if config.batching == "paper":
-        schedule = _workload.paper_batches(window, config.batch_window_s)
-    else:
-        balanced = RooflineCost(model, hw)
-        gpu_of = (np.arange(model.num_experts) * config.gpus // model.num_experts)[:, None]
-
-        def nominal_many(tokens: np.ndarray) -> np.ndarray:  # perfectly balanced iterations: policy-independent
-            tok = np.asarray(tokens, dtype=np.float64)
-            per = np.broadcast_to((tok * model.top_k / model.num_experts)[:, None, None],
-                                  (len(tok), model.num_experts, 1))
-            t = balanced.layer_times(per, np.broadcast_to(gpu_of, per.shape), config.gpus, tok)
-            return (t.moe_latency + t.misc) * model.num_moe_layers
-
-        # the schedule asks for one iteration at a time: tabulate every count up to the token budget once
-        table = nominal_many(np.arange(config.token_budget + 1))
-
-        def nominal(tokens: int) -> float:
-            tokens = int(tokens)
-            return float(table[tokens]) if tokens < len(table) else float(nominal_many(np.array([tokens]))[0])
-
-        schedule = _workload.continuous_batches(window, nominal, config.token_budget)
+    schedule = _schedule(window, config, model, hw)
     full = len(schedule)
     stride = config.decode_stride
     if stride == "auto":
@@ -236,21 +225,49 @@ def build_setup(config: SimConfig) -> Setup:
             decodes, room = full, max(config.iteration_budget, 1)
         stride = max(1, math.ceil(decodes / room))
     schedule = schedule.thin(int(stride))
+    # the trace before the window: the history a running deployment has (EPLB's statistics, warm predictors)
+    history, history_note = None, "none (the window starts the trace)"
+    hist_s = config.history_s if config.history_s is not None else max(config.eplb_interval_s, 600.0)
+    if hist_s > 0 and start > 0:
+        lo = max(0.0, start - hist_s)
+        try:
+            seg = _workload.scale_rate(_workload.select_window(trace, lo, start - lo), config.rate_scale)
+            history = _schedule(seg, config, model, hw).thin(int(stride))
+            history_note = f"{start - lo:.0f} s of the trace before the window ({len(seg)} requests)"
+        except ValueError:
+            history = None
     routing = build_routing(config.routing, model, config.seed)
     return Setup(config=config, model=model, hardware=hw, slots_per_gpu=int(slots), schedule=schedule,
                  full_iterations=full, routing=routing, cost=cost, window_start_s=float(start),
-                 trace_name=window.name, requests=len(window), extra={"decode_stride": int(stride)})
+                 trace_name=window.name, requests=len(window),
+                 extra={"decode_stride": int(stride), "history": history, "history_note": history_note})
+
+
+def _schedule(window, config: SimConfig, model: ModelSpec, hw) -> _workload.IterationSchedule:
+    """The iterations of a request window under the configured batching (continuous batching admits work on
+    a nominal, policy-independent clock: perfectly balanced iterations)."""
+    if config.batching == "paper":
+        return _workload.paper_batches(window, config.batch_window_s)
+    balanced = RooflineCost(model, hw)
+    gpu_of = (np.arange(model.num_experts) * config.gpus // model.num_experts)[:, None]
+
+    def nominal_many(tokens: np.ndarray) -> np.ndarray:
+        tok = np.asarray(tokens, dtype=np.float64)
+        per = np.broadcast_to((tok * model.top_k / model.num_experts)[:, None, None], (len(tok), model.num_experts, 1))
+        t = balanced.layer_times(per, np.broadcast_to(gpu_of, per.shape), config.gpus, tok)
+        return (t.moe_latency + t.misc) * model.num_moe_layers
+
+    # the schedule asks for one iteration at a time: tabulate every count up to the token budget once
+    table = nominal_many(np.arange(config.token_budget + 1))
+
+    def nominal(tokens: int) -> float:
+        tokens = int(tokens)
+        return float(table[tokens]) if tokens < len(table) else float(nominal_many(np.array([tokens]))[0])
+
+    return _workload.continuous_batches(window, nominal, config.token_budget)
 
 
 # --- policies ------------------------------------------------------------------------------------------------
-def static_plan(setup: Setup) -> _planner.Plan:
-    """Megatron-LM's expert parallelism: experts in contiguous blocks over the GPUs, one instance each."""
-    m, G, S = setup.model, setup.config.gpus, setup.slots_per_gpu
-    from moeless import baselines as _baselines
-
-    return _baselines.static_plan(m.num_moe_layers, m.num_experts, G, S)
-
-
 def make_predictor(setup: Setup, name: str):
     from moeless import predictors as _predictors
     from moeless import traces as _traces
@@ -266,48 +283,44 @@ def make_predictor(setup: Setup, name: str):
         loads = np.round(src.profile.p * tokens * m.top_k).astype(np.int64)
         fix = tokens * m.top_k - loads.sum(1)
         loads[np.arange(m.num_moe_layers), loads.argmax(1)] += fix
-        from moeless.sim.policies import synthetic_topk
-
         ids = np.stack([synthetic_topk(loads[l], m.top_k) for l in range(m.num_moe_layers)])
         pred.fit(_traces.RoutingTrace(ids, m.num_experts))
     return pred
 
 
-def build_policies(setup: Setup) -> list:
+def build_runners(setup: Setup) -> list:
+    """One runner per policy name, each around the moeless.policy object serving would run (see
+    moeless.sim.policies): megatron, eplb (the paper's cadence), eplb-vllm (vLLM's), oracle (lossy), moeless
+    (or moeless:PREDICTOR), moeless-bound (true loads, free copies)."""
+    from moeless.policy import EPLBPolicy, MoelessPolicy, StaticEPPolicy
+    from moeless.sim.serverless import ServerlessRunner
+
     cfg, m = setup.config, setup.model
+    shape = (m.num_moe_layers, m.num_experts, cfg.gpus, setup.slots_per_gpu)
     token_level = isinstance(setup.routing, TraceRouting)
     default_pred = cfg.predictor or ("affinity" if token_level else "history")
     out = []
-    base = None
     for name in cfg.policies:
-        if name in ("megatron", "oracle", "eplb") and base is None:
-            base = static_plan(setup)
         if name == "megatron":
-            out.append(StaticPolicy("megatron", base))
+            out.append(ServerfulRunner(name, StaticEPPolicy(*shape, setup.cost), setup))
         elif name == "oracle":
-            out.append(StaticPolicy("oracle", base, oracle=True))
+            out.append(ServerfulRunner(name, StaticEPPolicy(*shape, setup.cost), setup, oracle=True))
         elif name == "eplb":
-            from moeless.sim.policies import EplbPolicy
-
-            out.append(EplbPolicy("eplb", setup))
+            out.append(ServerfulRunner(name, EPLBPolicy(*shape, setup.cost, window=cfg.eplb_interval_s,
+                                                        interval=cfg.eplb_interval_s, unit="seconds", name=name),
+                                       setup))
+        elif name == "eplb-vllm":
+            out.append(ServerfulRunner(name, EPLBPolicy(*shape, setup.cost, window=cfg.eplb_window_iterations,
+                                                        interval=cfg.eplb_step_iterations, unit="iterations",
+                                                        name=name), setup))
         else:
-            pred = default_pred
-            kw = {}
-            if name == "moeless-history":
-                pred = "history"
-            elif name == "moeless-noscale":
-                kw["scale"] = False
-            elif name == "moeless-nowarm":
-                kw["warm"] = False
-            elif name == "moeless-evensplit":
-                kw["split"] = "even"
-            elif name.startswith("moeless:"):
-                pred = name.split(":", 1)[1]
+            bound = name == "moeless-bound"
+            pred = name.split(":", 1)[1] if name.startswith("moeless:") else default_pred
             prediction = LoadPrediction(make_predictor(setup, pred), token_level)
-            pol = MoelessPolicy(name, prediction, cfg.gpus, setup.slots_per_gpu, m.top_k, rule=cfg.rule,
-                                cv_threshold=cfg.cv_threshold, **kw)
-            pol.predictor_name = pred
-            out.append(pol)
+            policy = MoelessPolicy(*shape, setup.cost, free_moves=bound, name=name)
+            runner = ServerlessRunner(name, policy, prediction, setup, bound=bound)
+            runner.predictor_name = "true loads (oracle)" if bound else pred
+            out.append(runner)
     return out
 
 
@@ -344,17 +357,28 @@ def _clock_scan(ready: np.ndarray, duration: np.ndarray, start: float) -> tuple[
 
 
 class _Meter:
-    """Per-policy accumulators the engine fills chunk by chunk."""
+    """Per-policy accumulators the runners fill chunk by chunk: the result and the policy's clock."""
 
-    def __init__(self, policy, setup: Setup):
-        self.policy = policy
-        self.result = PolicyResult(name=policy.name, serverless=policy.serverless)
+    def __init__(self, runner):
+        self.result = PolicyResult(name=runner.name, serverless=runner.serverless)
         self.clock = 0.0
-        self.pool = None
-        if policy.serverless:
-            from moeless.sim.serverless import ServerlessRunner
 
-            self.pool = ServerlessRunner(setup, policy)
+
+def _history(setup: Setup, rng: np.random.Generator):
+    """(loads [n, L, E], weights [n], ready times [n]) of the iterations before the window, or None."""
+    sched = setup.extra.get("history")
+    if sched is None or len(sched) == 0:
+        return None
+    src = setup.routing
+    idx = np.arange(len(sched))
+    new_batch = np.r_[True, sched.batch[1:] != sched.batch[:-1]]
+    step = idx - np.maximum.accumulate(np.where(new_batch, idx, 0))
+    if src.token_level:
+        loads = np.stack([src.route(int(t), int(b), int(s), rng).loads
+                          for t, b, s in zip(sched.tokens, sched.batch, step)])
+    else:
+        loads = src.route_many(sched.tokens, sched.batch, step, rng)
+    return loads, sched.weight, sched.ready_s - (sched.ready_s[-1] if len(sched) else 0.0)
 
 
 def run_simulation(config: SimConfig | None = None, *, progress: bool | None = None) -> SimResult:
@@ -362,10 +386,13 @@ def run_simulation(config: SimConfig | None = None, *, progress: bool | None = N
     t0 = time.perf_counter()
     config = config or SimConfig()
     setup = build_setup(config)
-    policies = build_policies(setup)
-    meters = [_Meter(p, setup) for p in policies]
-    m, G = setup.model, config.gpus
+    runners = build_runners(setup)
+    meters = [_Meter(r) for r in runners]
     rng = np.random.default_rng(config.seed)
+    history = _history(setup, np.random.default_rng(config.seed + 1))
+    if history is not None:
+        for r in runners:
+            r.warm(*history)
     show = config.progress if progress is None else progress
     bar = None
     if show:
@@ -375,52 +402,24 @@ def run_simulation(config: SimConfig | None = None, *, progress: bool | None = N
             bar = tqdm(total=len(setup.schedule), unit="it", desc="simulating", leave=False)
         except ImportError:  # tqdm is optional
             bar = None
-    m_misc = m.dense_params_per_layer * m.bytes_per_param * G
     for chunk in _chunks(setup, rng):
-        n = len(chunk.tokens)
-        for meter in meters:
-            pol = meter.policy
-            if pol.serverless:  # iteration by iteration: its plans depend on its pool and clock
-                rows = meter.pool.run_chunk(chunk, meter)
-                meter.result.add(rows["lat"], rows["it"], rows["w"], rows["replicas"], rows["cold"], rows["begin"])
-                meter.result.live.append(rows["live"])
-                meter.result.eq2_byte_s += rows["eq2"]
-                continue
-            lay = pol.layout(chunk)
-            gpu = np.broadcast_to(lay.replica_gpu, lay.replica_tokens.shape)
-            times = setup.cost.layer_times(lay.replica_tokens, gpu, G, chunk.tokens[:, None])
-            moe, misc = times.moe_latency, times.misc
-            eq2 = equation2_cost(times, gpu, m.expert_bytes, m_misc).sum(1)  # [n] byte-seconds
-            it_s = (moe + misc).sum(1)
-            begin, meter.clock = _clock_scan(chunk.ready_s, it_s * chunk.weight, meter.clock)
-            meter.result.add(moe, it_s, chunk.weight, lay.replicas, np.zeros(n, dtype=np.int64), begin)
-            meter.result.eq2_byte_s += float((eq2 * chunk.weight).sum())
-            if hasattr(pol, "observe"):
-                pol.observe(chunk, begin)
+        for runner, meter in zip(runners, meters):
+            runner.run_chunk(chunk, meter)
         if bar is not None:
-            bar.update(n)
+            bar.update(len(chunk.tokens))
     if bar is not None:
         bar.close()
     results = {}
-    for meter in meters:
-        pr, pol = meter.result, meter.policy
+    for runner, meter in zip(runners, meters):
+        pr = meter.result
         pr.makespan_s = meter.clock
-        if pol.serverless:
-            meter.pool.finish(meter)
-        else:
-            resident = pol.resident
-            pr.cost_gb_s = resident * m.expert_bytes / GB * meter.clock
-            pr.gpu_seconds = G * meter.clock
-            pr.accounting = (f"serverful: {resident} resident expert instances x {m.expert_bytes / GB:.3f} GB "
-                             f"for the whole run ({meter.clock:.1f} s); {G} GPUs for the whole run")
-        if pol.lossy:
+        runner.finish(meter)
+        if runner.lossy:
             pr.extra["lossy"] = True
-            pr.extra["rerouted_pairs"] = pol.rerouted_pairs
-        if hasattr(pol, "rebuilds"):
-            pr.extra["rebuilds"] = pol.rebuilds
-        if hasattr(pol, "predictor_name"):
-            pr.extra["predictor"] = pol.predictor_name
-        results[pol.name] = pr
+            pr.extra["rerouted_pairs"] = runner.rerouted_pairs
+        if hasattr(runner, "predictor_name"):
+            pr.extra["predictor"] = runner.predictor_name
+        results[runner.name] = pr
     return SimResult(policies=results, setup=_setup_dict(setup), wall_s=time.perf_counter() - t0)
 
 
@@ -437,9 +436,13 @@ def _setup_dict(setup: Setup) -> dict:
         "iterations": setup.full_iterations, "simulated_iterations": len(setup.schedule),
         "decode_stride": setup.extra["decode_stride"], "routing": setup.routing.description or cfg.routing,
         "cost_model": setup.cost.describe(), "keep_alive_s": cfg.keep_alive_s, "eplb_interval_s": cfg.eplb_interval_s,
-        "distance": cfg.distance, "rule": cfg.rule, "seed": cfg.seed,
-        "accounting": "serverful policies pay for every resident expert instance and every GPU for the whole "
-                      "run; serverless moeless pays for live instances (keep-alive included) as its pool bills "
-                      "them; latency is the MoE layer's forward (experts + dispatch + combine + cold-start "
-                      "stalls), pooled over layers and iterations",
+        "distance": cfg.distance, "seed": cfg.seed, "history": setup.extra.get("history_note", ""),
+        "eplb_cadences": {"eplb": f"every {cfg.eplb_interval_s:g} s from the loads since the last rebuild",
+                          "eplb-vllm": f"every {cfg.eplb_step_iterations} iterations from the last "
+                                       f"{cfg.eplb_window_iterations}"},
+        "accounting": "one function pool per policy bills every live instance from load to release (memory x "
+                      "time, GB-s): serverful policies' instances are resident for the whole run, moeless's homes "
+                      "too and its replicas while live (keep-alive included); copies are counted in GB; latency "
+                      "is the MoE layer's forward (experts + dispatch + combine + cold-start stalls), pooled over "
+                      "layers and iterations",
     }

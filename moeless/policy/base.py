@@ -1,0 +1,168 @@
+"""The policy interface: what every control-plane policy answers, layer by layer, and the pieces they share.
+
+A policy decides, for one MoE layer at a time, which instances the layer runs with (a one-layer `Plan`) and how
+the layer's true pairs are split over them. The engine (moeless.engine) calls it the same way from the real
+serving loop (moeless.serve), the simulator (moeless.sim) and the engine plug-ins (moeless.integrations):
+
+    policy.initial_plan()              -> Plan of all layers, realised before the first batch
+    policy.decide(ctx: LayerContext)   -> one-layer Plan for ctx.layer, or None to keep the current one
+    policy.split(layer, plan, counts)  -> (replica_tokens int64 [E, R], predicted layer seconds)
+    policy.end_iteration(loads, now, w) -> Plan of all layers to switch to (serverful rebalancing), or None
+    policy.rebalance(history)          -> Plan of all layers from a window of per-iteration loads [T, L, E]
+
+What it must never do: change routing (a split only chooses which replica of the router's expert serves a
+pair), read a clock (time comes in the context), copy weights or touch the pool (the engine realises plans).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moeless.planner import Plan
+from moeless.planner.plan import _positive_int
+from moeless.policy import _kernels
+
+__all__ = ["DenseLayout", "LayerContext", "Policy", "home_plan", "price_dense"]
+
+
+def home_plan(num_layers: int, num_experts: int, gpus: int, slots_per_gpu: int) -> Plan:
+    """Megatron-LM's expert parallelism as a plan: experts in contiguous blocks of E / G per GPU (slots 0 ..
+    E/G - 1 of each GPU); round-robin over GPUs when E is not a multiple of G. Every layer alike."""
+    L = _positive_int("num_layers", num_layers)
+    E = _positive_int("num_experts", num_experts)
+    G = _positive_int("gpus", gpus)
+    S = _positive_int("slots_per_gpu", slots_per_gpu)
+    per = -(-E // G)
+    if per > S:
+        raise ValueError(f"slots_per_gpu={S} cannot hold the {per} experts per GPU of expert parallelism "
+                         f"({E} experts on {G} GPUs)")
+    e = np.arange(E)
+    p2l = np.full(G * S, -1, dtype=np.int64)
+    if E % G == 0:
+        p2l[(e // per) * S + e % per] = e
+    else:
+        p2l[(e % G) * S + e // G] = e
+    return Plan.from_phy2log(np.tile(p2l, (L, 1)), E, G, S)
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What the control plane knows when it decides layer `layer` (d layers ahead of the one running).
+
+    loads float [E]: predicted pairs of the layer; tokens: tokens of the iteration; current: the one-layer plan
+    the layer runs now; live int [G*S]: the expert of each slot's live instance (warm, loading or idle; -1
+    free) and loaded bool [G*S]: whose weights are in (a copy source for peers); link_wait float [G]: seconds
+    until each GPU's copy links are free; lookahead: seconds until the layer runs (what a copy issued now can
+    hide); horizon: iterations a new instance is expected to serve; link_group: GPUs per peer-link group;
+    pinned bool [G*S] (or None): the live instances the plan keeps whatever their predicted pairs (served
+    pairs within their keep-alive: hedges the split can use for free; their slots are not taken); refresh:
+    the policy may weigh robust alternatives (a decision well ahead), against `scenarios` float [K, E]: loads
+    the layer may see (its recent true loads)."""
+
+    layer: int
+    loads: np.ndarray
+    tokens: float
+    current: Plan
+    live: np.ndarray
+    loaded: np.ndarray
+    link_wait: np.ndarray
+    lookahead: float
+    horizon: float
+    link_group: int = 1
+    pinned: np.ndarray | None = None
+    refresh: bool = False
+    scenarios: np.ndarray | None = None
+
+
+class DenseLayout:
+    """One layer's plan as dense arrays for the compiled loops: has bool [E, G] (an instance of e on GPU g),
+    primary int [E] (the GPU that serves an expert whole first: its home when the plan holds it, else its
+    first replica's), and the map back to the plan's replicas (first replica of e on each GPU takes that GPU's
+    pairs; later duplicates 0)."""
+
+    __slots__ = ("has", "primary", "rg", "first", "valid", "E", "G")
+
+    def __init__(self, plan: Plan, home_gpu: np.ndarray | None = None):
+        E, G, S = plan.num_experts, plan.gpus, plan.slots_per_gpu
+        l2p = plan.log2phy[0]
+        valid = l2p >= 0
+        rg = np.where(valid, l2p // S, 0)
+        has = np.zeros((E, G), dtype=np.bool_)
+        ei, ri = np.nonzero(valid)
+        has[ei, rg[ei, ri]] = True
+        primary = rg[:, 0].copy()
+        if home_gpu is not None:
+            at_home = has[np.arange(E), home_gpu]
+            primary = np.where(at_home, home_gpu, primary)
+        # the first replica of each expert on each GPU: a later one on the same GPU is a duplicate (log2phy
+        # lists an expert's slots in ascending order, so its GPUs are non-decreasing: compare neighbours)
+        first = valid.copy()
+        first[:, 1:] &= rg[:, 1:] != rg[:, :-1]
+        self.has, self.primary, self.rg, self.first, self.valid, self.E, self.G = has, primary, rg, first, valid, E, G
+
+    def replica_tokens(self, n: np.ndarray) -> np.ndarray:
+        """Dense pairs n [E, G] -> replica_tokens int64 [E, R]."""
+        return np.where(self.first, n[np.arange(self.E)[:, None], self.rg], 0.0).astype(np.int64)
+
+
+def price_dense(n: np.ndarray, profile: np.ndarray) -> float:
+    """Predicted layer seconds (expert time + 2 x all-to-all) of a dense split n [E, G]."""
+    return float(_kernels.dense_times(n, profile, float(n.sum())))
+
+
+class Policy:
+    """Base class. `name`, `serverless` (instances come and go and are billed while live, instead of staying
+    resident) and the five methods of the module docstring; the defaults keep the initial plan forever."""
+
+    name = "policy"
+    serverless = False
+
+    def __init__(self, num_layers: int, num_experts: int, gpus: int, slots_per_gpu: int):
+        self.L = _positive_int("num_layers", num_layers)
+        self.E = _positive_int("num_experts", num_experts)
+        self.G = _positive_int("gpus", gpus)
+        self.S = _positive_int("slots_per_gpu", slots_per_gpu)
+        if self.E > self.G * self.S:
+            raise ValueError(f"slots_per_gpu={self.S} x gpus={self.G} = {self.G * self.S} slots cannot hold "
+                             f"{self.E} experts once each")
+        self.homes = home_plan(self.L, self.E, self.G, self.S)
+        self.home_gpu = self.homes.log2phy[0, :, 0] // self.S  # [E] every layer alike
+        self._dense: dict[int, tuple[Plan, DenseLayout]] = {}
+
+    # -- the interface -------------------------------------------------------------------------------------
+    def initial_plan(self) -> Plan:
+        return self.homes
+
+    def decide(self, ctx: LayerContext) -> Plan | None:
+        return None
+
+    def split(self, layer: int, plan: Plan, counts: np.ndarray) -> tuple[np.ndarray, float]:
+        raise NotImplementedError
+
+    def end_iteration(self, loads: np.ndarray, now: float, weight: float = 1.0) -> Plan | None:
+        return None
+
+    def rebalance(self, history) -> Plan:
+        return self.initial_plan()
+
+    # -- shared helpers ------------------------------------------------------------------------------------
+    def dense(self, plan: Plan) -> DenseLayout:
+        """The dense layout of a one-layer plan, cached per plan object (plans are immutable)."""
+        hit = self._dense.get(id(plan))
+        if hit is not None and hit[0] is plan:
+            return hit[1]
+        if len(self._dense) > 4 * self.L + 64:
+            self._dense.clear()
+        d = DenseLayout(plan, self.home_gpu)
+        self._dense[id(plan)] = (plan, d)
+        return d
+
+    def check_counts(self, counts, name: str = "counts") -> np.ndarray:
+        c = np.asarray(counts)
+        if c.shape != (self.E,):
+            raise ValueError(f"{name} must have shape [E={self.E}], got {c.shape}")
+        if not np.issubdtype(c.dtype, np.number) or np.iscomplexobj(c) or not np.all(np.isfinite(c)) \
+                or (c < 0).any():
+            raise ValueError(f"{name} must be finite non-negative counts")
+        return c
