@@ -220,7 +220,7 @@ def test_esft_reader_rejects_malformed_files(tmp_path):
         read_esft(str(tmp_path / "t"), top_k=2)
     with open(tmp_path / "t" / "expert_weights_2.txt", "w") as fh:
         fh.write("1\t2\t\t0.1\t0.2\n")  # one sequence only, layer 1 has two
-    with pytest.raises(ValueError, match="sequence lengths differ"):
+    with pytest.raises(ValueError, match="every layer file must hold the same"):
         read_esft(str(tmp_path / "t"), top_k=2)
     os.makedirs(tmp_path / "empty")
     with pytest.raises(ValueError, match="no expert_weights"):
