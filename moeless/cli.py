@@ -29,11 +29,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---- arguments with bounds ----------------------------------------------------------------------------------
+_METAVARS = {"--gpus": "G", "--slots-per-gpu": "S", "--top-k": "K", "--distance": "D", "--batch-tokens": "T",
+             "--token-budget": "T", "--seed": "SEED"}
+
+
 def _int_arg(p, flag, lo, hi, help, **kw):
     """An integer flag in [lo, hi] (hi None: unbounded); the range is stated in the help and checked by
     `_check_bounds`, so 0 and negative values get the same error everywhere."""
     span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-    kw.setdefault("metavar", flag.lstrip("-").split("-")[0].upper())
+    kw.setdefault("metavar", _METAVARS.get(flag, "N"))
     action = p.add_argument(flag, type=int, help=f"{help} [{span}]", **kw)
     action.bounds = ("int", lo, hi, False)
     return action

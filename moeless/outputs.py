@@ -52,7 +52,7 @@ class OutputFiles:
         """A temporary path beside `final` (same folder and suffix) to write to; renamed to `final` on commit."""
         final = os.fspath(final)
         folder, base = os.path.split(os.path.abspath(final))
-        suffix = "".join(_suffixes(base))
+        suffix = os.path.splitext(base)[1]  # kept last: np.savez appends ".npz" to a name without it
         fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffix}", dir=folder)
         os.close(fd)
         self._pending.append((tmp, final))
@@ -94,9 +94,3 @@ def write_text(path, text: str) -> None:
     """Write one text file atomically."""
     with OutputFiles() as out:
         out.write_text(path, text)
-
-
-def _suffixes(base: str) -> list[str]:
-    # the last suffix only: "plan.json" -> ".json", "x.tar.gz" -> ".gz" (enough for numpy and matplotlib)
-    _, ext = os.path.splitext(base)
-    return [ext] if ext else []

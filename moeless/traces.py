@@ -437,8 +437,8 @@ def _detect_esft_top_k(layers: list[_EsftLayer]) -> int:
         expected = within * shared / cross if cross else 0.0
         if expected < _DETECT_EVIDENCE:
             where = os.path.dirname(layers[0].path)
-            raise ValueError(f"{where}: cannot tell the top-k of this ESFT trace from its {sum(lengths) // K} "
-                             f"tokens per layer (top-k {K} fits, and too few tokens share experts to rule out "
+            raise ValueError(f"{where}: cannot tell the top-k of this ESFT trace from its "
+                             f"{sum(lengths) // K // len(layers)} tokens per layer (top-k {K} fits, and too few tokens share experts to rule out "
                              f"{k}); pass top_k (--top-k), the model's experts per token")
     return K
 
