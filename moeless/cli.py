@@ -172,12 +172,6 @@ def cmd_plan(args) -> int:
 
 
 # ---- predict ------------------------------------------------------------------------------------------------
-def _npz_path(path: str) -> str:
-    """The file a predictor path names: PATH itself when it ends in .npz, else PATH.npz (numpy's rule), so that
-    `predict fit --out model` and `predict eval --model model` name the same file."""
-    return path if path.endswith(".npz") else f"{path}.npz"
-
-
 def _read_routing(args):
     from moeless import prediction_eval
 
@@ -201,7 +195,7 @@ def _say_trace(trace) -> None:
 def cmd_predict_fit(args) -> int:
     from moeless import prediction_eval
 
-    out = outputs.check_output(_npz_path(args.out), "--out", args.routing)
+    out = outputs.check_output(prediction_eval.predictor_file(args.out), "--out", args.routing)
     trace = _read_routing(args)
     path = prediction_eval.fit_predictors(trace, None, args.distance, out)
     if args.json:
@@ -215,7 +209,7 @@ def cmd_predict_fit(args) -> int:
 def cmd_predict_eval(args) -> int:
     from moeless import prediction_eval
 
-    model = _npz_path(args.model) if not os.path.exists(args.model) else args.model
+    model = args.model if os.path.exists(args.model) else prediction_eval.predictor_file(args.model)
     if not os.path.isfile(model):
         raise ValueError(f"--model: no such file {args.model!r}" + (f" (nor {model!r})" if model != args.model else ""))
     trace = _read_routing(args)

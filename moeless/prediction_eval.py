@@ -37,8 +37,8 @@ from moeless.predictors import (
 )
 from moeless.traces import RoutingTrace, load_trace
 
-__all__ = ["evaluate", "held_out_splits", "read_traces", "fit_predictors", "evaluate_saved", "format_table",
-           "DEFAULT_PREDICTORS"]
+__all__ = ["evaluate", "held_out_splits", "read_traces", "fit_predictors", "predictor_file", "evaluate_saved",
+           "format_table", "DEFAULT_PREDICTORS"]
 
 DEFAULT_PREDICTORS = ("history", "affinity", "regression", "oracle")
 
@@ -214,10 +214,17 @@ def fit_predictors(paths, fmt: str | None, distance: int = 1, out: str = "predic
         else:
             preds[name] = make_predictor(name, distance, **kwargs.get(name, {}))
         preds[name].fit(trace)
-    out = str(out) if str(out).endswith(".npz") else f"{out}.npz"
+    out = predictor_file(out)
     with OutputFiles() as files:
         save_predictors(preds, files.path(out))
     return out
+
+
+def predictor_file(path) -> str:
+    """The file a predictors path names: PATH itself when it ends in .npz, else PATH.npz (numpy's rule, which
+    `save_predictors` follows), so that `predict fit --out model` and `predict eval --model model` agree."""
+    path = str(path)
+    return path if path.endswith(".npz") else f"{path}.npz"
 
 
 def evaluate_saved(model_path: str, paths, fmt: str | None, batch_tokens: int, gpus: int,

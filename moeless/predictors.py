@@ -248,8 +248,11 @@ def load_predictors(path: str) -> dict[str, LoadPredictor]:
             raise ValueError(f"{path}: predictor format version {meta.get('version')}, expected {_FORMAT_VERSION}")
         own = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{i}.") and k != f"{i}.meta"}
         pred = PREDICTORS[kind].__new__(PREDICTORS[kind])
-        LoadPredictor.__init__(pred, meta["distance"])
-        pred._set_shape(meta["num_layers"], meta["num_experts"], meta["top_k"])
+        try:  # the sizes a file claims are bounded like any other input (moeless.limits)
+            LoadPredictor.__init__(pred, meta["distance"])
+            pred._set_shape(meta["num_layers"], meta["num_experts"], meta["top_k"])
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{path}: predictor {meta.get('label')!r} has bad metadata ({exc})") from None
         try:
             pred._restore(meta, own)
         except KeyError as exc:
