@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from moeless import limits
 from moeless import planner as _planner
 from moeless.outputs import OutputFiles
 from moeless.predictors import (
@@ -41,12 +42,6 @@ __all__ = ["evaluate", "held_out_splits", "read_traces", "fit_predictors", "pred
            "format_table", "DEFAULT_PREDICTORS"]
 
 DEFAULT_PREDICTORS = ("history", "affinity", "regression", "oracle")
-
-
-def _check_positive(name: str, value) -> int:
-    if not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def evaluate(predictors, trace: RoutingTrace, batch_tokens: int, gpus: int, slots_per_gpu: int,
@@ -68,9 +63,9 @@ def evaluate(predictors, trace: RoutingTrace, batch_tokens: int, gpus: int, slot
         raise ValueError("predictors must be a non-empty dict {name: LoadPredictor}")
     if not isinstance(trace, RoutingTrace):
         raise ValueError(f"trace must be a RoutingTrace, got {type(trace).__name__}")
-    batch_tokens = _check_positive("batch_tokens", batch_tokens)
-    gpus = _check_positive("gpus", gpus)
-    slots_per_gpu = _check_positive("slots_per_gpu", slots_per_gpu)
+    batch_tokens = limits.check_int("batch_tokens", batch_tokens, 1, limits.MAX_BATCH_TOKENS)
+    limits.check_plan_size(trace.num_layers, trace.num_experts, gpus, slots_per_gpu)
+    gpus, slots_per_gpu = int(gpus), int(slots_per_gpu)
     distances = {p.distance for p in predictors.values()}
     if len(distances) != 1:
         raise ValueError(f"predictors must share one distance, got {sorted(distances)}")
@@ -235,7 +230,7 @@ def evaluate_saved(model_path: str, paths, fmt: str | None, batch_tokens: int, g
     preds = load_predictors(model_path)
     trace = paths if isinstance(paths, RoutingTrace) else read_traces(paths, fmt)
     if slots_per_gpu is None:
-        slots_per_gpu = -(-trace.num_experts // _check_positive("gpus", gpus)) + 1
+        slots_per_gpu = -(-trace.num_experts // limits.check_int("gpus", gpus, 1, limits.MAX_GPUS)) + 1
     if oracle and "oracle" not in preds:
         preds["oracle"] = make_predictor("oracle", next(iter(preds.values())).distance).fit(trace)
     return evaluate(preds, trace, batch_tokens, gpus, slots_per_gpu, online, **kwargs)
