@@ -33,12 +33,13 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "esft_
 
 
 def esft_balance_table(root: str = ESFT, *, slots_per_gpu: int = 9, gpus: int = 8, batch_tokens=(64, 512),
-                       hedge_options=(False, True), predictors=PREDICTORS, max_tokens=None):
+                       hedge_options=(False, True), predictors=PREDICTORS, max_tokens=None, progress=False):
     """{(protocol, tokens, row): (even-split balance, serve-time-split balance)}; None without the data.
 
     rows: "static EP", "EPLB", "moeless <predictor>, hedge=<False|True>" (defaults otherwise) and, for the
     regression and oracle predictors, "moeless <predictor>, hedge=True, reuse_whole=True".
-    `max_tokens` keeps only the first tokens of each evaluation part (a quick check)."""
+    `max_tokens` keeps only the first tokens of each evaluation part (a quick check). `progress` shows a bar
+    per evaluation on stderr."""
     if not os.path.isdir(root):
         return None
     from moeless.prediction_eval import evaluate, held_out_splits
@@ -54,9 +55,10 @@ def esft_balance_table(root: str = ESFT, *, slots_per_gpu: int = 9, gpus: int = 
             for hedge, whole in [(h, False) for h in hedge_options] + [(True, True)] * (True in hedge_options):
                 names = predictors if not whole else [n for n in predictors if n in ("regression", "oracle")]
                 preds = {name: make_predictor(name, 1).fit(fit) for name in names}
+                label = f"{protocol}, {tokens} tok, hedge={hedge}" + (", whole" if whole else "")
                 res = evaluate(preds, ev, tokens, gpus, slots_per_gpu, online=True,
                                plan_kwargs={"hedge": hedge, "reuse_whole": whole}, baselines=not hedge,
-                               eplb_kwargs={"window": 10, "interval": 10})
+                               eplb_kwargs={"window": 10, "interval": 10}, progress=label if progress else False)
                 if not hedge:
                     for name, key in (("static", "static EP"), ("eplb", "EPLB")):
                         out[(protocol, tokens, key)] = (res[name]["balance_even"], res[name]["balance"])
@@ -93,6 +95,7 @@ def main(argv=None) -> int:
     ap.add_argument("--slots", type=int, nargs="+", default=[9, 10])
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--quick", action="store_true", help="2048 tokens per evaluation part; prints, writes nothing")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     if not os.path.isdir(args.root):
         print(f"no ESFT routing at {args.root}: skipped")
@@ -100,7 +103,10 @@ def main(argv=None) -> int:
     parts = []
     for s in args.slots:
         t0 = time.perf_counter()
-        table = esft_balance_table(args.root, slots_per_gpu=s, max_tokens=2048 if args.quick else None)
+        print(f"8 GPUs x {s} slots: reading {args.root} and evaluating "
+              "(a progress bar per protocol, batch size and hedge setting)", file=sys.stderr, flush=True)
+        table = esft_balance_table(args.root, slots_per_gpu=s, max_tokens=2048 if args.quick else None,
+                                   progress=not args.no_progress)
         text = format_markdown(table, s)
         print(text, f"\n({time.perf_counter() - t0:.0f} s)\n", flush=True)
         parts.append(text)

@@ -11,6 +11,14 @@ After `register()` (which `import moeless` calls), every experts class decorated
 transformers validates the name against the keys of `ALL_EXPERTS_FUNCTIONS`, whose class-wide mapping
 `ExpertsInterface.register` extends, so all three entry points accept it once registered.
 
+One config, one model: transformers' `from_config(config, experts_implementation=...)` writes the choice into the
+config object it is handed, and every experts module reads it from there at each call, so building a second
+model ("eager", say) from the same config object used to switch the first one too, silently. `register()`
+makes `from_config` build on a copy of the config whenever an implementation is requested (as `from_pretrained`
+already does with a config object), so each model keeps its own. `model.set_experts_implementation` still
+changes the model's config in place: two models built without `experts_implementation` from one config object
+share it (give each its own config).
+
 Two paths, chosen per call from the experts module's layout flags (set by `@use_experts_implementation`):
 
 - fast path, `moeless_kernels.fused_moe.fused_moe`: gated experts (`has_gate`) whose gate is transformers'
@@ -45,6 +53,8 @@ a backend.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import os
 
@@ -62,8 +72,27 @@ _warned: set[tuple[str, tuple[str, ...]]] = set()
 
 
 def register() -> None:
-    """Add "moeless" to transformers' ExpertsInterface (class-wide, so every model sees it). Idempotent."""
+    """Add "moeless" to transformers' ExpertsInterface (class-wide, so every model sees it), and give every model
+    built by `from_config(..., experts_implementation=...)` its own config (module docstring). Idempotent."""
     ExpertsInterface.register(IMPLEMENTATION_NAME, moeless_experts_forward)
+    _copy_config_in_from_config()
+
+
+def _copy_config_in_from_config() -> None:
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.__dict__["_from_config"].__func__
+    if getattr(original, "_moeless_copies_config", False):
+        return
+
+    @functools.wraps(original)
+    def _from_config(cls, config, **kwargs):
+        if "experts_implementation" in kwargs:
+            config = copy.deepcopy(config)  # the choice is written into the config: keep the caller's unchanged
+        return original(cls, config, **kwargs)
+
+    _from_config._moeless_copies_config = True
+    PreTrainedModel._from_config = classmethod(_from_config)
 
 
 def is_registered() -> bool:

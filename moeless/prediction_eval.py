@@ -7,10 +7,15 @@ layers, then the TRUE loads are served with the serve-time split (`balance`) and
 (`balance_even`). Accuracy: Pearson r and relative L1 of the load vectors, top-k recall of per-token
 predictions where a predictor makes them. Everything is averaged over batches and target layers.
 
+Metrics, per batch and target layer, then averaged: `pearson` is the correlation of the predicted and the
+true per-expert loads (1 is best; undefined, and skipped, when either is constant), `rel_l1` is
+sum |predicted - true| / sum true (0 is best, 2 is all load on the wrong experts), `recall` is the share of the
+true (token, expert) choices that the predictor's per-token top-k names (None for load-only predictors).
+
 `held_out_splits(trace)` gives the honest protocols (fit on one part, evaluate on another): in-distribution
 (first 70% of each task's sequences / the rest) and a task shift (all tasks but the last / the last).
-`fit_predictors(paths, fmt, distance)` and `evaluate_saved(model_path, paths, fmt, ...)` are the helpers
-behind `moeless predict fit|eval`.
+`read_traces(paths, fmt)`, `fit_predictors(paths, fmt, distance)` and `evaluate_saved(model_path, paths, fmt,
+...)` are the helpers behind `moeless predict fit|eval`; the saved predictors file is written atomically.
 
 This module is floor 3 (it drives floor-2 predictors and planner); it never changes routing and never
 imports the kernels.
@@ -19,7 +24,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from moeless import limits
 from moeless import planner as _planner
+from moeless.outputs import OutputFiles
 from moeless.predictors import (
     LoadPredictor,
     load_predictors,
@@ -31,20 +38,15 @@ from moeless.predictors import (
 )
 from moeless.traces import RoutingTrace, load_trace
 
-__all__ = ["evaluate", "held_out_splits", "fit_predictors", "evaluate_saved", "format_table", "DEFAULT_PREDICTORS"]
+__all__ = ["evaluate", "held_out_splits", "read_traces", "fit_predictors", "predictor_file", "evaluate_saved",
+           "format_table", "DEFAULT_PREDICTORS"]
 
 DEFAULT_PREDICTORS = ("history", "affinity", "regression", "oracle")
 
 
-def _check_positive(name: str, value) -> int:
-    if not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def evaluate(predictors, trace: RoutingTrace, batch_tokens: int, gpus: int, slots_per_gpu: int,
              online: bool = False, *, plan_kwargs: dict | None = None, baselines: bool = True,
-             eplb_kwargs: dict | None = None) -> dict:
+             eplb_kwargs: dict | None = None, progress: bool | str = False) -> dict:
     """Replay `trace` in batches of `batch_tokens` and score each fitted predictor (dict {name: predictor}).
 
     Returns {"predictors": {name: {"pearson", "rel_l1", "balance", "balance_even", "recall" (None when the
@@ -52,7 +54,8 @@ def evaluate(predictors, trace: RoutingTrace, batch_tokens: int, gpus: int, slot
     "balance_even"} (None with baselines=False), "batches": n, "layers": [first, last] target layer}.
     `online=True` calls `update` with each layer's real routing as it arrives (before that layer's
     prediction; never the future). The planner gets `plan_kwargs` and each predictor's previous plan (warm
-    reuse, as in serving); EPLB gets `eplb_kwargs` (window, interval in batches).
+    reuse, as in serving); EPLB gets `eplb_kwargs` (window, interval in batches). `progress` shows a progress
+    bar over the batches on stderr (a str is its label).
     """
     if isinstance(predictors, LoadPredictor):
         predictors = {predictors.name: predictors}
@@ -60,9 +63,9 @@ def evaluate(predictors, trace: RoutingTrace, batch_tokens: int, gpus: int, slot
         raise ValueError("predictors must be a non-empty dict {name: LoadPredictor}")
     if not isinstance(trace, RoutingTrace):
         raise ValueError(f"trace must be a RoutingTrace, got {type(trace).__name__}")
-    batch_tokens = _check_positive("batch_tokens", batch_tokens)
-    gpus = _check_positive("gpus", gpus)
-    slots_per_gpu = _check_positive("slots_per_gpu", slots_per_gpu)
+    batch_tokens = limits.check_int("batch_tokens", batch_tokens, 1, limits.MAX_BATCH_TOKENS)
+    limits.check_plan_size(trace.num_layers, trace.num_experts, gpus, slots_per_gpu)
+    gpus, slots_per_gpu = int(gpus), int(slots_per_gpu)
     distances = {p.distance for p in predictors.values()}
     if len(distances) != 1:
         raise ValueError(f"predictors must share one distance, got {sorted(distances)}")
@@ -87,7 +90,8 @@ def evaluate(predictors, trace: RoutingTrace, batch_tokens: int, gpus: int, slot
     base_acc = {name: ([], []) for name in base}
     drop_last = trace.num_tokens >= batch_tokens
     n_batches = 0
-    for batch in trace.batches(batch_tokens, drop_last=drop_last):
+    total = trace.num_tokens // batch_tokens if drop_last else 1
+    for batch in _progress(trace.batches(batch_tokens, drop_last=drop_last), total, progress):
         n_batches += 1
         true = batch.loads[targets]
         for name, p in predictors.items():
@@ -128,6 +132,17 @@ def evaluate(predictors, trace: RoutingTrace, batch_tokens: int, gpus: int, slot
         "batches": n_batches,
         "layers": [d, L - 1],
     }
+
+
+def _progress(batches, total: int, progress):
+    if not progress:
+        return batches
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is optional
+        return batches
+    label = progress if isinstance(progress, str) else "evaluating"
+    return tqdm(batches, total=total, unit="batch", desc=label, leave=False)
 
 
 def _baselines(trace, d, gpus, slots_per_gpu, eplb_kwargs=None):
@@ -176,12 +191,13 @@ def held_out_splits(trace: RoutingTrace, fraction: float = 0.7) -> dict[str, tup
 
 def fit_predictors(paths, fmt: str | None, distance: int = 1, out: str = "predictors.npz", *,
                    names=("history", "affinity", "regression"), model=None, **kwargs) -> str:
-    """Fit the named predictors on the traces at `paths` (concatenated) and save them to one file.
+    """Fit the named predictors on the traces at `paths` (concatenated; or a RoutingTrace) and save them to one
+    file, `out` (".npz" appended when missing), written atomically.
 
     With a Hugging Face `model`, "gate-replica" may be named too (the trace must then hold gate inputs, as
     captured by `capture_routing`). Returns the file written.
     """
-    trace = _read_all(paths, fmt)
+    trace = paths if isinstance(paths, RoutingTrace) else read_traces(paths, fmt)
     preds = {}
     for name in names:
         if name == "gate-replica":
@@ -193,17 +209,28 @@ def fit_predictors(paths, fmt: str | None, distance: int = 1, out: str = "predic
         else:
             preds[name] = make_predictor(name, distance, **kwargs.get(name, {}))
         preds[name].fit(trace)
-    return save_predictors(preds, out)
+    out = predictor_file(out)
+    with OutputFiles() as files:
+        save_predictors(preds, files.path(out))
+    return out
+
+
+def predictor_file(path) -> str:
+    """The file a predictors path names: PATH itself when it ends in .npz, else PATH.npz (numpy's rule, which
+    `save_predictors` follows), so that `predict fit --out model` and `predict eval --model model` agree."""
+    path = str(path)
+    return path if path.endswith(".npz") else f"{path}.npz"
 
 
 def evaluate_saved(model_path: str, paths, fmt: str | None, batch_tokens: int, gpus: int,
                    slots_per_gpu: int | None = None, online: bool = False, *, oracle: bool = True, **kwargs) -> dict:
     """Load the predictors saved by `fit_predictors` (no refitting) and `evaluate` them on the traces at
-    `paths`, with an oracle added. `slots_per_gpu=None` gives each GPU ceil(E / G) + 1 slots (one spare)."""
+    `paths` (or a RoutingTrace), with an oracle added. `slots_per_gpu=None` gives each GPU ceil(E / G) + 1
+    slots (one spare)."""
     preds = load_predictors(model_path)
-    trace = _read_all(paths, fmt)
+    trace = paths if isinstance(paths, RoutingTrace) else read_traces(paths, fmt)
     if slots_per_gpu is None:
-        slots_per_gpu = -(-trace.num_experts // _check_positive("gpus", gpus)) + 1
+        slots_per_gpu = -(-trace.num_experts // limits.check_int("gpus", gpus, 1, limits.MAX_GPUS)) + 1
     if oracle and "oracle" not in preds:
         preds["oracle"] = make_predictor("oracle", next(iter(preds.values())).distance).fit(trace)
     return evaluate(preds, trace, batch_tokens, gpus, slots_per_gpu, online, **kwargs)
@@ -227,9 +254,16 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _read_all(paths, fmt) -> RoutingTrace:
+def read_traces(paths, fmt: str | None, **options) -> RoutingTrace:
+    """The traces at `paths` (one path or several, concatenated) in format `fmt` (None: guessed from each path);
+    `options` go to the reader (top_k, num_experts, drop_incomplete: see moeless.traces)."""
     paths = [paths] if isinstance(paths, str) else list(paths)
     if not paths:
         raise ValueError("paths must name at least one trace")
-    traces = [load_trace(p, fmt) for p in paths]
-    return traces[0] if len(traces) == 1 else RoutingTrace.concat(traces)
+    traces = [load_trace(p, fmt, **options) for p in paths]
+    if len(traces) == 1:
+        return traces[0]
+    try:
+        return RoutingTrace.concat(traces)
+    except ValueError as exc:
+        raise ValueError(f"the traces {paths} do not fit together: {exc}") from None

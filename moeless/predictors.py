@@ -27,8 +27,8 @@ Predictors:
 
 Metrics: `topk_recall`, `pearson`, `relative_l1`.
 
-This module is floor 2: it imports `moeless.traces` only, never the planner or the kernels; torch is imported
-lazily, only for fine-tuning and `from_model`. It never changes routing.
+This module is floor 2: it imports `moeless.traces` and `moeless.limits` only, never the planner or the kernels;
+torch is imported lazily, only for fine-tuning and `from_model`. It never changes routing.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ import json
 
 import numpy as np
 
+from moeless import limits
 from moeless.traces import RoutingTrace, TraceBatch, expert_loads, find_routers, load_npz_arrays, router_top_k
 
 __all__ = [
@@ -116,9 +117,7 @@ class LoadPredictor:
     needs_gate_inputs = False
 
     def __init__(self, distance: int = 1):
-        if not isinstance(distance, (int, np.integer)) or distance < 1:
-            raise ValueError(f"distance must be an int >= 1, got {distance!r}")
-        self.distance = int(distance)
+        self.distance = limits.check_int("distance", distance, 1, limits.MAX_LAYERS - 1)
         self.num_layers: int | None = None
         self.num_experts: int | None = None
         self.top_k: int | None = None
@@ -127,6 +126,9 @@ class LoadPredictor:
 
     # -- shape and checks -----------------------------------------------------------------------------------
     def _set_shape(self, num_layers: int, num_experts: int, top_k: int) -> None:
+        limits.check_int("num_layers", num_layers, 1, limits.MAX_LAYERS)
+        limits.check_int("num_experts", num_experts, 1, limits.MAX_EXPERTS)
+        limits.check_int("top_k", top_k, 1, min(limits.MAX_TOP_K, num_experts))
         if num_layers <= self.distance:
             raise ValueError(f"the trace has {num_layers} layers; distance={self.distance} needs more")
         self.num_layers, self.num_experts, self.top_k = int(num_layers), int(num_experts), int(top_k)
@@ -246,8 +248,11 @@ def load_predictors(path: str) -> dict[str, LoadPredictor]:
             raise ValueError(f"{path}: predictor format version {meta.get('version')}, expected {_FORMAT_VERSION}")
         own = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{i}.") and k != f"{i}.meta"}
         pred = PREDICTORS[kind].__new__(PREDICTORS[kind])
-        LoadPredictor.__init__(pred, meta["distance"])
-        pred._set_shape(meta["num_layers"], meta["num_experts"], meta["top_k"])
+        try:  # the sizes a file claims are bounded like any other input (moeless.limits)
+            LoadPredictor.__init__(pred, meta["distance"])
+            pred._set_shape(meta["num_layers"], meta["num_experts"], meta["top_k"])
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"{path}: predictor {meta.get('label')!r} has bad metadata ({exc})") from None
         try:
             pred._restore(meta, own)
         except KeyError as exc:
@@ -413,6 +418,7 @@ class AffinityPredictor(LoadPredictor):
         trace = self._check_trace(trace)
         self._set_shape(trace.num_layers, trace.num_experts, trace.top_k)
         L, d, E = self.num_layers, self.distance, self.num_experts
+        limits.check_bytes("the affinity predictor's counts [L - d, E, E]", (L - d) * E * E * 8)
         self.counts = np.stack([self._pair_counts(trace.topk_ids[l], trace.topk_ids[l + d]) for l in range(L - d)])
         loads = trace.loads().astype(np.float64)
         self.chosen = loads[: L - d].copy()
@@ -504,6 +510,7 @@ class RegressionPredictor(LoadPredictor):
         self._set_shape(trace.num_layers, trace.num_experts, trace.top_k)
         L, d, E, m = self.num_layers, self.distance, self.num_experts, self.lags
         D = E * m + 1
+        limits.check_bytes("the regression predictor's statistics [L - d, D, D + E]", (L - d) * D * (D + E) * 8)
         self.xtx = np.zeros((L - d, D, D))
         self.xty = np.zeros((L - d, D, E))
         chunk = 4096  # bounds the dense [T, D] feature matrices

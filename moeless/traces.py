@@ -5,13 +5,17 @@ A `RoutingTrace` holds, for N tokens in order and L MoE layers, the router's sel
 router's input hidden states `gate_inputs [L, N, H]` (what the layer-aware gate-replica predictor needs), plus
 `sequence_ids [N]` (which sequence each token belongs to) and optional per-token `task` labels.
 
-Readers (all raise ValueError naming the file, and the line where there is one, on malformed content):
+Readers (all raise ValueError naming the file, and the line where there is one, on malformed content). Every
+reader takes the same options: `top_k` (None: the file's own, detected for ESFT; an int: checked), and
+`drop_incomplete` (drop the tokens that lack a row for some layer, counted in `RoutingTrace.dropped_tokens`,
+instead of rejecting the file). A token's experts must be distinct, gate weights finite and non-negative, and
+every size within `moeless.limits`. Formats: docs/FORMATS.md.
 - `read_esft(path)`: DeepSeek ESFT `expert_scores/<task>/expert_weights_<L>.txt[.gz]` files; a task folder or
   a folder of task folders (tasks concatenated, tokens labelled with their task).
 - `read_jsonl(path)`: one JSON object per (layer, token): {"layer", "token_idx", "experts", "gating_probs"},
   optionally "dataset" and "problem_id" naming the sequence.
 - `read_npz(path)` / `write_npz(trace, path)`: the project's compact format.
-- `load_trace(path, fmt)`: one dispatcher over the three.
+- `load_trace(path, fmt)`: one dispatcher over `READERS` (a new format is one reader function and one entry).
 - `capture_routing(model, input_ids_batches)`: forward hooks on the routers of a Hugging Face MoE model.
 
 This module is floor 1 (see docs/ARCHITECTURE.md): it must never import the planner, the predictors or the
@@ -23,11 +27,16 @@ import dataclasses
 import gzip
 import io
 import json
+import math
 import os
 import re
+import zipfile
+import zlib
 from typing import Iterable, Iterator
 
 import numpy as np
+
+from moeless import limits
 
 __all__ = [
     "RoutingTrace",
@@ -42,10 +51,12 @@ __all__ = [
     "find_routers",
     "router_top_k",
     "TRACE_FORMATS",
+    "READERS",
 ]
 
-TRACE_FORMATS = ("esft", "jsonl", "npz")
 _NPZ_VERSION = 1
+# what a gzip or text file that cannot be read raises while it is read (BadGzipFile is an OSError)
+_UNREADABLE = (OSError, EOFError, UnicodeDecodeError, zlib.error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +85,7 @@ class RoutingTrace:
     gate_inputs: np.ndarray | None = None  # (L, N, H) float16 / float32
     task: np.ndarray | None = None  # (N,) str
     layer_ids: np.ndarray | None = None  # (L,) int64: the model's index of each MoE layer
+    dropped_tokens: int = 0  # tokens the reader dropped for lacking a row for some layer (drop_incomplete)
 
     def __post_init__(self):
         ids = np.asarray(self.topk_ids)
@@ -81,9 +93,8 @@ class RoutingTrace:
             raise ValueError(f"topk_ids must be [L, N, K], got shape {ids.shape}")
         if not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"topk_ids must be integer, got {ids.dtype}")
-        if int(self.num_experts) < 1:
-            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
-        self.num_experts = int(self.num_experts)
+        self.num_experts = limits.check_int("num_experts", self.num_experts, 1, limits.MAX_EXPERTS)
+        limits.check_trace_shape(*ids.shape, self.num_experts, "topk_ids [L, N, K]")
         if ids.size and (ids.min() < 0 or ids.max() >= self.num_experts):
             raise ValueError(
                 f"topk_ids must lie in [0, num_experts={self.num_experts}), got [{ids.min()}, {ids.max()}]"
@@ -115,6 +126,15 @@ class RoutingTrace:
         self.layer_ids = np.asarray(self.layer_ids, dtype=np.int64)
         if self.layer_ids.shape != (L,):
             raise ValueError(f"layer_ids must be [L={L}], got shape {self.layer_ids.shape}")
+        if L and (self.layer_ids.min() < 0 or len(np.unique(self.layer_ids)) != L):
+            raise ValueError(f"layer_ids must be distinct and >= 0, got {self.layer_ids.tolist()}")
+        self.dropped_tokens = limits.check_int("dropped_tokens", self.dropped_tokens, 0)
+        if self.gate_probs is not None:
+            bad = ~np.isfinite(self.gate_probs) | (self.gate_probs < 0)
+            if bad.any():
+                l, n, k = (int(i) for i in np.argwhere(bad)[0])
+                raise ValueError(f"gate_probs must be finite and >= 0, got {self.gate_probs[l, n, k]} at layer "
+                                 f"index {l}, token {n}")
 
     # ---- shape -------------------------------------------------------------------------------------------
     @property
@@ -236,7 +256,22 @@ class RoutingTrace:
             gate_inputs=cat("gate_inputs", 1),
             task=cat("task", 0),
             layer_ids=first.layer_ids,
+            dropped_tokens=sum(t.dropped_tokens for t in traces),
         )
+
+
+def _check_distinct(topk_ids: np.ndarray) -> None:
+    """A token's top-k experts are distinct: a repeat in a file means a misread trace (e.g. the wrong top-k).
+    The readers check it; the constructor does not, because load-level callers build traces whose grouping of
+    pairs into tokens is arbitrary (moeless.sim.policies.synthetic_topk)."""
+    if topk_ids.shape[2] < 2 or topk_ids.size == 0:
+        return
+    s = np.sort(topk_ids, axis=2)
+    rep = (s[..., 1:] == s[..., :-1]).any(axis=2)
+    if rep.any():
+        l, n = (int(i) for i in np.argwhere(rep)[0])
+        raise ValueError(f"topk_ids: token {n} of layer index {l} repeats an expert ({topk_ids[l, n].tolist()}); "
+                         f"a token's top-k experts are distinct (is top_k={topk_ids.shape[2]} right?)")
 
 
 def expert_loads(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
@@ -249,14 +284,56 @@ def expert_loads(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
     return counts.reshape(*lead, num_experts)
 
 
-# ---- ESFT ---------------------------------------------------------------------------------------------------
-_ESFT_FILE = re.compile(r"^expert_weights_(\d+)\.txt(\.gz)?$")
-
-
+# ---- shared by the readers ----------------------------------------------------------------------------------
 def _open_text(path: str):
     if path.endswith(".gz"):
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
     return open(path, encoding="utf-8")
+
+
+def _unreadable(path: str, exc: Exception) -> ValueError:
+    what = "a truncated or corrupt gzip file" if path.endswith(".gz") else "not a readable text file"
+    return ValueError(f"{path}: {what} ({type(exc).__name__}: {exc})")
+
+
+def _check_top_k(top_k) -> int | None:
+    return None if top_k is None else limits.check_int("top_k", top_k, 1, limits.MAX_TOP_K)
+
+
+def _expert_limit(num_experts) -> int:
+    if num_experts is None:
+        return limits.MAX_EXPERTS
+    return limits.check_int("num_experts", num_experts, 1, limits.MAX_EXPERTS)
+
+
+def _id_range_error(where: str, expert: int, num_experts) -> ValueError:
+    if num_experts is None:
+        return ValueError(f"{where}: expert id {expert} is outside [0, {limits.MAX_EXPERTS}) "
+                          f"(at most {limits.MAX_EXPERTS} experts: moeless.limits.MAX_EXPERTS)")
+    return ValueError(f"{where}: expert id {expert} is outside [0, num_experts={num_experts})")
+
+
+def _incomplete_hint(n: int) -> str:
+    return (f"pass drop_incomplete=True (--drop-incomplete) to drop the {n} token(s) that lack a row for some "
+            "layer")
+
+
+# ---- ESFT ---------------------------------------------------------------------------------------------------
+_ESFT_FILE = re.compile(r"^expert_weights_(\d+)\.txt(\.gz)?$")
+# Top-k detection: how many shared experts the rejected alternative (a smaller top-k) predicts where none was
+# seen. exp(-20) = 2e-9 is the chance of seeing none were the smaller top-k true.
+_DETECT_EVIDENCE = 20.0
+
+
+@dataclasses.dataclass
+class _EsftLayer:
+    """One `expert_weights_<L>.txt[.gz]` file as read: per line (sequence), its ids and weights, token-major."""
+
+    path: str
+    layer: int
+    ids: list  # per line: expert ids, 1-D int64
+    weights: list  # per line: gate weights, 1-D float32
+    linenos: list  # per line: its line number in the file
 
 
 def _esft_layer_files(folder: str) -> list[tuple[int, str]]:
@@ -264,65 +341,168 @@ def _esft_layer_files(folder: str) -> list[tuple[int, str]]:
     for name in os.listdir(folder):
         m = _ESFT_FILE.match(name)
         if m:
-            found.append((int(m.group(1)), os.path.join(folder, name)))
+            layer = int(m.group(1))
+            if layer >= limits.MAX_LAYERS:
+                raise ValueError(f"{os.path.join(folder, name)}: layer {layer} is outside [0, {limits.MAX_LAYERS}) "
+                                 "(moeless.limits.MAX_LAYERS)")
+            found.append((layer, os.path.join(folder, name)))
     return sorted(found)
 
 
-def _read_esft_task(folder: str, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    files = _esft_layer_files(folder)
-    layer_ids = np.array([lid for lid, _ in files], dtype=np.int64)
-    if len(set(layer_ids.tolist())) != len(files):
-        raise ValueError(f"{folder}: a layer has both .txt and .txt.gz files")
-    ids_layers, w_layers, seq_lengths = [], [], None
-    for lid, path in files:
-        ids_lines, w_lines, lengths = [], [], []
+def _read_esft_file(path: str, layer: int, num_experts) -> _EsftLayer:
+    limit = _expert_limit(num_experts)
+    out = _EsftLayer(path, layer, [], [], [])
+    try:
         with _open_text(path) as fh:
             for lineno, line in enumerate(fh, 1):
                 line = line.rstrip("\n")
                 if not line:
                     continue
+                where = f"{path}:{lineno}"
                 parts = line.split("\t\t")
                 if len(parts) != 2:
-                    raise ValueError(f"{path}:{lineno}: expected 'ids<TAB><TAB>weights', found {len(parts)} parts")
+                    raise ValueError(f"{where}: expected 'ids<TAB><TAB>weights', found {len(parts)} parts")
                 try:
                     ids = np.array(parts[0].split("\t"), dtype=np.int64)
-                    w = np.array(parts[1].split("\t"), dtype=np.float32)
-                except ValueError as exc:
-                    raise ValueError(f"{path}:{lineno}: not a number ({exc})") from None
-                if ids.size != w.size or ids.size % top_k:
-                    raise ValueError(
-                        f"{path}:{lineno}: {ids.size} ids and {w.size} weights; both must be the same multiple "
-                        f"of top_k={top_k}"
-                    )
-                ids_lines.append(ids.reshape(-1, top_k))
-                w_lines.append(w.reshape(-1, top_k))
-                lengths.append(ids.size // top_k)
-        if seq_lengths is None:
-            seq_lengths = lengths
-        elif lengths != seq_lengths:
-            differs = [i for i, (a, b) in enumerate(zip(lengths, seq_lengths)) if a != b]
-            bad = differs[0] if differs else min(len(lengths), len(seq_lengths))
-            raise ValueError(
-                f"{path}:{bad + 1}: sequence lengths differ from layer {files[0][0]}'s "
-                f"({len(lengths)} vs {len(seq_lengths)} lines); every layer file must hold the same tokens"
-            )
-        ids_layers.append(np.concatenate(ids_lines) if ids_lines else np.zeros((0, top_k), np.int64))
-        w_layers.append(np.concatenate(w_lines) if w_lines else np.zeros((0, top_k), np.float32))
-    seq = np.repeat(np.arange(len(seq_lengths), dtype=np.int64), seq_lengths)
-    return np.stack(ids_layers), np.stack(w_layers), seq, layer_ids
+                    with np.errstate(over="ignore"):
+                        w = np.array(parts[1].split("\t"), dtype=np.float32)
+                except (ValueError, OverflowError) as exc:
+                    raise ValueError(f"{where}: not a number ({exc})") from None
+                if ids.size != w.size:
+                    raise ValueError(f"{where}: {ids.size} expert ids but {w.size} gate weights")
+                bad = (ids < 0) | (ids >= limit)
+                if bad.any():
+                    raise _id_range_error(where, int(ids[bad][0]), num_experts)
+                if not np.isfinite(w).all() or (w < 0).any():
+                    raise ValueError(f"{where}: gate weights must be finite and >= 0, got "
+                                     f"{w[~np.isfinite(w) | (w < 0)][0]}")
+                out.ids.append(ids)
+                out.weights.append(w)
+                out.linenos.append(lineno)
+    except _UNREADABLE as exc:
+        raise _unreadable(path, exc) from None
+    return out
 
 
-def read_esft(path: str, *, top_k: int = 6, num_experts: int | None = None) -> RoutingTrace:
+def _read_esft_task(folder: str, num_experts) -> list[_EsftLayer]:
+    files = _esft_layer_files(folder)
+    if len({lid for lid, _ in files}) != len(files):
+        raise ValueError(f"{folder}: a layer has both .txt and .txt.gz files")
+    return [_read_esft_file(path, lid, num_experts) for lid, path in files]
+
+
+def _first_repeat(flat: np.ndarray, k: int) -> int | None:
+    """Index of the first k-group of `flat` that repeats an id (None: every group is distinct)."""
+    if k < 2:
+        return None
+    s = np.sort(flat.reshape(-1, k), axis=1)
+    rep = np.flatnonzero((s[:, 1:] == s[:, :-1]).any(axis=1))
+    return int(rep[0]) if rep.size else None
+
+
+def _esft_top_k(layers: list[_EsftLayer], top_k) -> int:
+    """The given top-k, checked (every line a multiple of it, a token's experts distinct), or the detected one."""
+    if top_k is None:
+        return _detect_esft_top_k(layers)
+    for layer in layers:
+        for ids, lineno in zip(layer.ids, layer.linenos):
+            if ids.size % top_k:
+                raise ValueError(f"{layer.path}:{lineno}: {ids.size} expert ids, not a multiple of top_k={top_k}")
+            t = _first_repeat(ids, top_k)
+            if t is not None:
+                raise ValueError(f"{layer.path}:{lineno}: token {t} repeats an expert "
+                                 f"({ids.reshape(-1, top_k)[t].tolist()}) with top_k={top_k}; a token's experts are "
+                                 "distinct: is top_k right? (leave it out to detect it)")
+    return top_k
+
+
+def _detect_esft_top_k(layers: list[_EsftLayer]) -> int:
+    """The largest K that divides every line and leaves no token with a repeated expert, provided the data rule
+    out every smaller K' dividing it: were K' the top-k, adjacent K'-groups inside a K-group would share experts
+    as often as adjacent K'-groups across K-groups do; seeing none where `_DETECT_EVIDENCE` are expected is
+    the evidence. ESFT lines give no top-k of their own, and a wrong one makes tokens of several real ones."""
+    lengths = [ids.size for layer in layers for ids in layer.ids]
+    if not lengths:
+        raise ValueError(f"{os.path.dirname(layers[0].path)}: the ESFT files hold no token" if layers else
+                         "no ESFT layer file")
+    g = math.gcd(*lengths)
+    flats = [np.concatenate(layer.ids) for layer in layers]
+    top = min(g, limits.MAX_TOP_K)
+    K = next(k for k in range(top, 0, -1) if g % k == 0 and all(_first_repeat(f, k) is None for f in flats))
+    for k in (d for d in range(1, K) if K % d == 0):
+        within = cross = shared = 0
+        for layer, flat in zip(layers, flats):
+            w, c, s = _adjacent_sharing(flat, [ids.size for ids in layer.ids], K, k)
+            within, cross, shared = within + w, cross + c, shared + s
+        expected = within * shared / cross if cross else 0.0
+        if expected < _DETECT_EVIDENCE:
+            where = os.path.dirname(layers[0].path)
+            raise ValueError(f"{where}: cannot tell the top-k of this ESFT trace from its "
+                             f"{sum(lengths) // K // len(layers)} tokens per layer (top-k {K} fits, and too few tokens share experts to rule out "
+                             f"{k}); pass top_k (--top-k), the model's experts per token")
+    return K
+
+
+def _adjacent_sharing(flat: np.ndarray, line_sizes: list, K: int, k: int) -> tuple[int, int, int]:
+    """Over adjacent k-groups of one layer (never across lines): (pairs inside a K-group, pairs across K-groups,
+    pairs across K-groups that share an expert)."""
+    sub = flat.reshape(-1, k)
+    starts = np.zeros(len(sub) + 1, dtype=bool)
+    starts[np.cumsum([0] + line_sizes) // k] = True
+    valid = ~starts[1:len(sub)]  # pair (i, i + 1) stays in its line
+    across = (np.arange(1, len(sub)) % (K // k)) == 0
+    share = (sub[:-1, :, None] == sub[1:, None, :]).any(axis=(1, 2))
+    return int((valid & ~across).sum()), int((valid & across).sum()), int((valid & across & share).sum())
+
+
+def _esft_task_arrays(layers: list[_EsftLayer], K: int, drop_incomplete: bool):
+    """(ids [L, N, K], weights [L, N, K], sequence ids [N], layer ids [L], dropped tokens) of one task folder."""
+    n_lines = [len(layer.ids) for layer in layers]
+    if len(set(n_lines)) > 1 and not drop_incomplete:
+        short = layers[int(np.argmin(n_lines))]
+        raise ValueError(f"{short.path}: {min(n_lines)} lines (sequences), {layers[int(np.argmax(n_lines))].path} has "
+                         f"{max(n_lines)}; every layer file must hold the same sequences ("
+                         f"{_incomplete_hint(_esft_lost(layers, K))})")
+    n_seq = min(n_lines)
+    counts = np.array([[ids.size // K for ids in layer.ids[:n_seq]] for layer in layers]).reshape(len(layers), n_seq)
+    keep = counts.min(axis=0)
+    if (counts != keep).any() and not drop_incomplete:
+        li, si = (int(i) for i in np.argwhere(counts != keep)[0])
+        ref = int(np.argmin(counts[:, si]))
+        raise ValueError(f"{layers[li].path}:{layers[li].linenos[si]}: {counts[li, si]} tokens, but "
+                         f"{layers[ref].path}:{layers[ref].linenos[si]} has {counts[ref, si]}; every layer file "
+                         f"must hold the same tokens ({_incomplete_hint(_esft_lost(layers, K))})")
+    ids = np.stack([np.concatenate([np.zeros((0, K), np.int64)] + [a.reshape(-1, K)[:n] for a, n in
+                                                                    zip(layer.ids, keep)]) for layer in layers])
+    w = np.stack([np.concatenate([np.zeros((0, K), np.float32)] + [a.reshape(-1, K)[:n] for a, n in
+                                                                    zip(layer.weights, keep)]) for layer in layers])
+    seq = np.repeat(np.arange(n_seq, dtype=np.int64), keep)
+    layer_ids = np.array([layer.layer for layer in layers], dtype=np.int64)
+    return ids, w, seq, layer_ids, _esft_lost(layers, K)
+
+
+def _esft_lost(layers: list[_EsftLayer], K: int) -> int:
+    """Tokens some layer file holds and another lacks (whole sequences included)."""
+    n_max = max(len(layer.ids) for layer in layers)
+    counts = np.zeros((len(layers), n_max), dtype=np.int64)
+    for i, layer in enumerate(layers):
+        counts[i, :len(layer.ids)] = [a.size // K for a in layer.ids]
+    return int((counts.max(axis=0) - counts.min(axis=0)).sum())
+
+
+def read_esft(path: str, *, top_k: int | None = None, num_experts: int | None = None,
+              drop_incomplete: bool = False) -> RoutingTrace:
     """Read DeepSeek ESFT expert scores: one task folder, or a folder holding task folders (concatenated).
 
     Line i of every `expert_weights_<L>.txt[.gz]` is the same sequence; a line is the token-major expert ids,
-    a double tab, then the matching gate weights. `num_experts` defaults to the width of `summary.json`'s
-    per-layer shares when present, else to the largest id + 1.
+    a double tab, then the matching gate weights. `top_k` None detects it (see `_detect_esft_top_k`; an error
+    asks for it when the data cannot tell); a given top_k is checked. `num_experts` defaults to the width of
+    `summary.json`'s per-layer shares when present, else to the largest id + 1. `drop_incomplete` keeps, of each
+    sequence, the tokens every layer file holds (the rest are counted in `dropped_tokens`).
     """
     if not os.path.isdir(path):
         raise ValueError(f"path: {path!r} is not a directory (an ESFT task folder or expert_scores folder)")
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    top_k = _check_top_k(top_k)
     if _esft_layer_files(path):
         task_dirs = [path]
     else:
@@ -332,21 +512,28 @@ def read_esft(path: str, *, top_k: int = 6, num_experts: int | None = None) -> R
         )
     if not task_dirs:
         raise ValueError(f"path: no expert_weights_<L>.txt[.gz] files in {path!r} or its subfolders")
-    parts = []
-    for d in task_dirs:
-        ids, w, seq, layer_ids = _read_esft_task(d, top_k)
-        if parts and not np.array_equal(layer_ids, parts[0][3]):
-            raise ValueError(f"{d}: layers {layer_ids.tolist()} differ from {task_dirs[0]}'s {parts[0][3].tolist()}")
-        parts.append((ids, w, seq, layer_ids, os.path.basename(os.path.normpath(d))))
+    raw = [_read_esft_task(d, num_experts) for d in task_dirs]
+    for d, layers in zip(task_dirs[1:], raw[1:]):
+        got, want = [x.layer for x in layers], [x.layer for x in raw[0]]
+        if got != want:
+            raise ValueError(f"{d}: layers {got} differ from {task_dirs[0]}'s {want}")
+    K = _esft_top_k([layer for layers in raw for layer in layers], top_k)
+    parts = [(*_esft_task_arrays(layers, K, drop_incomplete), os.path.basename(os.path.normpath(d)))
+             for d, layers in zip(task_dirs, raw)]
+    if sum(p[0].shape[1] for p in parts) == 0:
+        raise ValueError(f"{path}: no token is held by every layer file")
     if num_experts is None:
         num_experts = _esft_num_experts(task_dirs)
     if num_experts is None:
         num_experts = int(max(p[0].max(initial=-1) for p in parts)) + 1
-    traces = [
-        RoutingTrace(topk_ids=ids, num_experts=num_experts, sequence_ids=seq, gate_probs=w,
-                     task=np.full(ids.shape[1], name), layer_ids=lids)
-        for ids, w, seq, lids, name in parts
-    ]
+    try:
+        traces = [
+            RoutingTrace(topk_ids=ids, num_experts=num_experts, sequence_ids=seq, gate_probs=w,
+                         task=np.full(ids.shape[1], name), layer_ids=lids, dropped_tokens=lost)
+            for ids, w, seq, lids, lost, name in parts
+        ]
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     return traces[0] if len(traces) == 1 else RoutingTrace.concat(traces)
 
 
@@ -367,72 +554,118 @@ def _esft_num_experts(task_dirs: list[str]) -> int | None:
 
 
 # ---- JSONL --------------------------------------------------------------------------------------------------
-def read_jsonl(path: str, *, num_experts: int | None = None) -> RoutingTrace:
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _jsonl_row(row, where: str, top_k, limit: int, num_experts) -> tuple[int, int, list, list | None]:
+    """(layer, token_idx, experts, gating_probs or None) of one checked row."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    missing = [k for k in ("layer", "token_idx", "experts") if k not in row]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing}")
+    layer, tok, experts = row["layer"], row["token_idx"], row["experts"]
+    if not _is_int(layer) or not 0 <= layer < limits.MAX_LAYERS:
+        raise ValueError(f"{where}: 'layer' must be an integer in [0, {limits.MAX_LAYERS}), got {layer!r}")
+    if not _is_int(tok) or not 0 <= tok < 2**62:
+        raise ValueError(f"{where}: 'token_idx' must be a non-negative integer, got {tok!r}")
+    if not isinstance(experts, list) or not experts or not all(_is_int(e) for e in experts):
+        raise ValueError(f"{where}: 'experts' must be a non-empty list of non-negative ints")
+    bad = [e for e in experts if not 0 <= e < limit]
+    if bad:
+        raise _id_range_error(where, bad[0], num_experts)
+    if len(experts) > limits.MAX_TOP_K:
+        raise ValueError(f"{where}: {len(experts)} experts; at most {limits.MAX_TOP_K} (moeless.limits.MAX_TOP_K)")
+    if len(set(experts)) != len(experts):
+        raise ValueError(f"{where}: 'experts' repeats an expert ({experts}); a token's experts are distinct")
+    if top_k is not None and len(experts) != top_k:
+        raise ValueError(f"{where}: {len(experts)} experts, but top_k={top_k}")
+    probs = row.get("gating_probs")
+    if probs is not None:
+        if not isinstance(probs, list) or len(probs) != len(experts):
+            raise ValueError(f"{where}: 'gating_probs' must be a list as long as 'experts' ({len(experts)})")
+        if not all(isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) and p >= 0
+                   for p in probs):
+            raise ValueError(f"{where}: 'gating_probs' must be finite numbers >= 0, got {probs}")
+    return layer, tok, experts, probs
+
+
+def _sequence_name(seq_key: tuple) -> str:
+    dataset, problem = seq_key
+    return f"sequence (dataset={dataset!r}, problem_id={problem!r})" if dataset or problem else "the sequence"
+
+
+def read_jsonl(path: str, *, top_k: int | None = None, num_experts: int | None = None,
+               drop_incomplete: bool = False) -> RoutingTrace:
     """Read one JSON object per (layer, token): {"layer", "token_idx", "experts": [...], "gating_probs": [...]}.
 
     Optional "dataset" and "problem_id" name the sequence (and "dataset" becomes the task label); tokens are
     ordered by the first appearance of their sequence, then by token_idx. Every (layer, token) must appear
-    exactly once, with the same number of experts.
+    exactly once, with the same number of experts (`top_k` when given), all distinct. A token without a row
+    for some layer is an error, or with `drop_incomplete` dropped and counted in `dropped_tokens`.
     """
     if not os.path.isfile(path):
         raise ValueError(f"path: {path!r} is not a file")
+    top_k = _check_top_k(top_k)
+    limit = _expert_limit(num_experts)
     rows: dict[tuple, dict[int, tuple[list, list | None]]] = {}
     seq_order: dict[tuple, int] = {}
     layers: set[int] = set()
-    top_k = None
-    with _open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            missing = [k for k in ("layer", "token_idx", "experts") if k not in row]
-            if missing:
-                raise ValueError(f"{where}: missing field(s) {missing}")
-            layer, tok, experts = row["layer"], row["token_idx"], row["experts"]
-            if not isinstance(layer, int) or not isinstance(tok, int) or tok < 0:
-                raise ValueError(f"{where}: 'layer' and 'token_idx' must be non-negative ints")
-            if not isinstance(experts, list) or not experts or not all(isinstance(e, int) and e >= 0 for e in experts):
-                raise ValueError(f"{where}: 'experts' must be a non-empty list of non-negative ints")
-            probs = row.get("gating_probs")
-            if probs is not None and (not isinstance(probs, list) or len(probs) != len(experts)):
-                raise ValueError(f"{where}: 'gating_probs' must be a list as long as 'experts' ({len(experts)})")
-            if top_k is None:
-                top_k = len(experts)
-            elif len(experts) != top_k:
-                raise ValueError(f"{where}: {len(experts)} experts, earlier rows have {top_k}")
-            if num_experts is not None and max(experts) >= num_experts:
-                raise ValueError(f"{where}: expert id {max(experts)} >= num_experts={num_experts}")
-            seq_key = (str(row.get("dataset", "")), str(row.get("problem_id", "")))
-            seq_order.setdefault(seq_key, len(seq_order))
-            key = (seq_key, tok)
-            per_layer = rows.setdefault(key, {})
-            if layer in per_layer:
-                raise ValueError(f"{where}: duplicate row for layer {layer}, token {tok} of sequence {seq_key}")
-            per_layer[layer] = (experts, probs)
-            layers.add(layer)
+    with_probs = without_probs = 0
+    try:
+        with _open_text(path) as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{where}: not JSON ({exc.msg})") from None
+                layer, tok, experts, probs = _jsonl_row(row, where, top_k, limit, num_experts)
+                if top_k is None:
+                    top_k = len(experts)
+                elif len(experts) != top_k:
+                    raise ValueError(f"{where}: {len(experts)} experts, earlier rows have {top_k}")
+                with_probs += probs is not None
+                without_probs += probs is None
+                if with_probs and without_probs:
+                    raise ValueError(f"{where}: some rows have 'gating_probs' and some do not")
+                seq_key = (str(row.get("dataset", "")), str(row.get("problem_id", "")))
+                seq_order.setdefault(seq_key, len(seq_order))
+                per_layer = rows.setdefault((seq_key, tok), {})
+                if layer in per_layer:
+                    raise ValueError(f"{where}: duplicate row for layer {layer}, token {tok} of "
+                                     f"{_sequence_name(seq_key)}")
+                per_layer[layer] = (experts, probs)
+                layers.add(layer)
+    except _UNREADABLE as exc:
+        raise _unreadable(path, exc) from None
     if not rows:
         raise ValueError(f"{path}: no rows")
     layer_ids = sorted(layers)
+    L = len(layer_ids)
     keys = sorted(rows, key=lambda k: (seq_order[k[0]], k[1]))
-    L, N = len(layer_ids), len(keys)
+    incomplete = [k for k in keys if len(rows[k]) != L]
+    if incomplete and not drop_incomplete:
+        key = incomplete[0]
+        lost = sorted(set(layer_ids) - set(rows[key]))
+        raise ValueError(f"{path}: token {key[1]} of {_sequence_name(key[0])} has no row for layer(s) {lost}; "
+                         f"{_incomplete_hint(len(incomplete))}")
+    if incomplete:
+        keys = [k for k in keys if len(rows[k]) == L]
+        if not keys:
+            raise ValueError(f"{path}: no token has a row for every layer {layer_ids}")
+    N = len(keys)
     ids = np.empty((L, N, top_k), dtype=np.int64)
-    has_probs = all(p is not None for r in rows.values() for _, p in r.values())
-    probs = np.empty((L, N, top_k), dtype=np.float32) if has_probs else None
+    probs = np.empty((L, N, top_k), dtype=np.float32) if with_probs else None
     for n, key in enumerate(keys):
         per_layer = rows[key]
-        if len(per_layer) != L:
-            lost = sorted(set(layer_ids) - set(per_layer))
-            raise ValueError(f"{path}: token {key[1]} of sequence {key[0]} has no row for layer(s) {lost}")
         for li, layer in enumerate(layer_ids):
             e, p = per_layer[layer]
             ids[li, n] = e
-            if has_probs:
+            if probs is not None:
                 probs[li, n] = p
     seq = np.array([seq_order[k[0]] for k in keys], dtype=np.int64)
     datasets = [k[0][0] for k in keys]
@@ -440,7 +673,7 @@ def read_jsonl(path: str, *, num_experts: int | None = None) -> RoutingTrace:
     if num_experts is None:
         num_experts = int(ids.max()) + 1
     return RoutingTrace(topk_ids=ids, num_experts=num_experts, sequence_ids=seq, gate_probs=probs, task=task,
-                        layer_ids=np.array(layer_ids, dtype=np.int64))
+                        layer_ids=np.array(layer_ids, dtype=np.int64), dropped_tokens=len(incomplete))
 
 
 # ---- npz ----------------------------------------------------------------------------------------------------
@@ -462,57 +695,93 @@ def write_npz(trace: RoutingTrace, path: str, *, compress: bool = True) -> None:
     (np.savez_compressed if compress else np.savez)(path, **arrays)
 
 
+def _npz_bytes(z) -> int:
+    """The bytes the arrays of an open .npz will take once read, from their headers (nothing is read)."""
+    total = 0
+    for member in z.zip.namelist():
+        with z.zip.open(member) as fh:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(fh)
+        total += math.prod(shape) * dtype.itemsize
+    return total
+
+
 def load_npz_arrays(path: str, what: str) -> dict[str, np.ndarray]:
-    """Every array of an .npz file (no pickles); a ValueError saying `what` the file is not, on failure."""
+    """Every array of an .npz file (no pickles); a ValueError saying `what` the file is not, on failure. The
+    arrays' sizes are read from their headers first: more than `limits.MAX_ARRAY_BYTES` is refused unread."""
     if not os.path.isfile(path):
         raise ValueError(f"path: {path!r} is not a file")
     try:
         with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "zip"):
+                raise ValueError("a single .npy array, not an .npz archive")
+            size = _npz_bytes(z)
+            if size > limits.MAX_ARRAY_BYTES:
+                raise ValueError(f"its arrays take {size / 2**30:.1f} GiB, more than the {limits.MAX_ARRAY_BYTES / 2**30:.0f} "
+                                 "GiB of moeless.limits.MAX_ARRAY_BYTES")
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: {what} ({exc})") from None
+    except (OSError, ValueError, EOFError, KeyError, AttributeError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ValueError(f"{path}: {what} ({exc or type(exc).__name__})") from None
 
 
-def read_npz(path: str) -> RoutingTrace:
-    """Read a trace written by `write_npz`."""
+def read_npz(path: str, *, top_k: int | None = None, num_experts: int | None = None,
+             drop_incomplete: bool = False) -> RoutingTrace:
+    """Read a trace written by `write_npz` (always complete: `drop_incomplete` has nothing to drop); a given
+    `top_k` or `num_experts` must match the file's."""
+    top_k = _check_top_k(top_k)
     data = load_npz_arrays(path, "not a readable .npz file")
     missing = [k for k in ("format_version", "num_experts", "topk_ids") if k not in data]
     if missing:
         raise ValueError(f"{path}: not a moeless trace, missing array(s) {missing}")
-    if int(data["format_version"]) != _NPZ_VERSION:
-        raise ValueError(f"{path}: trace format version {int(data['format_version'])}, expected {_NPZ_VERSION}")
+    if data["format_version"].size != 1 or int(data["format_version"]) != _NPZ_VERSION:
+        raise ValueError(f"{path}: trace format version {data['format_version'].tolist()}, expected {_NPZ_VERSION}")
     try:
-        return RoutingTrace(
+        trace = RoutingTrace(
             topk_ids=data["topk_ids"],
-            num_experts=int(data["num_experts"]),
+            num_experts=data["num_experts"].item() if data["num_experts"].size == 1 else data["num_experts"],
             sequence_ids=data.get("sequence_ids"),
             gate_probs=data.get("gate_probs"),
             gate_inputs=data.get("gate_inputs"),
             task=data.get("task"),
             layer_ids=data.get("layer_ids"),
         )
+        _check_distinct(trace.topk_ids)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
+    if top_k is not None and trace.top_k != top_k:
+        raise ValueError(f"{path}: the trace has top-k {trace.top_k}, but top_k={top_k}")
+    if num_experts is not None and trace.num_experts != num_experts:
+        raise ValueError(f"{path}: the trace has {trace.num_experts} experts, but num_experts={num_experts}")
+    return trace
 
 
-def load_trace(path: str, fmt: str | None = None, **kwargs) -> RoutingTrace:
-    """Read a trace in format `fmt` ("esft", "jsonl" or "npz"); None guesses from the path."""
+# ---- dispatch -----------------------------------------------------------------------------------------------
+# format name -> reader(path, *, top_k=None, num_experts=None, drop_incomplete=False) -> RoutingTrace.
+# A new format is one reader with these options and one entry here (and a line in docs/FORMATS.md).
+READERS = {"esft": read_esft, "jsonl": read_jsonl, "npz": read_npz}
+TRACE_FORMATS = tuple(READERS)
+
+
+def guess_format(path: str) -> str:
+    """The format of `path` from its name: a folder is ESFT, .npz npz, .jsonl[.gz] / .json JSONL."""
+    if os.path.isdir(path):
+        return "esft"
+    if path.endswith(".npz"):
+        return "npz"
+    if path.endswith((".jsonl", ".jsonl.gz", ".json")):
+        return "jsonl"
+    raise ValueError(f"fmt: cannot guess the trace format of {path!r}; pass one of {TRACE_FORMATS}")
+
+
+def load_trace(path: str, fmt: str | None = None, **options) -> RoutingTrace:
+    """Read a trace in format `fmt` (a key of READERS); None guesses from the path. `options` go to the reader
+    (top_k, num_experts, drop_incomplete)."""
     if fmt is None:
-        if os.path.isdir(path):
-            fmt = "esft"
-        elif path.endswith(".npz"):
-            fmt = "npz"
-        elif path.endswith((".jsonl", ".jsonl.gz", ".json")):
-            fmt = "jsonl"
-        else:
-            raise ValueError(f"fmt: cannot guess the trace format of {path!r}; pass one of {TRACE_FORMATS}")
-    if fmt == "esft":
-        return read_esft(path, **kwargs)
-    if fmt == "jsonl":
-        return read_jsonl(path, **kwargs)
-    if fmt == "npz":
-        return read_npz(path, **kwargs)
-    raise ValueError(f"fmt must be one of {TRACE_FORMATS}, got {fmt!r}")
+        fmt = guess_format(path)
+    if fmt not in READERS:
+        raise ValueError(f"fmt must be one of {TRACE_FORMATS}, got {fmt!r}")
+    return READERS[fmt](path, **options)
 
 
 # ---- capture from a Hugging Face model ----------------------------------------------------------------------

@@ -220,11 +220,126 @@ def test_esft_reader_rejects_malformed_files(tmp_path):
         read_esft(str(tmp_path / "t"), top_k=2)
     with open(tmp_path / "t" / "expert_weights_2.txt", "w") as fh:
         fh.write("1\t2\t\t0.1\t0.2\n")  # one sequence only, layer 1 has two
-    with pytest.raises(ValueError, match="sequence lengths differ"):
+    with pytest.raises(ValueError, match="every layer file must hold the same"):
         read_esft(str(tmp_path / "t"), top_k=2)
     os.makedirs(tmp_path / "empty")
     with pytest.raises(ValueError, match="no expert_weights"):
         read_esft(str(tmp_path / "empty"), top_k=2)
+
+
+def test_esft_top_k_detection_against_the_generating_k(tmp_path):
+    """Detection finds the K that generated the files, for several K; a given wrong K is an error naming the
+    line; a trace too short to rule out a smaller K asks for it."""
+    rng = np.random.default_rng(8)
+    for K, E in ((1, 6), (2, 8), (3, 16), (6, 64)):
+        ids = random_topk(rng, 2, 240, K, E)
+        folder = str(tmp_path / f"k{K}")
+        write_esft_task(folder, ids, rng.random((2, 240, K)), [6] * 40, gz=False)
+        tr = read_esft(folder)
+        assert tr.top_k == K
+        np.testing.assert_array_equal(tr.topk_ids, ids)
+    ids = random_topk(rng, 2, 240, 2, 8)
+    write_esft_task(str(tmp_path / "two"), ids, rng.random((2, 240, 2)), [6] * 40, gz=False)
+    with pytest.raises(ValueError, match=r"expert_weights_1.txt:\d+: token \d+ repeats an expert .* top_k=6"):
+        read_esft(str(tmp_path / "two"), top_k=6)
+    write_esft_task(str(tmp_path / "short"), ids[:, :6], rng.random((2, 6, 2)), [6], gz=False)
+    with pytest.raises(ValueError, match="cannot tell the top-k.*--top-k"):
+        read_esft(str(tmp_path / "short"))
+
+
+def test_esft_drop_incomplete_keeps_what_every_layer_holds(tmp_path):
+    rng = np.random.default_rng(9)
+    ids = random_topk(rng, 2, 10, 2, 6)
+    w = rng.random((2, 10, 2)).round(4)
+    write_esft_task(str(tmp_path / "t"), ids, w, [4, 6], gz=False)
+    # layer 2 loses the last token of sequence 1 and a whole third sequence appears in layer 1 only
+    with open(tmp_path / "t" / "expert_weights_2.txt") as fh:
+        lines = fh.readlines()
+    a, b = lines[1].rstrip("\n").split("\t\t")
+    lines[1] = "\t".join(a.split("\t")[:-2]) + "\t\t" + "\t".join(b.split("\t")[:-2]) + "\n"
+    with open(tmp_path / "t" / "expert_weights_2.txt", "w") as fh:
+        fh.writelines(lines)
+    with open(tmp_path / "t" / "expert_weights_1.txt", "a") as fh:
+        fh.write("0\t1\t2\t3\t\t0.1\t0.2\t0.3\t0.4\n")
+    with pytest.raises(ValueError, match="drop_incomplete=True .* the 3 token"):
+        read_esft(str(tmp_path / "t"), top_k=2)
+    tr = read_esft(str(tmp_path / "t"), top_k=2, drop_incomplete=True)
+    assert tr.dropped_tokens == 3
+    keep = np.r_[0:4, 4:9]
+    np.testing.assert_array_equal(tr.topk_ids, ids[:, keep])
+    np.testing.assert_array_equal(tr.sequence_ids, [0] * 4 + [1] * 5)
+
+
+def test_jsonl_drop_incomplete(tmp_path):
+    rng = np.random.default_rng(10)
+    ids = random_topk(rng, 2, 5, 2, 6)
+    rows = [{"layer": l, "token_idx": t, "experts": ids[l, t].tolist()} for l in range(2) for t in range(5)
+            if (l, t) != (1, 4)]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"token 4 of the sequence has no row for layer\(s\) \[1\]; pass drop_inc"):
+        read_jsonl(str(path))
+    tr = read_jsonl(str(path), drop_incomplete=True)
+    assert tr.dropped_tokens == 1
+    np.testing.assert_array_equal(tr.topk_ids, ids[:, :4])
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"layer": 0, "token_idx": 0, "experts": [1, 1]}, "repeats an expert"),
+    ({"layer": -1, "token_idx": 0, "experts": [1, 2]}, r"'layer' must be an integer in \[0, 1024\)"),
+    ({"layer": True, "token_idx": 0, "experts": [1, 2]}, "'layer' must be"),
+    ({"layer": 0, "token_idx": 0, "experts": [1, 5000]}, r"expert id 5000 is outside \[0, 4096\)"),
+    ({"layer": 0, "token_idx": 0, "experts": [1, 2], "gating_probs": [float("nan"), 1]}, "finite numbers >= 0"),
+    ({"layer": 0, "token_idx": 0, "experts": [1, 2], "gating_probs": [-1, 1]}, "finite numbers >= 0"),
+])
+def test_jsonl_rejects_rows_that_would_be_misread(tmp_path, row, message):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=message):
+        read_jsonl(str(path))
+    with pytest.raises(ValueError, match="top_k=3"):
+        path.write_text(json.dumps({"layer": 0, "token_idx": 0, "experts": [1, 2]}) + "\n")
+        read_jsonl(str(path), top_k=3)
+
+
+def test_unreadable_files_are_errors_naming_them(tmp_path, monkeypatch):
+    ids = random_topk(np.random.default_rng(11), 1, 6, 2, 5)
+    write_esft_task(str(tmp_path / "t"), ids, np.ones((1, 6, 2)), [6], gz=True)
+    gz = tmp_path / "t" / "expert_weights_1.txt.gz"
+    gz.write_bytes(gz.read_bytes()[:20])
+    with pytest.raises(ValueError, match="expert_weights_1.txt.gz: a truncated or corrupt gzip file"):
+        read_esft(str(tmp_path / "t"), top_k=2)
+    (tmp_path / "e.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="e.npz: not a readable .npz file"):
+        read_npz(str(tmp_path / "e.npz"))
+    tr = make_trace(np.random.default_rng(12))
+    write_npz(tr, str(tmp_path / "ok.npz"))
+    from moeless import limits
+
+    monkeypatch.setattr(limits, "MAX_ARRAY_BYTES", 100)  # the arrays' headers are read, their data is not
+    with pytest.raises(ValueError, match="MAX_ARRAY_BYTES"):
+        read_npz(str(tmp_path / "ok.npz"))
+
+
+def test_npz_top_k_and_repeats_are_checked(tmp_path):
+    tr = make_trace(np.random.default_rng(13))
+    write_npz(tr, str(tmp_path / "ok.npz"))
+    assert read_npz(str(tmp_path / "ok.npz"), top_k=2).top_k == 2
+    with pytest.raises(ValueError, match="top-k 2, but top_k=3"):
+        read_npz(str(tmp_path / "ok.npz"), top_k=3)
+    bad = RoutingTrace(topk_ids=np.zeros((1, 3, 2), int), num_experts=4)  # a load-level trace may repeat
+    write_npz(bad, str(tmp_path / "rep.npz"))
+    with pytest.raises(ValueError, match="rep.npz: topk_ids: token 0 of layer index 0 repeats an expert"):
+        read_npz(str(tmp_path / "rep.npz"))
+
+
+def test_trace_sizes_are_bounded():
+    with pytest.raises(ValueError, match=r"num_experts must be an integer in \[1, 4096\], got 1000000000"):
+        RoutingTrace(topk_ids=np.zeros((1, 1, 1), int), num_experts=10**9)
+    with pytest.raises(ValueError, match="gate_probs must be finite"):
+        RoutingTrace(topk_ids=np.zeros((1, 1, 1), int), num_experts=2, gate_probs=np.full((1, 1, 1), np.nan))
+    with pytest.raises(ValueError, match="layer_ids must be distinct and >= 0"):
+        RoutingTrace(topk_ids=np.zeros((2, 1, 1), int), num_experts=2, layer_ids=[-1, 0])
 
 
 def test_load_trace_rejects_unknown_format(tmp_path):

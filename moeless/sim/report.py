@@ -1,16 +1,20 @@
-"""A simulation's report: a Markdown summary and two PNG plots (MoE-layer latency CDF, replicas over time).
+"""A simulation's report: a Markdown summary and two PNG plots (MoE-layer latency, replicas over time).
 
 `write_report(result, out_dir)` writes report.md, latency_cdf.png, replicas.png (and result.json) and returns
-their paths. matplotlib is imported lazily with the Agg backend (no display); without it the Markdown and
-JSON are still written. This module never simulates.
+their paths. Everything is rendered in memory first and then renamed into place (moeless.outputs), so a
+failure leaves earlier reports byte for byte. matplotlib is imported lazily with the Agg backend (no display);
+without it the Markdown and JSON are still written. The report states how long the system takes to drain the
+window's arrivals (`drain_note`). This module never simulates.
 """
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 
-from moeless.sim.results import SimResult
+from moeless.outputs import OutputFiles
+from moeless.sim.results import SimResult, weighted_quantiles
 
 PAPER_HEADLINES = (
     "Paper (8x RTX A6000, Mixtral-8x7B / Phi-3.5-MoE / Llama-4-Scout, linear cost model): mean MoE-layer "
@@ -33,6 +37,42 @@ def _binned(t: np.ndarray, v: np.ndarray, w: np.ndarray, bins: int = 120):
     sv = np.bincount(k, weights=w * v, minlength=bins)
     ok = sw > 0
     return ((edges[:-1] + edges[1:]) / 2)[ok], sv[ok] / sw[ok]
+
+
+def _change(ours: float, theirs: float) -> str:
+    """Relative change in percent, or n/a where the reference is 0 (nothing to compare with)."""
+    return f"{100 * (ours / theirs - 1):+.1f}%" if theirs else "n/a"
+
+
+def arrival_span_s(setup: dict) -> float | None:
+    """Seconds over which the requests arrive: the window, compressed by the rate scale (None: whole trace)."""
+    if setup.get("window_s") is None:
+        return None
+    return float(setup["window_s"]) / float(setup.get("rate_scale") or 1.0)
+
+
+def drain_note(result: SimResult, *, always: bool = False, slack: float = 2.0) -> str | None:
+    """A sentence on how long the policies take to serve the window's arrivals: the last iteration's end on each
+    policy's clock against the arrival span. None when every policy ends within `slack` x the span (unless
+    `always`)."""
+    d = result.to_dict()
+    span = arrival_span_s(d["setup"])
+    ends = {name: p["makespan_s"] for name, p in d["policies"].items()}
+    if not ends:
+        return None
+    slowest = max(ends, key=ends.get)
+    end = ends[slowest]
+    per = ", ".join(f"{name} {t:.1f} s" for name, t in ends.items())
+    if span is None or span <= 0:
+        return f"the last iteration ends at {per} (the whole trace is replayed)." if always else None
+    ratio = end / span
+    if ratio <= slack and not always:
+        return None
+    if end <= span * 1.05:
+        return (f"arrivals span {span:.1f} s and every policy keeps up: the last iteration ends at {per}.")
+    return (f"arrivals span {span:.1f} s, but the last iteration ends at {end:.1f} s ({slowest}; {ratio:.1f}x the "
+            f"arrival span): requests arrive faster than they are served and the queue takes {end - span:.1f} s "
+            f"more to drain (per policy: {per}). Latency here is per MoE-layer forward; queueing delay is not in it.")
 
 
 def markdown(result: SimResult) -> str:
@@ -66,11 +106,15 @@ def markdown(result: SimResult) -> str:
         for other in ("megatron", "eplb", "oracle"):
             if other in pols:
                 o = pols[other]
-                dl = 100 * (ref["latency_ms"]["mean"] / o["latency_ms"]["mean"] - 1)
-                dc = 100 * (ref["cost_gb_s"] / o["cost_gb_s"] - 1) if o["cost_gb_s"] else float("nan")
-                de = 100 * (ref["eq2_cost_gb_s"] / o["eq2_cost_gb_s"] - 1) if o["eq2_cost_gb_s"] else float("nan")
+                dl = _change(ref["latency_ms"]["mean"], o["latency_ms"]["mean"])
+                dc = _change(ref["cost_gb_s"], o["cost_gb_s"])
+                de = _change(ref["eq2_cost_gb_s"], o["eq2_cost_gb_s"])
                 pl, pc = PAPER_DELTAS.get(other, ("", ""))
-                lines.append(f"| {other} | {dl:+.1f}% | {pl} | {dc:+.1f}% | {de:+.1f}% | {pc} |")
+                lines.append(f"| {other} | {dl} | {pl} | {dc} | {de} | {pc} |")
+        lines.append("")
+    drain = drain_note(result, always=True)
+    if drain:
+        lines.append(f"Drain: {drain}")
         lines.append("")
     lines.append(PAPER_HEADLINES)
     lines.append("")
@@ -88,12 +132,132 @@ def markdown(result: SimResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+_STYLES = ("-", "--", "-.", ":")
+
+
+def _styles(names) -> dict:
+    """A distinct colour, dash and width per policy; earlier policies are drawn wider, so that a later one
+    drawn over the same curve still shows inside it."""
+    n = len(names)
+    return {name: dict(color=f"C{i % 10}", ls=_STYLES[i % len(_STYLES)], lw=1.2 + 1.6 * (n - 1 - i) / max(n - 1, 1),
+                       zorder=2 + i) for i, name in enumerate(names)}
+
+
+def _same_as(result: SimResult) -> dict:
+    """{policy: earlier policy with exactly the same latency samples} (their curves coincide)."""
+    out, seen = {}, []
+    for name, pr in result.policies.items():
+        lat, w = pr.latencies
+        for other, (olat, ow) in seen:
+            if lat.shape == olat.shape and np.array_equal(lat, olat) and np.array_equal(w, ow):
+                out[name] = other
+                break
+        seen.append((name, (lat, w)))
+    return out
+
+
+def _latency_figure(result: SimResult, plt):
+    """CDF panels per phase (prefill, decode) when the result carries the phases, else one over all
+    iterations, each zoomed on its own 0.5-99.5% range; then the tail (1 - CDF, log-log) of all iterations."""
+    names = list(result.policies)
+    styles, same = _styles(names), _same_as(result)
+    data = {name: pr.latencies for name, pr in result.policies.items()}
+    phases = {name: pr.phases for name, pr in result.policies.items()}
+    panels = [("all iterations", None)]
+    if all(p is not None for p in phases.values()):
+        panels = [("prefill iterations", True), ("decode iterations", False)]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5.2 * (len(panels) + 1), 4.2))
+    for ax, (title, phase) in zip(axes, panels):
+        lo, hi, drawn = np.inf, -np.inf, 0
+        for name in names:
+            lat, w = data[name]
+            if phase is not None:
+                keep = phases[name] == phase
+                lat, w = lat[keep], w[keep]
+            if lat.size == 0 or w.sum() <= 0:
+                continue
+            q = weighted_quantiles(lat, w, (0.005, 0.995)) * 1e3
+            lo, hi = min(lo, q[0]), max(hi, q[1])
+            order = np.argsort(lat, kind="stable")
+            x, cw = lat[order] * 1e3, np.cumsum(w[order])
+            label = name + (f" (same as {same[name]})" if name in same else "")
+            ax.plot(x, cw / cw[-1], label=label, drawstyle="steps-post", **styles[name])
+            drawn += 1
+        if drawn:
+            pad = 0.05 * (hi - lo) if hi > lo else 0.05 * max(abs(hi), 1e-6)
+            ax.set_xlim(lo - pad, hi + pad)
+        else:
+            ax.text(0.5, 0.5, "no iteration", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"CDF, {title}", fontsize=10)
+        ax.set_xlabel("MoE-layer latency (ms)")
+        ax.set_ylabel("fraction of layer forwards at or below")
+    tail = axes[-1]
+    for name in names:
+        lat, w = data[name]
+        if lat.size == 0 or w.sum() <= 0:
+            continue
+        order = np.argsort(lat, kind="stable")
+        x, cw = lat[order] * 1e3, np.cumsum(w[order])
+        rest = 1 - cw / cw[-1]
+        keep = rest > 0
+        if keep.any():
+            tail.plot(x[keep], rest[keep], label=name, drawstyle="steps-post", **styles[name])
+    tail.set_xscale("log")
+    tail.set_yscale("log")
+    tail.set_title("tail, all iterations (1 - CDF)", fontsize=10)
+    tail.set_xlabel("MoE-layer latency (ms)")
+    tail.set_ylabel("fraction of layer forwards slower")
+    for a in axes:
+        a.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("MoE-layer latency, all layers (thinned decode steps weighted)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _replicas_figure(result: SimResult, plt):
+    names = list(result.policies)
+    styles = _styles(names)
+    fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(8, 7.5), sharex=True)
+    for name, pr in result.policies.items():
+        t, w = pr.series("clock_s"), pr.series("weights")
+        live = pr.series("live") if pr.live else pr.series("replicas")
+        style = dict(styles[name], label=name)
+        ax1.plot(*_binned(t, pr.series("replicas"), w), **style)
+        ax2.plot(*_binned(t, live, w), **style)
+        ax3.plot(t, np.cumsum(pr.series("cold_starts")), **style)
+    span = arrival_span_s(result.to_dict()["setup"])
+    if span is not None:
+        for a in (ax1, ax2, ax3):
+            a.axvline(span, color="0.3", ls=(0, (4, 3)), lw=1.0, zorder=1)
+            a.axvspan(0, span, color="0.85", alpha=0.35, zorder=0, lw=0)
+        ax1.text(span, 1.0, " last arrival: end of the window; later = draining the queue", fontsize=7,
+                 va="top", ha="left", transform=ax1.get_xaxis_transform())
+    ax1.set_ylabel("replicas serving\n(all layers)")
+    ax2.set_ylabel("live instances billed\n(idle included)")
+    ax3.set_ylabel("on-demand cold\nstarts (cumulative)")
+    ax3.set_xlabel("simulated time (s), each policy on its own clock; shaded: arrivals")
+    ax1.set_title("Replicas over time (mean per time bin, weighted by iterations)", fontsize=10)
+    for a in (ax1, ax2, ax3):
+        a.grid(alpha=0.3)
+    fig.legend(*ax1.get_legend_handles_labels(), loc="lower center", ncol=min(len(names), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
+def _png(fig, plt) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def write_report(result: SimResult, out_dir: str) -> dict:
-    """Write report.md, result.json, latency_cdf.png and replicas.png under out_dir; returns {kind: path}."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"markdown": os.path.join(out_dir, "report.md"), "json": os.path.join(out_dir, "result.json")}
-    with open(paths["json"], "w", encoding="utf-8") as fh:
-        fh.write(result.to_json(indent=2))
+    """Write report.md, result.json, latency_cdf.png and replicas.png under out_dir (created); returns
+    {kind: path}. All are rendered before any is written, and each replaces its old version only once every
+    one is ready: a failure leaves the folder as it was."""
+    files = {"json": ("result.json", result.to_json(indent=2).encode("utf-8"))}
+    text = markdown(result)
     try:
         import matplotlib
 
@@ -102,56 +266,15 @@ def write_report(result: SimResult, out_dir: str) -> dict:
     except ImportError:  # plots are optional
         plt = None
     if plt is not None:
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        for name, pr in result.policies.items():
-            lat, w = pr.latencies
-            order = np.argsort(lat, kind="stable")
-            x, cw = lat[order] * 1e3, np.cumsum(w[order])
-            ax.plot(x, cw / cw[-1], label=name, drawstyle="steps-post")
-            tail = 1 - cw / cw[-1]
-            keep = tail > 0
-            ax2.plot(x[keep], tail[keep], label=name, drawstyle="steps-post")
-        ax.set_xlabel("MoE-layer latency (ms)")
-        ax.set_ylabel("fraction of layer forwards at or below")
-        ax.set_xscale("log")
-        ax.set_title("CDF")
-        ax2.set_xlabel("MoE-layer latency (ms)")
-        ax2.set_ylabel("fraction of layer forwards slower")
-        ax2.set_xscale("log")
-        ax2.set_yscale("log")
-        ax2.set_title("tail (1 - CDF)")
-        for a in (ax, ax2):
-            a.grid(alpha=0.3, which="both")
-        ax.legend()
-        fig.suptitle("MoE-layer latency, all layers and iterations (thinned decode steps weighted)", fontsize=10)
-        fig.tight_layout()
-        paths["latency_cdf"] = os.path.join(out_dir, "latency_cdf.png")
-        fig.savefig(paths["latency_cdf"], dpi=120)
-        plt.close(fig)
-
-        fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(8, 7.5), sharex=True)
-        for name, pr in result.policies.items():
-            t, w = pr.series("clock_s"), pr.series("weights")
-            live = pr.series("live") if pr.live else pr.series("replicas")
-            style = dict(label=name, lw=1.0, ls="--" if name in ("oracle",) else "-")
-            ax1.plot(*_binned(t, pr.series("replicas"), w), **style)
-            ax2.plot(*_binned(t, live, w), **style)
-            ax3.plot(t, np.cumsum(pr.series("cold_starts")), **style)
-        ax1.set_ylabel("replicas serving\n(all layers)")
-        ax2.set_ylabel("live instances billed\n(idle included)")
-        ax3.set_ylabel("on-demand cold\nstarts (cumulative)")
-        ax3.set_xlabel("simulated time (s), each policy on its own clock")
-        ax1.set_title("Replicas over time (mean per time bin, weighted by iterations)", fontsize=10)
-        for a in (ax1, ax2, ax3):
-            a.grid(alpha=0.3)
-        ax1.legend(fontsize=8, ncol=4)
-        fig.tight_layout()
-        paths["replicas"] = os.path.join(out_dir, "replicas.png")
-        fig.savefig(paths["replicas"], dpi=120)
-        plt.close(fig)
-    with open(paths["markdown"], "w", encoding="utf-8") as fh:
-        text = markdown(result)
-        if plt is not None:
-            text += "\n![MoE-layer latency CDF](latency_cdf.png)\n\n![Replicas and cold starts](replicas.png)\n"
-        fh.write(text)
-    return paths
+        files["latency_cdf"] = ("latency_cdf.png", _png(_latency_figure(result, plt), plt))
+        files["replicas"] = ("replicas.png", _png(_replicas_figure(result, plt), plt))
+        text += "\n![MoE-layer latency CDF](latency_cdf.png)\n\n![Replicas and cold starts](replicas.png)\n"
+    files["markdown"] = ("report.md", text.encode("utf-8"))
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    with OutputFiles() as out:
+        for kind, (name, data) in files.items():
+            paths[kind] = os.path.join(out_dir, name)
+            with open(out.path(paths[kind]), "wb") as fh:
+                fh.write(data)
+    return {k: paths[k] for k in ("markdown", "json", "latency_cdf", "replicas") if k in paths}

@@ -40,6 +40,7 @@ class PolicyResult:
     cold_starts: list = field(default_factory=list)  # chunks of [n]
     clock_s: list = field(default_factory=list)  # chunks of [n]: iteration start on the policy's clock
     live: list = field(default_factory=list)  # serverless: chunks of [n] live instances (idle ones included)
+    prefill: list = field(default_factory=list)  # chunks of [n] bool: the iteration holds prompt tokens (if given)
     eq2_byte_s: float = 0.0
     cost_gb_s: float = 0.0
     gpu_seconds: float = 0.0
@@ -47,7 +48,11 @@ class PolicyResult:
     accounting: str = ""
     extra: dict = field(default_factory=dict)
 
-    def add(self, layer_latency, iteration, weight, replicas, cold_starts, clock):
+    def add(self, layer_latency, iteration, weight, replicas, cold_starts, clock, prefill=None):
+        """One chunk of n iterations: layer_latency [n, L] s, iteration [n] s, weight [n], replicas [n],
+        cold_starts [n], clock [n] s, and optionally prefill [n] bool (the report then splits latency by phase)."""
+        if prefill is not None:
+            self.prefill.append(np.asarray(prefill, dtype=bool))
         self.layer_latency_s.append(np.asarray(layer_latency, dtype=np.float32))
         self.iteration_s.append(np.asarray(iteration, dtype=np.float64))
         self.weights.append(np.asarray(weight, dtype=np.float64))
@@ -70,6 +75,15 @@ class PolicyResult:
 
     def series(self, name: str) -> np.ndarray:
         return self._cat(name)
+
+    @property
+    def phases(self) -> np.ndarray | None:
+        """prefill flag of every latency sample [n * L] (None when the engine did not give the phases)."""
+        flags = self._cat("prefill").astype(bool)
+        lat = self._cat("layer_latency_s")
+        if lat.size == 0 or flags.shape != lat.shape[:1]:
+            return None
+        return np.repeat(flags, lat.shape[1])
 
     def summary(self) -> dict:
         lat, lw = self.latencies

@@ -8,7 +8,9 @@ then decode iterations until the longest output ends) or continuous batching (re
 iterations under a token budget, with chunked prefill).
 
 The schedule is decided once, before any policy runs, so every policy sees the same iterations. This module
-never looks at routing, plans or costs; it never drops or reorders a request silently (bad traces raise).
+never looks at routing, plans or costs; it never drops or reorders a request silently (bad traces raise: a
+request over `moeless.limits.MAX_REQUEST_TOKENS`, a window whose requests hold no token at all, a file that
+cannot be read).
 """
 from __future__ import annotations
 
@@ -18,11 +20,14 @@ import gzip
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Callable, Iterable
 
 import numpy as np
+
+from moeless import limits
 
 BUNDLED_TRACES = {
     "azure-conv": "AzureLLMInferenceTrace_conv.csv.gz",
@@ -61,6 +66,10 @@ class RequestTrace:
             if len(x) and x.min() < 0:
                 bad = int(np.argmin(x))
                 raise ValueError(f"trace {self.name!r}: negative {label} token count {x[bad]} at request {bad}")
+            if len(x) and x.max() > limits.MAX_REQUEST_TOKENS:
+                bad = int(np.argmax(x))
+                raise ValueError(f"trace {self.name!r}: request {bad} has {x[bad]} {label} tokens; at most "
+                                 f"{limits.MAX_REQUEST_TOKENS:,} (moeless.limits.MAX_REQUEST_TOKENS)")
         object.__setattr__(self, "arrival_s", a.astype(np.float64))
         object.__setattr__(self, "input_tokens", i.astype(np.int64))
         object.__setattr__(self, "output_tokens", o.astype(np.int64))
@@ -142,14 +151,35 @@ def read_request_csv(path_or_file, *, timestamp_column: str | None = None, input
                 continue
             try:
                 times.append(_parse_time(row[ti]))
-                inputs.append(int(float(row[ii])))
-                outputs.append(int(float(row[oi])))
-            except (ValueError, IndexError) as err:
-                raise ValueError(f"trace {name!r}: line {line_no} is malformed ({err}): {row}") from err
+                inputs.append(_token_count(row[ii]))
+                outputs.append(_token_count(row[oi]))
+            except (ValueError, IndexError, OverflowError) as err:
+                raise ValueError(f"trace {name!r}: line {line_no} is malformed ({err}): {row}") from None
+    except _UNREADABLE as err:
+        raise _unreadable(name, err) from None
     finally:
         if close:
             fh.close()
     return _request_trace(times, inputs, outputs, name)
+
+
+# what a gzip or text file that cannot be read raises while it is read (BadGzipFile is an OSError)
+_UNREADABLE = (OSError, EOFError, UnicodeDecodeError, zlib.error, csv.Error)
+
+
+def _unreadable(name: str, err: Exception) -> ValueError:
+    return ValueError(f"trace {name!r}: not a readable file: truncated, corrupt or not text "
+                      f"({type(err).__name__}: {err})")
+
+
+def _token_count(value) -> int:
+    """A token count from a CSV cell or a JSON value: a whole number (no bool, no fraction, no NaN)."""
+    if isinstance(value, bool):
+        raise ValueError(f"token count {value!r} is not a number")
+    x = float(value)
+    if not np.isfinite(x) or x != int(x):
+        raise ValueError(f"token count {value!r} is not a whole number")
+    return int(x)
 
 
 def _request_trace(times, inputs, outputs, name: str) -> RequestTrace:
@@ -172,13 +202,22 @@ def read_mooncake_jsonl(path_or_file, *, name: str | None = None) -> RequestTrac
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"trace {name!r}: line {line_no} is not JSON ({err})") from err
+                raise ValueError(f"trace {name!r}: line {line_no} is not JSON ({err})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"trace {name!r}: line {line_no} is not a JSON object")
             for key in ("timestamp", "input_length", "output_length"):
                 if key not in rec:
                     raise ValueError(f"trace {name!r}: line {line_no} misses the {key!r} field")
-            times.append(float(rec["timestamp"]) / 1000.0)
-            inputs.append(int(rec["input_length"]))
-            outputs.append(int(rec["output_length"]))
+            try:
+                if isinstance(rec["timestamp"], bool):
+                    raise ValueError(f"timestamp {rec['timestamp']!r} is not a number")
+                times.append(float(rec["timestamp"]) / 1000.0)
+                inputs.append(_token_count(rec["input_length"]))
+                outputs.append(_token_count(rec["output_length"]))
+            except (ValueError, TypeError, OverflowError) as err:
+                raise ValueError(f"trace {name!r}: line {line_no} is malformed ({err})") from None
+    except _UNREADABLE as err:
+        raise _unreadable(name, err) from None
     finally:
         if close:
             fh.close()
@@ -298,6 +337,9 @@ def paper_batches(trace: RequestTrace, window_s: float = 1.0) -> IterationSchedu
         raise ValueError(f"batch window must be > 0 s, got {window_s}")
     if len(trace) == 0:
         raise ValueError(f"trace {trace.name!r} is empty: nothing to batch")
+    if not (trace.input_tokens.any() or (trace.output_tokens > 1).any()):
+        raise ValueError(f"trace {trace.name!r}: its {len(trace)} requests hold no token to serve (every prompt is "
+                         "empty and no request generates more than its first token)")
     bid = np.floor(trace.arrival_s / window_s).astype(np.int64)
     uniq, first = np.unique(bid, return_index=True)
     bounds = np.append(first, len(trace))
