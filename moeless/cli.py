@@ -228,9 +228,9 @@ def cmd_predict_eval(args) -> int:
 
 # ---- simulate -----------------------------------------------------------------------------------------------
 _SIM_FIELDS = ("model", "hardware", "gpus", "slots_per_gpu", "trace", "window_s", "window_start_s", "rate_scale",
-               "batching", "batch_window_s", "token_budget", "routing", "predictor", "distance", "rule",
-               "cv_threshold", "eplb_interval_s", "keep_alive_s", "cost_model", "alpha", "beta", "t_misc",
-               "iteration_budget", "seed")
+               "batching", "batch_window_s", "token_budget", "routing", "predictor", "distance",
+               "eplb_interval_s", "eplb_window_iterations", "eplb_step_iterations", "history_s", "keep_alive_s",
+               "cost_model", "alpha", "beta", "t_misc", "iteration_budget", "seed")
 
 
 def _add_simulate_arguments(si: argparse.ArgumentParser) -> None:
@@ -277,13 +277,15 @@ def _add_simulate_arguments(si: argparse.ArgumentParser) -> None:
                          "affinity with a routing trace)")
     _int_arg(si, "--distance", 1, limits.MAX_LAYERS - 1,
              f"predict the load this many MoE layers ahead (default: {d.distance})", default=d.distance)
-    si.add_argument("--rule", choices=["ideal", "literal"], default=d.rule,
-                    help="moeless scaling: ideal (min-max replicas for the GPU budget) or literal (the paper's "
-                         "Algorithm 1, stopping at --cv-threshold) (default: %(default)s)")
-    _float_arg(si, "--cv-threshold", 0, "with --rule literal: stop adding replicas once the coefficient of variation "
-               "of the replicas' loads is at most this (default: 0.2)", default=None)
-    _float_arg(si, "--eplb-interval-s", 0, "seconds between EPLB rebalances (default: 600)", lo_open=True,
-               default=d.eplb_interval_s)
+    _float_arg(si, "--eplb-interval-s", 0, "policy eplb: seconds between rebuilds, each from the loads since the "
+               "last one (the paper's cadence; default: 600)", lo_open=True, default=d.eplb_interval_s)
+    _int_arg(si, "--eplb-window-iterations", 1, limits.MAX_ITERATIONS, "policy eplb-vllm: iterations of load "
+             f"statistics per rebuild (vLLM's window_size; default: {d.eplb_window_iterations})",
+             default=d.eplb_window_iterations)
+    _int_arg(si, "--eplb-step-iterations", 1, limits.MAX_ITERATIONS, "policy eplb-vllm: iterations between "
+             f"rebuilds (vLLM's step_interval; default: {d.eplb_step_iterations})", default=d.eplb_step_iterations)
+    _float_arg(si, "--history-s", 0, "seconds of the trace before the window that warm EPLB's statistics and the "
+               "predictors, as in a running deployment (default: max(--eplb-interval-s, 600))", default=d.history_s)
     _float_arg(si, "--keep-alive-s", 0, "seconds an idle moeless instance stays warm (default: 60)",
                default=d.keep_alive_s)
     si.add_argument("--cost-model", choices=["roofline", "paper-linear"], default=d.cost_model,
@@ -326,8 +328,6 @@ def simulate_config(args):
     from moeless.sim import SimConfig
     from moeless.specs import model_spec
 
-    if args.cv_threshold is not None and args.rule != "literal":
-        raise ValueError("--cv-threshold applies to --rule literal only (the ideal rule has no threshold)")
     _check_routing(args.routing)
     m = model_spec(args.model)
     # without --slots-per-gpu the simulator takes at most twice E / G (moeless.sim.engine.default_slots)
@@ -335,8 +335,6 @@ def simulate_config(args):
     limits.check_plan_size(m.num_moe_layers, m.num_experts, args.gpus, slots)
     limits.check_int("the model's top-k", m.top_k, 1, min(limits.MAX_TOP_K, m.num_experts))
     fields = {k: getattr(args, k) for k in _SIM_FIELDS}
-    if fields["cv_threshold"] is None:
-        fields.pop("cv_threshold")
     fields["policies"] = tuple(p.strip() for p in args.policies.split(",") if p.strip())
     fields["progress"] = not args.no_progress and not args.json
     return SimConfig(**fields).validate()

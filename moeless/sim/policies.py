@@ -125,7 +125,7 @@ class ServerfulRunner:
                         break
             k = stop - start
             meter.result.add(moe[:k], it_s[:k], chunk.weight[start:stop], np.full(k, float(self.resident)),
-                             np.zeros(k, dtype=np.int64), begin[:k])
+                             np.zeros(k, dtype=np.int64), begin[:k], prefill=chunk.prefill[start:stop])
             meter.result.eq2_byte_s += float((eq2[:k] * chunk.weight[start:stop]).sum())
             meter.clock = float(begin[k - 1] + it_s[k - 1] * chunk.weight[stop - 1]) if k < len(begin) else end
             if rebuilt is not None:  # the new plan's copies are realised (counted) when the rebuild happens

@@ -177,7 +177,7 @@ class ServerlessRunner:
     def run_chunk(self, chunk, meter) -> None:
         """Walk a chunk's iterations on this policy's clock (a stalled iteration of weight w > 1 becomes two rows:
         weight 1 with the stall, weight w - 1 without)."""
-        rows = {k: [] for k in ("lat", "it", "w", "replicas", "cold", "begin", "live")}
+        rows = {k: [] for k in ("lat", "it", "w", "replicas", "cold", "begin", "live", "prefill")}
         for i in range(len(chunk.tokens)):
             w = float(chunk.weight[i])
             t = max(float(chunk.ready_s[i]), meter.clock)
@@ -198,10 +198,12 @@ class ServerlessRunner:
                 rows["cold"].append(c)
                 rows["begin"].append(t)
                 rows["live"].append(live)
+                rows["prefill"].append(bool(chunk.prefill[i]))
             meter.result.eq2_byte_s += eq2 * w
             meter.clock = t + float((moe + misc).sum()) * w + float(stall.sum())
         if rows["lat"]:
-            meter.result.add(rows["lat"], rows["it"], rows["w"], rows["replicas"], rows["cold"], rows["begin"])
+            meter.result.add(rows["lat"], rows["it"], rows["w"], rows["replicas"], rows["cold"], rows["begin"],
+                             prefill=rows["prefill"])
             meter.result.live.append(np.asarray(rows["live"]))
 
     def finish(self, meter) -> None:
