@@ -425,7 +425,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     import torch.multiprocessing as mp
 
     from moeless import tiny_moe
-    from moeless.serve import _free_port
+    from moeless.serve import free_port
 
     if getattr(args, "fit_predictor", False):
         return _fit_and_save(tiny_moe.MODEL_DIR if args.out == "reports/demo" else Path(args.out))
@@ -446,7 +446,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         print(f"serving the tiny MoE model on {world} processes ({'NCCL' if torch.cuda.is_available() else 'gloo, CPU'})"
               f": {args.requests} requests from {args.trace}, plain EP then moeless ...", flush=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(_worker, args=(world, _free_port(), vars(args), str(result_path)), nprocs=world,
+    mp.start_processes(_worker, args=(world, free_port(), vars(args), str(result_path)), nprocs=world,
                        start_method="spawn")
     res = json.loads(result_path.read_text())
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0

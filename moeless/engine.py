@@ -294,6 +294,22 @@ class Engine:
             raise ValueError(f"{name} must hold integer counts")
         return c.astype(np.int64)
 
+    # -- batch size gate (asked by the data plane before it predicts and splits a layer) ---------------------
+    def wants_plan(self, batch_tokens: int, top_k: int) -> bool:
+        """Can an iteration of `batch_tokens` tokens (all GPUs), each routed to `top_k` experts, ever make this
+        engine re-plan a layer? False for "ep" (never re-planned) and when the hysteresis keeps every plan for
+        it: even all its pairs on one GPU stay within `replan_min_pairs` of the mean. Then the data plane needs
+        neither the prediction nor the exact split (every pair may go to its expert's first replica)."""
+        if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, (int, np.integer)) or batch_tokens < 0:
+            raise ValueError(f"batch_tokens must be an int >= 0, got {batch_tokens!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+        if self.policy == "ep":
+            return False
+        if self.replan_slack is None:
+            return True
+        return batch_tokens * top_k * (self.G - 1) > self.replan_min_pairs * self.G
+
 
 def replay_pool(applied, num_layers: int, num_experts: int, gpus: int, slots_per_gpu: int, *,
                 expert_bytes: float, link_bandwidth: float, keep_alive_s: float, end: float) -> Meter:

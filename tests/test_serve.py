@@ -33,7 +33,7 @@ def _context():
 
 def _run(world: int, scenario: str, tmp_path, timeout: float = 240.0) -> list:
     """Run `scenario` on `world` ranks; returns each rank's result dict (or raises with the ranks' errors)."""
-    port = serve._free_port()
+    port = serve.free_port()
     ctx = _context()
     procs = [ctx.Process(target=_worker, args=(r, world, port, scenario, str(tmp_path))) for r in range(world)]
     for p in procs:
@@ -261,10 +261,6 @@ def test_slot_buffers_follow_experts_between_slots():
     """realise(): an expert moved between slots of one rank is read from its buffer (no copy); cold slots are
     copied into buffers no warm slot reads; the slot views always hold the plan's experts' host weights."""
 
-    class _Server:
-        device = torch.device("cpu")
-        slots_per_gpu = 4
-
     E, H, I = 6, 3, 2
     gen = torch.Generator().manual_seed(0)
 
@@ -276,7 +272,7 @@ def test_slot_buffers_follow_experts_between_slots():
             self.num_experts = E
 
     experts = _Experts()
-    mod = serve.ExpertParallelExperts(_Server(), 0, experts)
+    mod = serve.ExpertParallelExperts(experts, 0, slots_per_gpu=4, device=torch.device("cpu"))
 
     def check(want):
         for s, e in enumerate(want):
