@@ -86,27 +86,38 @@ class AllToAllPrepareFinalize:
         """Gather the counts, split them with `split(true counts [E]) -> replica_tokens [E, R]` over `plan` (the
         control plane's one-layer Plan; `device_plan` its device tensors), dispatch and start the all-to-all.
         x [T, H]: this rank's tokens; ids [T, K]: their experts; predicted [E] on the device or None."""
-        E, G, S, rank, timer = self.E, self.world, self.S, self.rank, self.timer
-        T, K = ids.shape
+        counts = self.gather_counts(layer, ids, predicted, now)
+        return self.dispatch(layer, x, ids, counts, plan, device_plan, split(counts.true))
+
+    def gather_counts(self, layer: int, ids: torch.Tensor, predicted: torch.Tensor | None, now: float) -> Counts:
+        """All-gather this rank's pairs per expert (+ its share of the prediction, + the clock): the layer's one
+        host sync."""
+        E = self.E
         flat = ids.reshape(-1).long()
-        # -- counts (+ prediction and clock) in one message; no host value is read here
+        # counts (+ prediction and clock) in one message; no host value is read here
         msg = torch.zeros(2 * E + 2, dtype=torch.int64, device=self.device)
         msg[:E].scatter_add_(0, flat, torch.ones_like(flat))
         if predicted is not None:
             msg[E:2 * E] = predicted
             msg[2 * E + 1] = 1
         msg[2 * E] = int(now * 1e6)
-        timer.mark("count")
-        with timer.gather():
-            gathered = download(self.collectives.all_gather(layer, msg))  # the layer's one host sync
+        self.timer.mark("count")
+        with self.timer.gather():
+            gathered = download(self.collectives.all_gather(layer, msg))
         by_rank = gathered[:, :E]
-        counts = Counts(by_rank=by_rank, true=by_rank.sum(0),
-                        predicted=gathered[:, E:2 * E].sum(0) if gathered[0, 2 * E + 1] else None,
-                        now=float(gathered[0, 2 * E]) / 1e6)
+        return Counts(by_rank=by_rank, true=by_rank.sum(0),
+                      predicted=gathered[:, E:2 * E].sum(0) if gathered[0, 2 * E + 1] else None,
+                      now=float(gathered[0, 2 * E]) / 1e6)
 
+    def dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, counts: Counts, plan,
+                 device_plan: DevicePlan, rt: np.ndarray) -> Prepared:
+        """Cut the layer's split `rt` [E, R] rank by rank, send this rank's pairs to their slots' ranks (async).
+        Reads no device value: with the host's counts, what follows is fixed-size device work."""
+        E, G, S, rank, timer = self.E, self.world, self.S, self.rank, self.timer
+        T, K = ids.shape
+        by_rank = counts.by_rank
         # -- the serve-time split of the true counts, cut rank by rank (rank-major order of the pairs)
         log2phy = plan.log2phy[0]  # [E, R]
-        rt = split(counts.true)  # [E, R]
         chunk_hi = np.cumsum(rt, axis=1)
         chunk_lo = chunk_hi - rt
         rank_hi = np.cumsum(by_rank, axis=0)
