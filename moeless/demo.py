@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["add_arguments", "build_requests", "default_world", "fit_predictor", "format_table", "main",
-           "predictor_for", "run_comparison", "run_from_args"]
+           "mixed_requests", "predictor_for", "run_comparison", "run_from_args"]
 
 PREDICTOR_FILE = "predictor.npz"  # next to the tiny model's weights
 
@@ -193,6 +193,29 @@ def build_requests(encode, trace_name: str, n: int, max_prompt: int, max_new: in
     return reqs
 
 
+
+
+def mixed_requests(encode, n: int, *, rate_per_s: float, max_prompt: int, max_new: int, seed: int = 0):
+    """`n` requests of mixed lengths arriving as a Poisson process of `rate_per_s` per second (the load run):
+    prompt lengths log-uniform in [2, max_prompt], new tokens uniform in [1, max_new], prompt text cut from the
+    tiny model's corpus at random places."""
+    from moeless.serve import Request
+
+    for name, v in (("n", n), ("max_prompt", max_prompt), ("max_new", max_new)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if not (isinstance(rate_per_s, (int, float)) and np.isfinite(rate_per_s) and rate_per_s > 0):
+        raise ValueError(f"rate_per_s must be a finite number > 0, got {rate_per_s!r}")
+    import pydoc_data.topics as topics
+
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1.0 / rate_per_s, n))
+    lengths = np.exp(rng.uniform(np.log(2), np.log(max(2, max_prompt) + 1), n)).astype(np.int64).clip(1, max_prompt)
+    new = rng.integers(1, max_new + 1, n)
+    starts = rng.integers(0, len(text) - 4 * max_prompt, n)
+    return [Request(encode(text[s:s + 4 * int(k)])[:int(k)], int(m), float(a), id=i)
+            for i, (a, k, m, s) in enumerate(zip(arrivals, lengths, new, starts))]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 
 from moeless import serve
 from moeless.planner import Plan
-from serve_harness import run_ranks
+from serve_harness import reference, run_ranks
 
 PROMPTS = [[256, 72, 101, 108, 108, 111], [256, 65], [256, 1, 2, 3, 4, 5, 6, 7, 8], [256, 33, 34]]
 NEW_TOKENS = [4, 2, 3, 4]
@@ -94,25 +94,6 @@ def _peer_leaves(rank, world, ctx, how):
     return {"error": error, "seconds": time.monotonic() - t}
 
 
-def _reference():
-    """Single-process greedy generation, one prompt at a time, no padding, no KV cache."""
-    model = serve.load_model(None)
-    toks, logits = [], []
-    with torch.no_grad():
-        for p, n in zip(PROMPTS, NEW_TOKENS):
-            ids = torch.tensor([p])
-            t_out, l_out = [], []
-            for _ in range(n):
-                lg = model(input_ids=ids, output_router_logits=False).logits[0, -1].float()
-                t = int(lg.argmax())
-                t_out.append(t)
-                l_out.append(lg.numpy())
-                ids = torch.cat([ids, torch.tensor([[t]])], 1)
-            toks.append(t_out)
-            logits.append(np.stack(l_out))
-    return toks, logits
-
-
 def _live_intervals(applied, end):
     """Brute force of the pool's bill with keep-alive 0: (cold starts, instance-seconds). An instance lives from
     the apply that puts its expert in its slot until the apply that takes it out (or `end`)."""
@@ -140,7 +121,7 @@ def test_distributed_matches_single_process(world, tmp_path):
         assert not o.hung, f"rank {r} hung"
         assert o.result is not None and "exception" not in o.result, f"rank {r}: {o.result}"
     ranks = [o.result for o in outcomes]
-    ref_toks, ref_logits = _reference()
+    ref_toks, ref_logits = reference(serve.load_model(None), PROMPTS, NEW_TOKENS)
     main = ranks[0]
     for name in ("random", "moeless", "ep"):
         got = main[name]

@@ -25,7 +25,7 @@ part of moeless that imports torch.distributed; it must never change routing or 
 """
 from moeless.serve.dist import Collectives, DistContext, ServeError, free_port, init_distributed, shutdown
 from moeless.serve.experts import DevicePlan, ExpertParallelExperts
-from moeless.serve.metrics import LayerTimer, pair_balance, percentiles
+from moeless.serve.metrics import LayerTimer, load_report, pair_balance, percentiles
 from moeless.serve.models import cache_of, check_model_path, check_supported, find_moe_blocks, load_model
 from moeless.serve.prepare_finalize import AllToAllPrepareFinalize, Counts, Prepared
 from moeless.serve.request import Request, Result, check_request, error_kinds
@@ -33,7 +33,7 @@ from moeless.serve.server import ExpertParallelServer
 
 __all__ = [
     "AllToAllPrepareFinalize", "Collectives", "Counts", "DevicePlan", "DistContext", "ExpertParallelExperts",
-    "ExpertParallelServer", "LayerTimer", "Prepared", "Request", "Result", "ServeError", "cache_of",
+    "ExpertParallelServer", "LayerTimer", "Prepared", "load_report", "Request", "Result", "ServeError", "cache_of",
     "check_model_path", "check_request", "check_supported", "error_kinds", "find_moe_blocks", "free_port",
     "init_distributed", "load_model", "pair_balance", "percentiles", "shutdown",
 ]

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-__all__ = ["GATHER", "LayerTimer", "pair_balance", "percentiles"]
+__all__ = ["GATHER", "LayerTimer", "load_report", "pair_balance", "percentiles"]
 
 GATHER = "all-gather of counts"
 FIELDS = ("moe", "with_gather", "expert", "cpu")
@@ -40,6 +40,22 @@ def percentiles(values, scale: float = 1.0) -> dict:
         return {k: float("nan") for k in ("mean", "p50", "p90", "p99")}
     return {"mean": float(v.mean()), "p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)),
             "p99": float(np.percentile(v, 99))}
+
+
+def load_report(results, seconds: float) -> dict:
+    """Throughput and latency of a `serve(..., realtime=True)` run from its Results and wall seconds: requests
+    served / refused / failed, generated tokens per second, served requests per second, and percentiles (s) of
+    the latency (done_s - arrival_s) and of the time to first token (first_token_s - arrival_s)."""
+    served = [r for r in results if r.error is None]
+    refused = [r for r in results if r.error is not None and r.batch < 0 and not r.error.startswith("serving:")]
+    tokens = sum(len(r.tokens) for r in served)
+    return {
+        "requests": len(results), "served": len(served), "refused": len(refused),
+        "failed": len(results) - len(served) - len(refused), "tokens": tokens, "seconds": float(seconds),
+        "tokens_per_s": tokens / max(seconds, 1e-9), "requests_per_s": len(served) / max(seconds, 1e-9),
+        "latency_s": percentiles([r.done_s - r.arrival_s for r in served]),
+        "first_token_s": percentiles([r.first_token_s - r.arrival_s for r in served]),
+    }
 
 
 class LayerTimer:
