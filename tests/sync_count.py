@@ -165,3 +165,47 @@ class SyncCounter(TorchFunctionMode):
             setattr(owner, attr, original)
         self._patches.clear()
         return super().__exit__(*exc)
+
+
+def main() -> None:
+    """Print the would-be syncs of every MoE layer of a world-1 gloo run of the tiny model, per zone: run from a
+    checkout's root (`python tests/sync_count.py`) to count that checkout's serving loop."""
+    import collections
+    import os
+
+    sys.path.insert(0, os.getcwd())
+    torch.set_num_threads(1)
+    import moeless.engine
+    from moeless import serve
+
+    print(f"counting {os.path.dirname(serve.__file__)}")
+    model = serve.load_model(None)
+    ctx = serve.init_distributed(world_size=1, rank=0, backend="gloo")
+    srv = serve.ExpertParallelServer(model, ctx, policy="moeless")
+    counter = SyncCounter()
+    with counter:
+        counter.enabled = False
+        for name, module in list(sys.modules.items()):
+            if name == "moeless.serve" or name.startswith("moeless.serve."):
+                for attr, zone in (("fused_moe", "kernels"), ("replica_dispatch", "kernels"), ("combine", "kernels"),
+                                   ("download", "download"), ("upload", "upload")):
+                    if hasattr(module, attr) and not name.endswith(".transfer"):
+                        counter.zone_of(module, attr, zone)
+        counter.zone_of(moeless.engine.GateReplicaLoads, "counts", "predictor")
+        layers = counter.per_call(serve.ExpertParallelExperts, "forward")
+        srv.generate([[256, 72, 101, 108, 108, 111], [256, 65, 66]], 3)
+    srv.close()
+    serve.shutdown()
+    L = srv.num_layers
+    for i, rec in enumerate(layers):
+        print(f"iteration {i // L} ({'prefill' if i < L else 'decode'}) layer {i % L}: would-be syncs "
+              + ", ".join(f"{z}={n}" for z, n in sorted(rec["syncs"].items())) + "; calls "
+              + ", ".join(f"{z}={n}" for z, n in sorted(rec["calls"].items())))
+    rec = layers[L + 1]
+    sites = collections.Counter((kind, where.split("/moeless/")[-1]) for zone, kind, where in rec["sites"]
+                                if zone == "caller")
+    print("the serving loop's own, decode layer 1:", dict(sites) or "none")
+
+
+if __name__ == "__main__":
+    main()
