@@ -307,6 +307,7 @@ def _worker(rank, world, port, opts, requests, out_dir):
     """One rank of the demo: serve `requests` with both policies; rank 0 writes raw.json. Any failure is written
     as one line to failure-rank<r>.json (the parent reports the first), never as a traceback."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _exit_with_parent()
     import torch
 
     torch.set_num_threads(1)
@@ -331,6 +332,20 @@ def _worker(rank, world, port, opts, requests, out_dir):
             {"rank": rank, "time": time.time(), "code": code, "error": _one_line(err)}))
     serve.shutdown()  # leaves a group that a failed collective broke to the process's exit
     sys.exit(code)
+
+
+def _exit_with_parent() -> None:
+    """A rank whose demo process is gone (killed) stops too, instead of serving on for nobody."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _one_line(err: BaseException) -> str:
@@ -388,15 +403,16 @@ def _run_ranks(world: int, opts: dict, requests: list, out: Path) -> dict:
     reports = sorted((json.loads(f.read_text()) for f in out.glob("failure-rank*.json")), key=lambda r: r["time"])
     silent = [(r, p.exitcode) for r, p in enumerate(procs)
               if p.exitcode != 0 and r not in stopped and r not in {x["rank"] for x in reports}]
-    died = "; ".join(f"rank {r} exited with {'signal ' + str(-c) if c < 0 else 'code ' + str(c)} without a report"
-                     for r, c in silent)
+    # a rank that died without a report (killed, out of memory) is the cause; the others report losing it
+    causes = [f"rank {r} exited with {'signal ' + str(-c) if c < 0 else 'code ' + str(c)} without a report"
+              for r, c in silent]
     if reports:
         first = reports[0]
-        also = f" ({len(reports) - 1} other rank(s) failed after it)" if len(reports) > 1 else ""
-        raise DemoError(f"rank {first['rank']}: {first['error']}{also}" + (f"; {died}" if died else ""),
-                        first["code"])
-    if died:
-        raise DemoError(died)
+        text = first["error"] if first["error"].startswith("rank ") else f"rank {first['rank']}: {first['error']}"
+        more = len(reports) - 1
+        causes.append(text + (f" ({more} other rank(s) failed after it)" if more else ""))
+    if causes:
+        raise DemoError("; then ".join(causes), reports[0]["code"] if reports and not silent else 1)
     if not (out / "raw.json").is_file():
         raise DemoError("rank 0 ended without writing its result")
     return json.loads((out / "raw.json").read_text())

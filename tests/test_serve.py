@@ -276,3 +276,13 @@ def test_wants_plan_is_the_hysteresis_bound(gpus):
         Engine(1, E, 2).wants_plan(-1, K)
     with pytest.raises(ValueError, match="top_k"):
         Engine(1, E, 2).wants_plan(1, 0)
+
+
+def test_a_server_that_cannot_start_leaves_the_model_as_it_was():
+    model = serve.load_model(None)
+    before = [block.experts for _, block in serve.find_moe_blocks(model)]
+    ctx = serve.DistContext(rank=0, world_size=1, device=torch.device("cpu"), backend="gloo", timeout_s=5.0)
+    with pytest.raises(ValueError, match="cannot hold"):
+        serve.ExpertParallelServer(model, ctx, slots_per_gpu=1)  # fewer slots than experts
+    assert [block.experts for _, block in serve.find_moe_blocks(model)] == before
+    assert not any(isinstance(e, serve.ExpertParallelExperts) for e in before)

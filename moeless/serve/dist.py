@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -98,8 +99,11 @@ def free_port() -> int:
 
 
 def _one_line(err: BaseException) -> str:
+    """The backend's error as one short line: its first line, without the C++ source location gloo puts in
+    front and the advice it appends."""
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    return lines[0] if lines else type(err).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]) if lines else type(err).__name__
+    return text.split(". This is typically caused", 1)[0]
 
 
 class Collectives:

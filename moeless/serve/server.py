@@ -75,26 +75,16 @@ class ExpertParallelServer:
             slots_per_gpu = default_slots_per_gpu(E, self.world, 0 if policy == "ep" else 1)
         self.slots_per_gpu = int(slots_per_gpu)
         self._predictor = self._make_predictor(predictor, policy, distance)
-        # install the distributed experts; keep the originals to restore on close
-        self._originals = []
-        self.layers: list[ExpertParallelExperts] = []
-        for i, (name, block) in enumerate(blocks):
-            self._originals.append((block, block.experts))
-            wrapped = ExpertParallelExperts(block.experts, i, slots_per_gpu=self.slots_per_gpu, device=self.device,
-                                            rank=self.rank)
-            wrapped.serve_layer = self._moe_layer
-            block.experts = wrapped
-            self.layers.append(wrapped)
-        self._original_device = next(model.parameters()).device
-        # the router logits feed only the training loss; asking for them would also run it on padded batches
-        self._forward_kwargs = {"output_router_logits": False} if hasattr(model.config, "output_router_logits") else {}
-        # transformers renamed past_key_values to cache (5.2x); pass whichever this version's forward takes
-        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        model.to(self.device)
+        self.layers = [ExpertParallelExperts(block.experts, i, slots_per_gpu=self.slots_per_gpu, device=self.device,
+                                             rank=self.rank) for i, (_, block) in enumerate(blocks)]
         self.engine = Engine(self.num_layers, E, self.world, self.slots_per_gpu, policy=policy, distance=distance,
                              expert_bytes=self.layers[0].expert_bytes, keep_alive_s=keep_alive_s,
                              link_bandwidth=link_bandwidth, planner_options=planner_options,
                              replan_slack=replan_slack, replan_min_pairs=replan_min_pairs, align=True)
+        # the router logits feed only the training loss; asking for them would also run it on padded batches
+        self._forward_kwargs = {"output_router_logits": False} if hasattr(model.config, "output_router_logits") else {}
+        # transformers renamed past_key_values to cache (5.2x); pass whichever this version's forward takes
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self._predict_stream = torch.cuda.Stream(self.device) if cuda else None
@@ -112,10 +102,21 @@ class ExpertParallelServer:
         self._last_now = 0.0
         self.closed = False
         self.failed: ServeError | None = None  # the collective failure that broke this server, if any
+        # install the distributed experts; keep the originals to restore on close
+        self._originals = [(block, block.experts) for _, block in blocks]
+        for (_, block), wrapped in zip(blocks, self.layers):
+            wrapped.serve_layer = self._moe_layer
+            block.experts = wrapped
+        self._original_device = next(model.parameters()).device
         self._t0 = time.perf_counter()
-        self.collectives.barrier("server start")
-        start = self.engine.start(0.0)
-        self._realise(range(self.num_layers), start.cold)
+        try:
+            model.to(self.device)
+            self.collectives.barrier("server start")
+            start = self.engine.start(0.0)
+            self._realise(range(self.num_layers), start.cold)
+        except BaseException:
+            self._restore()  # the model is left as it was given
+            raise
 
     def _make_predictor(self, predictor, policy, distance):
         if isinstance(predictor, str) and predictor not in ("gate-replica", "previous"):
@@ -352,7 +353,12 @@ class ExpertParallelServer:
         order = np.argsort(arrivals, kind="stable")
         window = np.floor(arrivals[order] / batch_window_s).astype(np.int64)
         batches = [(int(key), [good[j] for j in order[window == key]]) for key in np.unique(window)]
-        self.collectives.barrier("serve start")
+        try:
+            self.collectives.barrier("serve start")
+        except ServeError as err:
+            for i in good:
+                results[i].error = f"serving: not served: {err}"
+            raise ServeError(str(err), results=results) from err
         clock0 = time.perf_counter()
         for b, (key, idx) in enumerate(batches):
             if realtime:
@@ -433,10 +439,13 @@ class ExpertParallelServer:
             s.update(gb_seconds=float(meter.gb_seconds), gpu_seconds=float(meter.gpu_seconds),
                      releases=int(meter.releases), clock_end_s=float(self._last_now))
         finally:
-            for block, experts in self._originals:
-                block.experts = experts
-            for m in self.layers:
-                m.serve_layer = None
-            self.model.to(self._original_device)
-            self.closed = True
+            self._restore()
         return s
+
+    def _restore(self) -> None:
+        for block, experts in self._originals:
+            block.experts = experts
+        for m in self.layers:
+            m.serve_layer = None
+        self.model.to(self._original_device)
+        self.closed = True
