@@ -311,8 +311,11 @@ def _worker(rank, world, port, opts, requests, out_dir):
     import torch
 
     torch.set_num_threads(1)
+    from transformers.utils import logging as hf_logging
+
     from moeless import serve
 
+    hf_logging.disable_progress_bar()  # one loading bar per rank would only clutter the demo's output
     code = 0
     try:
         ctx = serve.init_distributed(rank=rank, world_size=world, timeout_s=opts["timeout"])
