@@ -33,7 +33,6 @@ def test_serving_loop_forward(benchmark):
     ctx = serve.init_distributed(world_size=1, rank=0)
     try:
         srv = serve.ExpertParallelServer(model, ctx, policy="moeless")
-        srv._token_mask = None
         with torch.no_grad():
             got = benchmark(lambda: model(input_ids=PROMPT.to(srv.device), output_router_logits=False).logits)
         srv.close()

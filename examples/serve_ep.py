@@ -17,6 +17,14 @@ from moeless import demo, serve
 def main() -> int:
     parser = demo.add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     args = parser.parse_args()
+    try:
+        return run(args)
+    except (ValueError, serve.ServeError) as err:  # one line per rank, no traceback
+        print(f"serve_ep.py: error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ValueError) else 1
+
+
+def run(args) -> int:
     ctx = serve.init_distributed(timeout_s=args.timeout)
     try:
         model = serve.load_model(args.model)
@@ -34,7 +42,6 @@ def main() -> int:
         res = demo.run_comparison(ctx, model, requests, keep_alive_s=args.keep_alive,
                                   extra_slots=args.extra_slots, batch_window_s=args.batch_window,
                                   predictor=demo.predictor_for(args.model, args.predictor),
-                                  replan_slack=args.replan_slack, replan_min_pairs=args.replan_min_pairs,
                                   repeats=args.repeats)
         if ctx.is_main:
             if args.json:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import sys
@@ -28,35 +29,40 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["add_arguments", "build_requests", "default_world", "fit_predictor", "format_table", "main",
-           "predictor_for", "run_comparison", "run_from_args"]
+__all__ = ["DemoError", "add_arguments", "build_requests", "check_args", "default_world", "fit_predictor",
+           "format_table", "main", "mixed_requests", "predictor_for", "refused", "run_comparison", "run_from_args"]
 
 PREDICTOR_FILE = "predictor.npz"  # next to the tiny model's weights
+# bounds on the options (far above any demo run; they keep a typo from spawning thousands of processes)
+MAX_WORLD = 1024
+MAX_REQUESTS = 100_000
+MAX_TOKENS = 10**6
+MAX_EXTRA_SLOTS = 4096
+MAX_REPEATS = 100
+FAILURE_GRACE_S = 10.0  # after a rank fails, how long the others get to report before they are stopped
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="a local Hugging Face MoE model folder (default: the tiny model)")
     parser.add_argument("--world", type=int, default=None,
-                        help="processes (default: the GPUs present, else one per CPU core, 2 to 4)")
+                        help=f"processes [1..{MAX_WORLD}, at most the GPUs present; it must divide the model's experts] (default: the "
+                             "GPUs present, else one per CPU core, 2 to 4)")
     parser.add_argument("--trace", default="azure-conv", help="bundled trace name or a .csv/.jsonl file")
-    parser.add_argument("--requests", type=int, default=96, help="requests replayed from the trace slice")
-    parser.add_argument("--max-prompt-tokens", type=int, default=256, help="cap on a prompt's length")
-    parser.add_argument("--max-new-tokens", type=int, default=8, help="cap on a request's output length")
-    parser.add_argument("--batch-window", type=float, default=1.0, help="seconds per batch (the paper's 1 s)")
+    parser.add_argument("--requests", type=int, default=96, help=f"requests replayed from the trace slice [1..{MAX_REQUESTS}]")
+    parser.add_argument("--max-prompt-tokens", type=int, default=256, help=f"cap on a prompt's length [1..{MAX_TOKENS}]")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help=f"cap on a request's output length [1..{MAX_TOKENS}]")
+    parser.add_argument("--batch-window", type=float, default=1.0, help="seconds per batch (the paper's 1 s) [> 0]")
     parser.add_argument("--time-scale", type=float, default=4.0,
-                        help="arrivals this many times faster than the trace (more requests per batch)")
-    parser.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle instance is kept")
-    parser.add_argument("--extra-slots", type=int, default=1, help="slots per GPU beyond E/G for replicas")
+                        help="arrivals this many times faster than the trace (more requests per batch) [> 0]")
+    parser.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle instance is kept [>= 0]")
+    parser.add_argument("--extra-slots", type=int, default=1, help=f"slots per GPU beyond E/G for replicas [0..{MAX_EXTRA_SLOTS}]")
     parser.add_argument("--predictor", default=None,
                         help="a saved GateReplicaPredictor (.npz), or 'gate-replica' for the model's raw gates "
                              "(default: the fitted one shipped with the tiny model)")
-    parser.add_argument("--replan-slack", type=float, default=0.1,
-                        help="keep a layer's plan while its busiest rank is within this fraction of the mean ...")
-    parser.add_argument("--replan-min-pairs", type=int, default=64,
-                        help="... or within this many (token, expert) pairs of it")
     parser.add_argument("--repeats", type=int, default=2,
-                        help="runs per policy, alternating EP, moeless, moeless, EP, ... (load drift hits both)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck collective fails")
+                        help=f"runs per policy, alternating EP, moeless, moeless, EP, ... (load drift hits both) "
+                             f"[1..{MAX_REPEATS}]")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds before a stuck collective fails [> 0]")
     parser.add_argument("--out", default="reports/demo", help="report folder")
     parser.add_argument("--json", action="store_true", help="print one JSON summary instead of the table")
     parser.add_argument("--fit-predictor", action="store_true",
@@ -195,13 +201,36 @@ def build_requests(encode, trace_name: str, n: int, max_prompt: int, max_new: in
 
 
 
+def mixed_requests(encode, n: int, *, rate_per_s: float, max_prompt: int, max_new: int, seed: int = 0):
+    """`n` requests of mixed lengths arriving as a Poisson process of `rate_per_s` per second (the load run):
+    prompt lengths log-uniform in [2, max_prompt], new tokens uniform in [1, max_new], prompt text cut from the
+    tiny model's corpus at random places."""
+    from moeless.serve import Request
+
+    for name, v in (("n", n), ("max_prompt", max_prompt), ("max_new", max_new)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if not (isinstance(rate_per_s, (int, float)) and np.isfinite(rate_per_s) and rate_per_s > 0):
+        raise ValueError(f"rate_per_s must be a finite number > 0, got {rate_per_s!r}")
+    import pydoc_data.topics as topics
+
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1.0 / rate_per_s, n))
+    lengths = np.exp(rng.uniform(np.log(2), np.log(max(2, max_prompt) + 1), n)).astype(np.int64).clip(1, max_prompt)
+    new = rng.integers(1, max_new + 1, n)
+    starts = rng.integers(0, len(text) - 4 * max_prompt, n)
+    return [Request(encode(text[s:s + 4 * int(k)])[:int(k)], int(m), float(a), id=i)
+            for i, (a, k, m, s) in enumerate(zip(arrivals, lengths, new, starts))]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # per rank
 
 
 def run_comparison(ctx, model, requests, *, keep_alive_s: float = 5.0, extra_slots: int = 1,
                    batch_window_s: float = 1.0, policies=("ep", "moeless"), predictor="gate-replica",
-                   replan_slack: float | None = 0.1, replan_min_pairs: int = 64, repeats: int = 1) -> dict:
+                   repeats: int = 1) -> dict:
     """Serve `requests` with each policy through the same loop on this rank's process group; returns {policy:
     {summary, results, seconds, cpu_seconds, tokens_per_s, runs}} (the same on every rank; cpu_seconds: this
     rank's). A warm-up (outside every measurement) first pays the one-time costs of the first calls. With
@@ -220,8 +249,7 @@ def run_comparison(ctx, model, requests, *, keep_alive_s: float = 5.0, extra_slo
     runs: dict[str, list] = {p: [] for p in policies}
     for policy in order:
         slots = default_slots_per_gpu(E, ctx.world_size, 0 if policy == "ep" else extra_slots)
-        opts = dict(predictor=predictor, replan_slack=replan_slack, replan_min_pairs=replan_min_pairs) \
-            if policy == "moeless" else {}
+        opts = dict(predictor=predictor) if policy == "moeless" else {}
         srv = serve.ExpertParallelServer(model, ctx, policy=policy, slots_per_gpu=slots, keep_alive_s=keep_alive_s,
                                          **opts)
         t, c = time.perf_counter(), time.process_time()
@@ -262,38 +290,129 @@ def _pool_runs(runs: list) -> dict:
         s[k] = [row for x in summaries for row in x[k]]
     offsets = np.cumsum([0] + [len(x["layer_times_s"]) for x in summaries[:-1]])
     s["prefill_iterations"] = [int(i + o) for x, o in zip(summaries, offsets) for i in x["prefill_iterations"]]
-    lat = np.asarray(s["layer_times_s"]).reshape(-1) * 1e3
-    s["moe_layer_ms"] = {"mean": float(lat.mean()), "p50": float(np.percentile(lat, 50)),
-                         "p90": float(np.percentile(lat, 90)), "p99": float(np.percentile(lat, 99))}
-    from moeless.serve import pair_balance
+    from moeless.serve import pair_balance, percentiles
 
+    s["moe_layer_ms"] = percentiles(s["layer_times_s"], 1e3)
     s["pair_balance"] = pair_balance(s["gpu_pairs"])
     out["summary"] = s
     return out
 
 
-def _worker(rank, world, port, args_dict, out_path):
+def _worker(rank, world, port, opts, requests, out_dir):
+    """One rank of the demo: serve `requests` with both policies; rank 0 writes raw.json. Any failure is written
+    as one line to failure-rank<r>.json (the parent reports the first), never as a traceback."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _exit_with_parent()
     import torch
 
     torch.set_num_threads(1)
-    from moeless import serve, tiny_moe
+    from transformers.utils import logging as hf_logging
 
-    ctx = serve.init_distributed(rank=rank, world_size=world, timeout_s=args_dict["timeout"])
+    from moeless import serve
+
+    hf_logging.disable_progress_bar()  # one loading bar per rank would only clutter the demo's output
+    code = 0
     try:
-        model = serve.load_model(args_dict["model"])
-        reqs = build_requests(tiny_moe.encode, args_dict["trace"], args_dict["requests"],
-                              args_dict["max_prompt_tokens"], args_dict["max_new_tokens"], args_dict["time_scale"])
-        res = run_comparison(ctx, model, reqs, keep_alive_s=args_dict["keep_alive"],
-                             extra_slots=args_dict["extra_slots"], batch_window_s=args_dict["batch_window"],
-                             predictor=predictor_for(args_dict["model"], args_dict["predictor"]),
-                             replan_slack=args_dict["replan_slack"], replan_min_pairs=args_dict["replan_min_pairs"],
-                             repeats=args_dict["repeats"])
+        ctx = serve.init_distributed(rank=rank, world_size=world, timeout_s=opts["timeout"])
+        model = serve.load_model(opts["model"])
+        res = run_comparison(ctx, model, requests, keep_alive_s=opts["keep_alive"], extra_slots=opts["extra_slots"],
+                             batch_window_s=opts["batch_window"], predictor=predictor_for(opts["model"], opts["predictor"]),
+                             repeats=opts["repeats"])
         if rank == 0:
-            res["prompts"] = [r.prompt for r in reqs]
-            Path(out_path).write_text(json.dumps(res))
+            res["prompts"] = [r.prompt for r in requests]
+            tmp = Path(out_dir) / "raw.json.tmp"
+            tmp.write_text(json.dumps(res))
+            tmp.replace(Path(out_dir) / "raw.json")
+    except BaseException as err:  # noqa: BLE001 -- every failure, reported as one line
+        code = 2 if isinstance(err, ValueError) else 1
+        (Path(out_dir) / f"failure-rank{rank}.json").write_text(json.dumps(
+            {"rank": rank, "time": time.time(), "code": code, "error": _one_line(err)}))
+    serve.shutdown()  # leaves a group that a failed collective broke to the process's exit
+    sys.exit(code)
+
+
+def _exit_with_parent() -> None:
+    """A rank whose demo process is gone (killed) stops too, instead of serving on for nobody."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception as one line: its message's first line; where it was raised for anything but a clear error."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(err).__name__
+    from moeless.serve import ServeError
+
+    if isinstance(err, (ValueError, ServeError)):
+        return text
+    import traceback
+
+    frame = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
+    where = f" (at {Path(frame.filename).name}:{frame.lineno})" if frame else ""
+    return f"{type(err).__name__}: {text}{where}"
+
+
+class DemoError(Exception):
+    """A demo rank failed: one line naming the rank and the cause; exit_code 2 for bad input, 1 otherwise."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _run_ranks(world: int, opts: dict, requests: list, out: Path) -> dict:
+    """Spawn the ranks, wait for them, return rank 0's raw result. After a rank fails the others get
+    FAILURE_GRACE_S to report, then are stopped; DemoError with the first failure (the cause: later ones are
+    the peers that lost it)."""
+    import multiprocessing as mp
+
+    from moeless.serve import free_port
+
+    for stale in [out / "raw.json", *out.glob("failure-rank*.json")]:
+        stale.unlink(missing_ok=True)
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, opts, requests, str(out))) for r in range(world)]
+    failed_at, stopped = None, set()
+    try:
+        for p in procs:
+            p.start()
+        while any(p.is_alive() for p in procs):
+            if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > min(FAILURE_GRACE_S, opts["timeout"]):
+                break
+            time.sleep(0.1)
     finally:
-        serve.shutdown()
+        for r, p in enumerate(procs):
+            if p.is_alive():
+                p.kill()
+                stopped.add(r)
+            p.join()
+    reports = sorted((json.loads(f.read_text()) for f in out.glob("failure-rank*.json")), key=lambda r: r["time"])
+    silent = [(r, p.exitcode) for r, p in enumerate(procs)
+              if p.exitcode != 0 and r not in stopped and r not in {x["rank"] for x in reports}]
+    # a rank that died without a report (killed, out of memory) is the cause; the others report losing it
+    causes = [f"rank {r} exited with {'signal ' + str(-c) if c < 0 else 'code ' + str(c)} without a report"
+              for r, c in silent]
+    if reports:
+        first = reports[0]
+        text = first["error"] if first["error"].startswith("rank ") else f"rank {first['rank']}: {first['error']}"
+        more = len(reports) - 1
+        causes.append(text + (f" ({more} other rank(s) failed after it)" if more else ""))
+    if causes:
+        raise DemoError("; then ".join(causes), reports[0]["code"] if reports and not silent else 1)
+    if not (out / "raw.json").is_file():
+        raise DemoError("rank 0 ended without writing its result")
+    return json.loads((out / "raw.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,6 +428,17 @@ def _phase_means(summary) -> tuple[float, float]:
     pre = t[is_prefill].mean() if is_prefill.any() else float("nan")
     dec = t[~is_prefill].mean() if (~is_prefill).any() else float("nan")
     return float(pre), float(dec)
+
+
+def refused(res: dict) -> list[dict]:
+    """The requests no policy served, per kind of reason: [{"kind", "count", "example"}] (the same requests are
+    refused under every policy: the checks depend on the request and the model only)."""
+    from moeless.serve import error_kinds
+
+    results = res["moeless"]["results"]
+    return [{"kind": k, "count": n, "example": f"request {next(r['id'] for r in results if r['error'] == first)}: "
+                                               f"{first}"}
+            for k, n, first in error_kinds(r["error"] for r in results)]
 
 
 def format_table(res: dict) -> str:
@@ -338,6 +468,15 @@ def format_table(res: dict) -> str:
                      "unshared cores)")
         same = all(x["tokens"] == y["tokens"] for x, y in zip(res["ep"]["results"], res["moeless"]["results"]))
         lines.append(f"generated tokens identical to plain EP: {same}")
+    if "moeless" in res:
+        n = len(res["moeless"]["results"])
+        bad = refused(res)
+        lost = sum(b["count"] for b in bad)
+        line = f"requests: {n - lost} of {n} served"
+        if bad:
+            line += f"; {lost} refused before serving: " + ", ".join(
+                f"{b['kind']} {b['count']} (e.g. {b['example']})" for b in bad)
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -416,39 +555,125 @@ def write_report(res: dict, out: Path, decode, extra: str = "") -> list[Path]:
 
 def main(argv=None) -> int:
     parser = add_arguments(argparse.ArgumentParser(prog="moeless demo", description=__doc__.splitlines()[0]))
-    return run_from_args(parser.parse_args(argv))
+    try:
+        return run_from_args(parser.parse_args(argv))
+    except ValueError as err:
+        print(f"moeless demo: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _int_option(args, name: str, lo: int, hi: int) -> int:
+    v = getattr(args, name)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"--{name.replace('_', '-')} must be an int in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _float_option(args, name: str, lo: float, open_lo: bool) -> float:
+    v = getattr(args, name)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > lo if open_lo else v >= lo)
+    if not ok:
+        raise ValueError(f"--{name.replace('_', '-')} must be a finite number {'>' if open_lo else '>='} {lo:g}, "
+                         f"got {v!r}")
+    return float(v)
+
+
+def _model_config(model_path):
+    """The transformers config of the served model (the tiny model's for None); ValueError naming --model."""
+    from moeless import tiny_moe
+    from moeless.serve import check_model_path
+
+    if model_path is None:
+        if (tiny_moe.MODEL_DIR / "config.json").exists():
+            return check_model_path(tiny_moe.MODEL_DIR)
+        return tiny_moe.build_config()
+    try:
+        return check_model_path(model_path)
+    except ValueError as err:
+        raise ValueError(f"--{err}") from None
+
+
+def _num_experts(config) -> int | None:
+    for name in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
+        v = getattr(config, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def check_args(args: argparse.Namespace):
+    """Every `moeless demo` option checked before any process starts (ValueError naming the flag); returns
+    (world, requests): the processes to start and the requests they serve (built here from the trace, so a bad
+    trace fails here too). Raises when no request fits the model's context."""
+    from moeless import tiny_moe
+    from moeless.serve import check_request
+
+    import torch
+
+    if args.world is None:
+        world = default_world()
+    else:
+        world = _int_option(args, "world", 1, MAX_WORLD)
+        if torch.cuda.is_available() and world > torch.cuda.device_count():
+            raise ValueError(f"--world {world}: only {torch.cuda.device_count()} GPUs are present")
+    _int_option(args, "requests", 1, MAX_REQUESTS)
+    _int_option(args, "max_prompt_tokens", 1, MAX_TOKENS)
+    _int_option(args, "max_new_tokens", 1, MAX_TOKENS)
+    _int_option(args, "extra_slots", 0, MAX_EXTRA_SLOTS)
+    _int_option(args, "repeats", 1, MAX_REPEATS)
+    for name in ("batch_window", "time_scale", "timeout"):
+        _float_option(args, name, 0.0, open_lo=True)
+    _float_option(args, "keep_alive", 0.0, open_lo=False)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {str(out)!r} exists and is not a folder")
+    config = _model_config(args.model)
+    experts = _num_experts(config)
+    if experts is not None and experts % world:
+        raise ValueError(f"--world {world} does not divide the model's {experts} experts (plain EP, the baseline, "
+                         f"puts E / G experts on each process)")
+    predictor_for(args.model, args.predictor)  # a bad --predictor fails here
+    try:
+        requests = build_requests(tiny_moe.encode, args.trace, args.requests, args.max_prompt_tokens,
+                                  args.max_new_tokens, args.time_scale)
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise ValueError(f"--trace: cannot read {args.trace!r}: {err}") from None
+    except ValueError as err:
+        msg = str(err)
+        raise ValueError(msg if msg.startswith("--") else f"--trace: {msg.removeprefix('trace: ')}") from None
+    context = int(getattr(config, "max_position_embeddings", 1 << 30))
+    vocab = int(getattr(config, "vocab_size", 1 << 30))
+    if all(check_request(r, context, vocab) is not None for r in requests):
+        raise ValueError(f"--max-prompt-tokens {args.max_prompt_tokens} / --max-new-tokens {args.max_new_tokens}: "
+                         f"none of the {len(requests)} requests fits the model's context of {context} tokens "
+                         f"({check_request(requests[0], context, vocab)})")
+    return world, requests
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Run the demo from parsed `add_arguments` options (what `moeless demo` calls)."""
+    """Run the demo from parsed `add_arguments` options (what `moeless demo` calls). Bad options raise
+    ValueError before any process starts; a rank's failure is printed as one `error:` line (exit code 2 for bad
+    input found by a rank, 1 otherwise)."""
     import torch
-    import torch.multiprocessing as mp
 
     from moeless import tiny_moe
-    from moeless.serve import _free_port
 
     if getattr(args, "fit_predictor", False):
         return _fit_and_save(tiny_moe.MODEL_DIR if args.out == "reports/demo" else Path(args.out))
-    world = args.world or default_world()
-    if world < 1:
-        raise ValueError(f"--world must be >= 1, got {world}")
-    if args.model is not None and not Path(args.model).exists():
-        raise ValueError(f"--model: no such path {args.model!r}")
-    for name in ("replan_slack", "replan_min_pairs"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    predictor_for(args.model, args.predictor)  # a bad --predictor fails here, before any process starts
+    world, requests = check_args(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result_path = out / "raw.json"
     t0, c0 = time.perf_counter(), _cpu_seconds()
     if not args.json:
-        print(f"serving the tiny MoE model on {world} processes ({'NCCL' if torch.cuda.is_available() else 'gloo, CPU'})"
-              f": {args.requests} requests from {args.trace}, plain EP then moeless ...", flush=True)
+        name = "the tiny MoE model" if args.model is None else repr(str(args.model))
+        print(f"serving {name} on {world} processes ({'NCCL' if torch.cuda.is_available() else 'gloo, CPU'}): "
+              f"{len(requests)} requests from {args.trace}, plain EP then moeless ...", flush=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(_worker, args=(world, _free_port(), vars(args), str(result_path)), nprocs=world,
-                       start_method="spawn")
-    res = json.loads(result_path.read_text())
+    try:
+        res = _run_ranks(world, vars(args), requests, out)
+    except DemoError as err:
+        print(f"moeless demo: error: {err}", file=sys.stderr)
+        return err.exit_code
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     timing = (f"demo: {wall:.0f} s wall, {cpu:.0f} s CPU (all processes); serving: EP {res['ep']['seconds']:.1f} s, "
               f"moeless {res['moeless']['seconds']:.1f} s wall on rank 0")
@@ -456,7 +681,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({p: {k: v for k, v in res[p]["summary"].items()
                               if k not in ("layer_times_s", "gpu_pairs", "replicas")}
-                          | {"tokens_per_s": res[p]["tokens_per_s"]} for p in ("ep", "moeless")}))
+                          | {"tokens_per_s": res[p]["tokens_per_s"]} for p in ("ep", "moeless")}
+                         | {"refused": refused(res)}))
         return 0
     print(format_table(res))
     for r in res["moeless"]["results"][:3]:

@@ -403,6 +403,8 @@ class Engine:
             raise ValueError(f"{name} must hold integer counts")
         return c.astype(np.int64)
 
+    # -- batch size gate (asked by the data plane before it predicts and splits a layer) ---------------------
+
 
 def replay_pool(applied, num_layers: int, num_experts: int, gpus: int, slots_per_gpu: int, *,
                 expert_bytes: float, link_bandwidth: float, keep_alive_s: float, end: float) -> Meter:

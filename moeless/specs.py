@@ -233,6 +233,13 @@ HARDWARE: dict[str, HardwareSpec] = {
         source="NVIDIA H200 SXM datasheet (bf16 dense 989 TFLOP/s, 4.8 TB/s HBM3e, NVLink 900 GB/s both "
                "directions); efficiencies from reported H200 rates (788 TFLOP/s matmul, 4.3 TB/s copy)",
     ),
+    "cpu": HardwareSpec(
+        name="one CPU core (gloo)", peak_flops=50e9, hbm_bandwidth=10e9, memory_bytes=16 * GB,
+        link_bandwidth=2e9, link_group=1, host_bandwidth=10e9, launch_s=50e-6,
+        source="a rough profile of one x86 core serving with gloo (about 50 GFLOP/s fp32, 10 GB/s memory, "
+               "2 GB/s loopback, 50 us per expert call of the Python path): what the demo's policies price "
+               "with on CPU; not a measurement",
+    ),
 }
 
 # Bundled Hugging Face configs (MIT, via ljcleo/moe-lrc; see moeless/data/README.md).
@@ -289,8 +296,20 @@ def model_spec(name_or_path: str) -> ModelSpec:
     raise ValueError(f"model: {name_or_path!r} is neither a preset ({', '.join(MODEL_NAMES)}) nor a config.json path")
 
 
+def hardware_for_device(device_name: str) -> HardwareSpec:
+    """The preset closest to a device: an NVIDIA name containing H200, H100 or A6000 gives that preset, any
+    other CUDA device the H100's (stated in the source field), "cpu" the CPU core profile."""
+    n = str(device_name).lower()
+    for key in ("h200", "h100", "a6000"):
+        if key in n:
+            return HARDWARE[key]
+    if n == "cpu":
+        return HARDWARE["cpu"]
+    return HARDWARE["h100"].replace(name=f"{device_name} (priced as an H100 SXM)")
+
+
 def hardware_spec(name: str) -> HardwareSpec:
-    """A hardware preset by name: a6000, h100, h200."""
+    """A hardware preset by name: a6000, h100, h200, cpu."""
     key = str(name).lower().replace("-", "").replace("_", "").replace("sxm", "").replace("rtx", "")
     if key not in HARDWARE:
         raise ValueError(f"hardware: unknown {name!r}; presets: {', '.join(HARDWARE)}")

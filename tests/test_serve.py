@@ -1,14 +1,12 @@
 """moeless.serve: the distributed loop against the single-process model, the pool's bill on a real run, faults.
 
-Worker processes come from a forkserver that imports torch, transformers and moeless once (a spawned process
-would pay those imports per rank); they talk gloo on 127.0.0.1. World sizes 2 and 4; tiny batches.
+Ranks run in forkserver workers talking gloo on 127.0.0.1 (tests/serve_harness.py). World sizes 2 and 4; tiny
+batches. Load, killed ranks and mixed bad requests: tests/test_serve_load.py; host syncs: test_serve_syncs.py.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import time
-import traceback
 
 import numpy as np
 import pytest
@@ -16,44 +14,10 @@ import torch
 
 from moeless import serve
 from moeless.planner import Plan
+from serve_harness import reference, run_ranks
 
 PROMPTS = [[256, 72, 101, 108, 108, 111], [256, 65], [256, 1, 2, 3, 4, 5, 6, 7, 8], [256, 33, 34]]
 NEW_TOKENS = [4, 2, 3, 4]
-
-_ctx = None
-
-
-def _context():
-    global _ctx
-    if _ctx is None:
-        _ctx = mp.get_context("forkserver")
-        _ctx.set_forkserver_preload(["torch", "transformers", "moeless.serve", "moeless.engine"])
-    return _ctx
-
-
-def _run(world: int, scenario: str, tmp_path, timeout: float = 240.0) -> list:
-    """Run `scenario` on `world` ranks; returns each rank's result dict (or raises with the ranks' errors)."""
-    port = serve._free_port()
-    ctx = _context()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, scenario, str(tmp_path))) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    # rank 0 reports for the run: once it is done, a peer still alive is the stalled one (killed below)
-    while procs[0].is_alive() and time.monotonic() < deadline:
-        procs[0].join(0.2)
-    for p in procs[1:]:
-        p.join(max(0.0, min(deadline - time.monotonic(), 30.0 if scenario == "parity" else 0.5)))
-    hung = [r for r, p in enumerate(procs) if p.is_alive() and (r == 0 or scenario == "parity")]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    out = []
-    for r in range(world):
-        f = tmp_path / f"rank{r}.pt"
-        out.append(torch.load(f, weights_only=False) if f.exists() else None)
-    return out, hung
 
 
 def _random_policy(seed: int):
@@ -78,80 +42,56 @@ def _random_policy(seed: int):
     return policy
 
 
-def _worker(rank, world, port, scenario, outdir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    result = {}
-    try:
-        ctx = serve.init_distributed(rank=rank, world_size=world, timeout_s=20 if scenario == "parity" else 4,
-                                     backend="gloo")
-        model = serve.load_model(None)
-        if scenario == "parity":
-            E = 8
-            runs = {
-                # plans drawn at random, changing at every layer of every iteration (mid-generation)
-                "random": dict(policy=_random_policy(7), slots_per_gpu=E, predictor="previous", keep_alive_s=0.0),
-                # the real policy with the gate-replica predictor; keep-alive 0: idle instances go at once
-                "moeless": dict(policy="moeless", keep_alive_s=0.0),
-                "ep": dict(policy="ep"),
-            }
-            for name, kw in runs.items():
-                srv = serve.ExpertParallelServer(model, ctx, record_logits=True, **kw)
-                outs = srv.generate(PROMPTS, NEW_TOKENS)
-                layers = [(m.slot_expert.copy(), m.slot_gate_up.clone(), m.slot_down.clone(), m.host_gate_up,
-                           m.host_down) for m in srv.layers]
-                plans = [srv.engine.plan(l).phy2log[0].copy() for l in range(srv.num_layers)]
-                applied = list(srv.engine.applied)
-                summary = srv.close()
-                result[name] = dict(tokens=[o.tokens for o in outs], logits=[o.logits for o in outs],
-                                    summary=summary, layers=layers, plans=plans, applied=applied,
-                                    slots_per_gpu=srv.slots_per_gpu)
-            # serve(): bad requests next to good ones, two 1 s batches
-            srv = serve.ExpertParallelServer(model, ctx, policy="moeless")
-            reqs = [serve.Request(PROMPTS[0], 3, 0.1), serve.Request([], 3, 0.2),
-                    serve.Request([256] * 600, 3, 0.3), serve.Request(PROMPTS[1], 2, 1.5)]
-            res = srv.serve(reqs)
-            srv.close()
-            result["serve"] = [(r.tokens, r.error, r.batch) for r in res]
-        else:  # "dies" / "stalls": rank 1 leaves after the server is up; the others must fail cleanly
-            srv = serve.ExpertParallelServer(model, ctx, policy="moeless")
-            if rank == 1:
-                if scenario == "dies":
-                    os._exit(3)
-                time.sleep(60)
-            t = time.monotonic()
-            try:
-                srv.generate(PROMPTS, NEW_TOKENS)
-                result["error"] = None
-            except serve.ServeError as err:
-                result["error"] = str(err)
-            result["seconds"] = time.monotonic() - t
-    except Exception:  # reported to the test, which fails with it
-        result["exception"] = traceback.format_exc()
-    torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
-    if scenario == "parity":
-        serve.shutdown()
-    else:
-        os._exit(0)  # the group is broken: destroying it could block on the dead peer
-
-
-def _reference():
-    """Single-process greedy generation, one prompt at a time, no padding, no KV cache."""
+def _parity(rank, world, ctx):
     model = serve.load_model(None)
-    toks, logits = [], []
-    with torch.no_grad():
-        for p, n in zip(PROMPTS, NEW_TOKENS):
-            ids = torch.tensor([p])
-            t_out, l_out = [], []
-            for _ in range(n):
-                lg = model(input_ids=ids, output_router_logits=False).logits[0, -1].float()
-                t = int(lg.argmax())
-                t_out.append(t)
-                l_out.append(lg.numpy())
-                ids = torch.cat([ids, torch.tensor([[t]])], 1)
-            toks.append(t_out)
-            logits.append(np.stack(l_out))
-    return toks, logits
+    E = serve.find_moe_blocks(model)[0][1].experts.gate_up_proj.shape[0]
+    result = {}
+    runs = {
+        # plans drawn at random, changing at every layer of every iteration (mid-generation)
+        "random": dict(policy=_random_policy(7), slots_per_gpu=E, predictor="previous", keep_alive_s=0.0),
+        # the real policy with the gate-replica predictor; keep-alive 0: idle instances go at once
+        "moeless": dict(policy="moeless", keep_alive_s=0.0),
+        "ep": dict(policy="ep"),
+    }
+    for name, kw in runs.items():
+        srv = serve.ExpertParallelServer(model, ctx, record_logits=True, **kw)
+        outs = srv.generate(PROMPTS, NEW_TOKENS)
+        layers = [(m.slot_expert.copy(), m.slot_gate_up.clone(), m.slot_down.clone(), m.host_gate_up,
+                   m.host_down) for m in srv.layers]
+        plans = [srv.engine.plan(l).phy2log[0].copy() for l in range(srv.num_layers)]
+        applied = list(srv.engine.applied)
+        summary = srv.close()
+        result[name] = dict(tokens=[o.tokens for o in outs], logits=[o.logits for o in outs],
+                            summary=summary, layers=layers, plans=plans, applied=applied,
+                            slots_per_gpu=srv.slots_per_gpu, num_experts=E, num_layers=srv.num_layers)
+    # serve(): bad requests next to good ones, two 1 s batches
+    srv = serve.ExpertParallelServer(model, ctx, policy="moeless")
+    too_long = [256] * (model.config.max_position_embeddings + 1)
+    reqs = [serve.Request(PROMPTS[0], 3, 0.1), serve.Request([], 3, 0.2),
+            serve.Request(too_long, 3, 0.3), serve.Request(PROMPTS[1], 2, 1.5)]
+    res = srv.serve(reqs)
+    srv.close()
+    result["serve"] = [(r.tokens, r.error, r.batch) for r in res]
+    return result
+
+
+def _peer_leaves(rank, world, ctx, how):
+    """Rank 1 leaves once the server is up (exits, or stalls past the collective timeout); the others must fail
+    cleanly with one ServeError line."""
+    model = serve.load_model(None)
+    srv = serve.ExpertParallelServer(model, ctx, policy="moeless")
+    if rank == 1:
+        if how == "dies":
+            os._exit(3)
+        time.sleep(ctx.timeout_s + 3)
+        os._exit(0)
+    t = time.monotonic()
+    try:
+        srv.generate(PROMPTS, NEW_TOKENS)
+        error = None
+    except serve.ServeError as err:
+        error = str(err)
+    return {"error": error, "seconds": time.monotonic() - t}
 
 
 def _live_intervals(applied, end):
@@ -176,11 +116,12 @@ def _live_intervals(applied, end):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_distributed_matches_single_process(world, tmp_path):
-    ranks, hung = _run(world, "parity", tmp_path)
-    assert not hung, f"ranks {hung} hung"
-    for r, res in enumerate(ranks):
-        assert res is not None and "exception" not in res, f"rank {r}: {res and res.get('exception')}"
-    ref_toks, ref_logits = _reference()
+    outcomes = run_ranks(world, _parity, tmp_path)
+    for r, o in enumerate(outcomes):
+        assert not o.hung, f"rank {r} hung"
+        assert o.result is not None and "exception" not in o.result, f"rank {r}: {o.result}"
+    ranks = [o.result for o in outcomes]
+    ref_toks, ref_logits = reference(serve.load_model(None), PROMPTS, NEW_TOKENS)
     main = ranks[0]
     for name in ("random", "moeless", "ep"):
         got = main[name]
@@ -213,7 +154,8 @@ def test_distributed_matches_single_process(world, tmp_path):
         assert s["gb_seconds"] == pytest.approx(inst_seconds * s["expert_bytes"] / 1e9, rel=1e-9, abs=1e-15)
     assert main["moeless"]["summary"]["releases"] > 0  # keep-alive 0 released idle instances
     ep = main["ep"]["summary"]
-    assert ep["cold_starts"] == 8 * 4 and ep["plan_changes"] == 0  # E x L, once, never re-planned
+    E, L = main["ep"]["num_experts"], main["ep"]["num_layers"]
+    assert ep["cold_starts"] == E * L and ep["plan_changes"] == 0  # every expert once, never re-planned
     # serve(): bad requests get a clear error; the others are served as if alone
     served = main["serve"]
     assert served[0][0] == ref_toks[0][:3] and served[0][1] is None and served[0][2] == 0
@@ -224,11 +166,13 @@ def test_distributed_matches_single_process(world, tmp_path):
 
 @pytest.mark.parametrize("fault", ["dies", "stalls"])
 def test_peer_failure_is_a_clear_error(fault, tmp_path):
-    ranks, hung = _run(2, fault, tmp_path, timeout=90.0)
-    res = ranks[0]
-    assert res is not None and "exception" not in res, res and res.get("exception")
+    outcomes = run_ranks(2, _peer_leaves, tmp_path, args=(fault,), timeout=90.0, collective_timeout=4.0)
+    res = outcomes[0].result
+    assert res is not None and "exception" not in res, res
     assert res["error"] is not None and "peer rank died or stalled" in res["error"]
-    assert 0 not in hung
+    assert "\n" not in res["error"] and res["error"].startswith("rank 0 of 2: ")
+    assert res["seconds"] < 4.0 + 10.0  # the collective timeout, plus the time to get there
+    assert not outcomes[0].hung
 
 
 def test_bad_models_and_requests(tmp_path):
@@ -261,10 +205,6 @@ def test_slot_buffers_follow_experts_between_slots():
     """realise(): an expert moved between slots of one rank is read from its buffer (no copy); cold slots are
     copied into buffers no warm slot reads; the slot views always hold the plan's experts' host weights."""
 
-    class _Server:
-        device = torch.device("cpu")
-        slots_per_gpu = 4
-
     E, H, I = 6, 3, 2
     gen = torch.Generator().manual_seed(0)
 
@@ -276,7 +216,7 @@ def test_slot_buffers_follow_experts_between_slots():
             self.num_experts = E
 
     experts = _Experts()
-    mod = serve.ExpertParallelExperts(_Server(), 0, experts)
+    mod = serve.ExpertParallelExperts(experts, 0, slots_per_gpu=4, device=torch.device("cpu"))
 
     def check(want):
         for s, e in enumerate(want):
@@ -306,3 +246,43 @@ def test_slot_buffers_follow_experts_between_slots():
     assert mod.copies == 5 and mod.repairs == 1
     with pytest.raises(serve.ServeError, match="do not hold"):
         mod.buffers_of(np.array([3]))  # a free slot
+
+
+@pytest.mark.parametrize("gpus", [2, 3, 4])
+def test_wants_plan_is_the_hysteresis_bound(gpus):
+    """Engine.wants_plan(tokens, K) is False exactly when no load of tokens * K pairs can make the engine
+    re-plan: brute force over the worst load (every pair on one expert) and random loads."""
+    from moeless.engine import Engine
+
+    E, K, min_pairs = 6, 2, 20
+    rng = np.random.default_rng(gpus)
+    for tokens in range(0, 3 * min_pairs):
+        def fresh():
+            eng = Engine(1, E, gpus, replan_slack=0.1, replan_min_pairs=min_pairs)
+            eng.start(0.0)
+            return eng
+
+        wants = fresh().wants_plan(tokens, K)
+        worst = np.zeros(E, dtype=np.int64)
+        worst[0] = tokens * K
+        assert (fresh().observe(0, worst, worst, now=1.0) is not None) == wants, tokens
+        if not wants:
+            for _ in range(5):
+                loads = np.bincount(rng.integers(0, E, tokens * K), minlength=E)
+                assert fresh().observe(0, loads, loads, now=1.0) is None
+    assert not Engine(1, E, 2, policy="ep").wants_plan(10**6, K)
+    assert Engine(1, E, 2).wants_plan(1, K)  # no hysteresis: every batch may re-plan
+    with pytest.raises(ValueError, match="batch_tokens"):
+        Engine(1, E, 2).wants_plan(-1, K)
+    with pytest.raises(ValueError, match="top_k"):
+        Engine(1, E, 2).wants_plan(1, 0)
+
+
+def test_a_server_that_cannot_start_leaves_the_model_as_it_was():
+    model = serve.load_model(None)
+    before = [block.experts for _, block in serve.find_moe_blocks(model)]
+    ctx = serve.DistContext(rank=0, world_size=1, device=torch.device("cpu"), backend="gloo", timeout_s=5.0)
+    with pytest.raises(ValueError, match="cannot hold"):
+        serve.ExpertParallelServer(model, ctx, slots_per_gpu=1)  # fewer slots than experts
+    assert [block.experts for _, block in serve.find_moe_blocks(model)] == before
+    assert not any(isinstance(e, serve.ExpertParallelExperts) for e in before)
