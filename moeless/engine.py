@@ -129,15 +129,18 @@ class Engine:
     at the mean iteration time so far (an instance stays at least that long; the measurements correct it where
     popularity moves faster), capped at 1,000. prewarm: after each layer runs, `prepare` decides its plan for
     the next iteration (copies then have an iteration to arrive); off: only the decision d layers ahead.
+    refresh_every: `prepare` lets the policy weigh robust alternatives (LayerContext.refresh) for a layer once
+    every this many iterations (staggered over the layers), the costlier decision; in between it decides
+    incrementally.
     """
 
     # recent true loads per layer kept as the scenarios of the decision well ahead (`prepare`)
-    SCENARIOS = 8
+    SCENARIOS = 4
 
     def __init__(self, policy: Policy, *, distance: int = 1, pool: FunctionPool | None = None,
                  expert_bytes: float = 1.0, keep_alive_s: float = 60.0, link_bandwidth: float = 25e9,
                  peer_bandwidth: float | None = None, link_group: int = 1, copy_s=None, misc=None,
-                 horizon_prior: float | None = None, prewarm: bool = True):
+                 horizon_prior: float | None = None, prewarm: bool = True, refresh_every: int = 4):
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be a moeless.policy.Policy (see moeless.policy.make_policy), got "
                              f"{type(policy).__name__}")
@@ -169,6 +172,7 @@ class Engine:
             raise ValueError(f"horizon_prior must be None or a finite number >= 1, got {horizon_prior!r}")
         self.horizon_prior = None if horizon_prior is None else float(horizon_prior)
         self.prewarm = bool(prewarm)
+        self.refresh_every = _positive_int("refresh_every", refresh_every)
         self._iterations = 0.0
         initial = policy.initial_plan()
         self._plans = [initial[l] for l in range(self.L)]
@@ -302,7 +306,14 @@ class Engine:
         if not self.prewarm or self._share[layer] is None:
             return None
         loads = self._share[layer] * float(self._last_counts[layer].sum())
-        return self._decide(layer, loads, now, self.L - self.distance, refresh=True)
+        refresh = (self._n_recent[layer] + layer) % self.refresh_every == 0
+        return self._decide(layer, loads, now, self.L - self.distance, refresh=refresh)
+
+    def decide(self, layer: int, loads, now: float | None = None, layers_ahead: int = 0):
+        """Ask the policy for layer `layer`'s plan for `loads` [E] now (outside the protocol: the lossless bound
+        decides the first d layers of an iteration from their true loads with it). Returns (layer, ApplyResult)
+        or None."""
+        return self._decide(self._layer(layer), self._counts(loads, "loads", integral=False), now, int(layers_ahead))
 
     def _decide(self, target: int, loads: np.ndarray, now, layers_ahead: int, refresh: bool = False):
         scenarios = None

@@ -371,7 +371,7 @@ SIM_FAST = ["--window-s", "20", "--iteration-budget", "20", "--policies", "megat
     (["--routing", "zipf:-1"], "--routing zipf:S exponent S must be a finite number >= 0, got -1.0"),
     (["--routing", "esft:/no/such/folder"], "--routing: no such file or folder '/no/such/folder'"),
     (["--window-s", "0"], "--window-s must be a finite number > 0, got 0.0"),
-    (["--cv-threshold", "0.3"], "--cv-threshold applies to --rule literal only"),
+    (["--eplb-step-iterations", "0"], "--eplb-step-iterations must be an integer in [1, "),
 ])
 def test_simulate_bad_arguments(capsys, tmp_path, flags, needle):
     out = tmp_path / "rep"

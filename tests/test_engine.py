@@ -1,69 +1,122 @@
-"""moeless.engine: the per-layer control plane against the planner and pool called directly, and the torch
-gate-replica counts against the numpy predictor."""
+"""moeless.engine: the engine drives a policy layer by layer (d ahead, prewarm for the next iteration, EPLB's
+rebuild at the iteration's end), realises its plans in the pool with warm identity, and is deterministic."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from moeless.baselines import static_plan
+from moeless.costmodel import RooflineCost
 from moeless.engine import Engine, GateReplicaLoads, default_slots_per_gpu
-from moeless.planner import plan_layers, serve_time_split
+from moeless.policy import EPLBPolicy, StaticEPPolicy, make_policy
 from moeless.predictors import GateReplicaPredictor
+from moeless.specs import hardware_spec, model_spec
 
-L, E, G = 3, 8, 4
+L, E, G = 4, 8, 4
+COST = RooflineCost(model_spec("mixtral-8x7b"), hardware_spec("a6000"))
 
 
-def test_ep_keeps_static_plan_and_splits_by_counts():
-    eng = Engine(L, E, G, policy="ep")
-    start = eng.start(0.0)
-    assert len(start.cold) == L * E
-    counts = np.array([9, 0, 3, 1, 0, 0, 2, 5])
+def _moeless(S=3, **kw):
+    return make_policy("moeless", num_layers=L, num_experts=E, gpus=G, slots_per_gpu=S, cost=COST, **kw)
+
+
+def _drive(eng, loads, t0=0.0, predictions=None):
+    """One iteration through the engine protocol; returns the (layer, phy2log) decided, in order."""
+    decided = []
+    eng.begin_iteration(float(loads[0].sum()) / 2, prefill=False)
     for layer in range(L):
-        assert eng.observe(layer, counts, counts, now=1.0 + layer) is None
-        assert eng.plan(layer) == static_plan(L, E, G, E // G)[layer]
-        np.testing.assert_array_equal(eng.split(layer, counts)[:, 0], counts)
+        eng.split(layer, loads[layer])
+        pred = None if predictions is None or layer + 1 >= L else predictions[layer + 1]
+        r = eng.observe(layer, loads[layer], pred, t0)
+        if r is not None:
+            decided.append((r[0], eng.plan(r[0]).phy2log[0].tolist()))
+        r = eng.prepare(layer, t0)
+        if r is not None:
+            decided.append((r[0], eng.plan(r[0]).phy2log[0].tolist()))
+    eng.end_iteration(t0)
+    return decided
 
 
-def test_moeless_plans_layer_plus_d_like_the_planner():
-    S = default_slots_per_gpu(E, G)
-    eng = Engine(L, E, G, policy="moeless", distance=1, keep_alive_s=float("inf"))
+def test_static_ep_never_changes_and_splits_by_counts():
+    pol = StaticEPPolicy(L, E, G, 2, COST)
+    eng = Engine(pol)
     eng.start(0.0)
     rng = np.random.default_rng(0)
-    t = 1.0
-    for it in range(3):
-        true = rng.integers(0, 50, size=(L, E))
-        true[:, 0] += 200  # a hot expert
-        pred = rng.integers(0, 50, size=(L, E))
-        pred[:, 0] += 200
-        for layer in range(L):
-            before = eng.plan(layer)
-            np.testing.assert_array_equal(eng.split(layer, true[layer]), serve_time_split(before, true[layer][None])[0])
-            target = (layer + 1) % L
-            loads = pred[target] if layer + 1 < L else true[target]  # wrap: this iteration's true counts
-            want = plan_layers(loads[None].astype(float), G, S, previous=eng.plan(target))
-            got_target, applied = eng.observe(layer, true[layer], pred[target] if layer + 1 < L else None, now=t)
-            assert got_target == target and eng.plan(target) == want
-            t += 1.0
-    assert eng.stats.plans_made == 3 * L
-    assert np.all(eng.plan(0).num_replicas() > E)  # the hot expert got replicas
+    for _ in range(3):
+        loads = rng.integers(0, 100, (L, E))
+        assert _drive(eng, loads) == []
+    assert all(eng.plan(l) == pol.homes[l] for l in range(L))
+    counts = np.arange(E)
+    np.testing.assert_array_equal(eng.split(0, counts)[:, 0], counts)
 
 
-def test_cold_starts_are_slots_whose_expert_changed():
-    eng = Engine(1, E, G, 3, policy=lambda layer, loads, prev: plans.pop(0), keep_alive_s=float("inf"))
-    a = static_plan(1, E, G, 3).phy2log[0]
-    b = a.copy()
-    b[[2, 5]] = [0, 1]  # two new replicas in free slots
-    c = b.copy()
-    c[[0, 1]] = c[[1, 0]]  # two experts swap slots
-    from moeless.planner import Plan
-
-    plans = [Plan.from_phy2log(x[None], E, G, 3) for x in (b, c)]
+def test_moeless_replicates_a_hot_expert_and_then_keeps_its_plan():
+    """Skewed, stable loads: replicas are created once (prepared, hidden copies), then the plans stay: no churn."""
+    eng = Engine(_moeless(), keep_alive_s=60.0)
     eng.start(0.0)
-    _, r1 = eng.observe(0, np.ones(E), None, now=1.0)
-    _, r2 = eng.observe(0, np.ones(E), None, now=2.0)
-    assert sorted(r1.cold[:, 1].tolist()) == [2, 5]
-    assert sorted(r2.cold[:, 1].tolist()) == [0, 1]
-    assert eng.stats.cold_starts == E + 4  # the initial placement, then 2 + 2
+    loads = np.full((L, E), 200)
+    loads[:, 3] = 6000
+    cold = []
+    for it in range(12):
+        _drive(eng, loads, t0=it * 0.1, predictions=loads)
+        cold.append(eng.stats.cold_starts)
+    assert cold[0] > L * E  # replicas of the hot expert on top of the homes
+    assert cold[-1] == cold[3]  # stable popularity: no copies after the first iterations
+    plan = eng.plan(0)
+    assert plan.logcnt[0, 3] > 1 and (plan.logcnt[0] >= 1).all()
+    # lossless split of the hot expert over its replicas
+    rt = eng.split(0, loads[0])
+    np.testing.assert_array_equal(rt.sum(1), loads[0])
+
+
+def test_decisions_are_deterministic_and_clock_free():
+    """With infinite keep-alive the decisions depend on the counts and predictions only (model time), not on the
+    clock passed as `now`: the serving loop and the simulator reach the same plans."""
+    rng = np.random.default_rng(3)
+    seq = [rng.integers(0, 3000, (L, E)) for _ in range(6)]
+    preds = [s + rng.integers(0, 300, (L, E)) for s in seq]
+    runs = []
+    for scale in (1.0, 37.0):
+        eng = Engine(_moeless(), keep_alive_s=float("inf"))
+        eng.start(0.0)
+        decided = []
+        for it in range(6):
+            decided += _drive(eng, seq[it], t0=it * scale, predictions=preds[it])
+        runs.append(decided)
+    assert runs[0] == runs[1] and len(runs[0]) > 0
+
+
+def test_eplb_rebuilds_at_its_cadence_from_its_window():
+    pol = EPLBPolicy(L, E, G, 3, COST, window=2, interval=3, unit="iterations")
+    eng = Engine(pol)
+    eng.start(0.0)
+    rng = np.random.default_rng(1)
+    seq = [rng.integers(0, 100, (L, E)) for _ in range(7)]
+    for it, loads in enumerate(seq):
+        _drive(eng, loads)
+        if it == 2:  # the third iteration ends: a rebuild from the last two
+            from moeless.baselines import rebalance_experts
+
+            want = rebalance_experts((seq[1] + seq[2]).astype(float), G * 3, G)
+            assert eng.plan(0) == want[0] and eng.stats.rebuilds == 1
+    assert eng.stats.rebuilds == 2  # after iterations 3 and 6
+
+
+def test_cold_starts_copy_only_experts_new_to_a_gpu():
+    eng = Engine(_moeless(), keep_alive_s=float("inf"))
+    eng.start(0.0)
+    loads = np.full((L, E), 100)
+    loads[:, 0] = 9000
+    for it in range(3):
+        _drive(eng, loads, t0=float(it))
+    # every instance the pool holds is (layer, GPU, expert) unique, and each GPU's plan lives in its slots
+    for layer in range(L):
+        p2l = eng.plan(layer).phy2log[0].reshape(G, 3)
+        for g in range(G):
+            held = [e for e in p2l[g] if e >= 0]
+            assert len(held) == len(set(held))
+        live = eng.pool.expert[layer]
+        planned = eng.plan(layer).phy2log[0]
+        assert ((planned < 0) | (live == planned)).all()
 
 
 def test_gate_replica_counts_match_numpy_predictor():
@@ -83,10 +136,14 @@ def test_gate_replica_counts_match_numpy_predictor():
 
 def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="policy"):
-        Engine(L, E, G, policy="nope")
+        Engine("moeless")
     with pytest.raises(ValueError, match="slots_per_gpu"):
-        Engine(L, E, G, 1)
-    eng = Engine(L, E, G)
+        make_policy("moeless", num_layers=L, num_experts=E, gpus=G, slots_per_gpu=1, cost=COST)
+    with pytest.raises(ValueError, match="cost"):
+        make_policy("moeless", num_layers=L, num_experts=E, gpus=G, slots_per_gpu=3)
+    with pytest.raises(ValueError, match="policy"):
+        make_policy("nope", num_layers=L, num_experts=E, gpus=G, slots_per_gpu=3)
+    eng = Engine(_moeless())
     eng.start(0.0)
     with pytest.raises(ValueError, match="layer"):
         eng.plan(L)
@@ -94,87 +151,16 @@ def test_bad_arguments_name_themselves():
         eng.split(0, np.ones(E + 1))
     with pytest.raises(ValueError, match="counts"):
         eng.observe(0, -np.ones(E))
+    with pytest.raises(ValueError, match="predicted"):
+        eng.observe(0, np.ones(E), np.full(E, np.nan))
+    with pytest.raises(ValueError, match="tokens"):
+        eng.begin_iteration(-1)
     with pytest.raises(ValueError, match="predictor"):
         GateReplicaLoads(object())
+    assert default_slots_per_gpu(E, G) == 3
 
 
-def test_hysteresis_keeps_a_plan_exactly_when_the_split_still_balances():
-    from moeless.planner import Plan, gpu_loads
-
-    S = default_slots_per_gpu(E, G)
-    rng = np.random.default_rng(3)
-    kept = 0
-    for trial in range(30):
-        slack, floor = float(rng.choice([0.0, 0.1, 0.3])), int(rng.choice([0, 20]))
-        eng = Engine(2, E, G, policy="moeless", replan_slack=slack, replan_min_pairs=floor)
-        eng.start(0.0)
-        prev = eng.plan(1)
-        if trial % 2:  # near-even loads: often kept
-            loads = rng.integers(30, 40, size=E)
-        else:  # skewed: mostly re-planned
-            loads = rng.integers(0, 60, size=E) * (1 + 10 * (rng.random(E) < 0.2))
-        per_gpu = gpu_loads(prev, serve_time_split(prev, loads[None]))[0]  # brute force of the rule
-        keep = per_gpu.max() - per_gpu.mean() <= max(slack * per_gpu.mean(), floor)
-        got = eng.observe(0, loads, loads, now=1.0)
-        if loads.sum() == 0:
-            continue
-        assert (got is None) == keep, (trial, per_gpu, slack, floor)
-        assert eng.stats.plans_kept == int(keep)
-        kept += int(keep)
-        if keep:
-            assert eng.plan(1) == prev
-    assert 5 <= kept <= 25  # both branches were exercised
-    # replan=False only records: no plan, no pool change
-    eng = Engine(2, E, G, policy="moeless")
-    eng.start(0.0)
-    hot = np.array([500, 1, 1, 1, 1, 1, 1, 1])
-    assert eng.observe(0, hot, hot, now=1.0, replan=False) is None and eng.stats.plans_made == 0
-    assert eng.observe(0, hot, hot, now=2.0) is not None and eng.stats.plans_made == 1
-    with pytest.raises(ValueError, match="replan_slack"):
-        Engine(L, E, G, replan_slack=-1.0)
-    with pytest.raises(ValueError, match="replan_min_pairs"):
-        Engine(L, E, G, replan_min_pairs=-1)
-
-
-def test_split_without_exact_puts_each_expert_on_its_first_replica():
-    eng = Engine(1, E, G, policy=lambda layer, loads, prev: plan, keep_alive_s=float("inf"))
-    from moeless.planner import Plan
-
-    S = default_slots_per_gpu(E, G)
-    p2l = static_plan(1, E, G, S).phy2log[0].copy()
-    p2l[p2l < 0] = [0, 0, 3, 5][: int((p2l < 0).sum())]
-    plan = Plan.from_phy2log(p2l[None], E, G, S)
-    eng.start(0.0)
-    eng.observe(0, np.ones(E), None, now=1.0)
-    counts = np.array([40, 0, 3, 9, 1, 7, 2, 5])
-    rt = eng.split(0, counts, exact=False)
-    np.testing.assert_array_equal(rt.sum(1), counts)
-    np.testing.assert_array_equal(rt[:, 0], counts)
-    np.testing.assert_array_equal(eng.split(0, counts), serve_time_split(plan, counts[None])[0])
-
-
-def test_align_renumbers_slots_inside_gpus_only_and_never_costs_cold_starts():
-    pool_mod = pytest.importorskip("moeless.pool")
-    if not hasattr(pool_mod.FunctionPool, "align"):
-        pytest.skip("this pool has no align()")
-    rng = np.random.default_rng(5)
-    S = default_slots_per_gpu(E, G)
-    engines = {a: Engine(L, E, G, policy="moeless", keep_alive_s=float("inf"), align=a) for a in (False, True)}
-    for eng in engines.values():
-        eng.start(0.0)
-    t = 1.0
-    for it in range(4):
-        true = rng.integers(0, 50, size=(L, E))
-        true[:, rng.integers(0, E)] += 300
-        for layer in range(L):
-            plain, aligned = engines[False], engines[True]
-            prev = aligned.plan((layer + 1) % L)
-            want = plan_layers(true[(layer + 1) % L][None].astype(float), G, S, previous=prev)
-            aligned.observe(layer, true[layer], true[(layer + 1) % L] if layer + 1 < L else None, now=t)
-            plain.observe(layer, true[layer], true[(layer + 1) % L] if layer + 1 < L else None, now=t)
-            got = aligned.plan((layer + 1) % L)
-            if got != prev:  # re-planned: the planner's plan, slots permuted inside each GPU
-                np.testing.assert_array_equal(np.sort(got.phy2log.reshape(G, S), 1),
-                                              np.sort(want.phy2log.reshape(G, S), 1))
-            t += 1.0
-    assert engines[True].stats.cold_starts <= engines[False].stats.cold_starts
+def test_wants_plan_only_for_serverless_policies_and_real_batches():
+    assert Engine(_moeless()).wants_plan(5, 2)
+    assert not Engine(_moeless()).wants_plan(0, 2)
+    assert not Engine(StaticEPPolicy(L, E, G, 2)).wants_plan(5, 2)

@@ -18,7 +18,7 @@ def small_result():
 
 def test_json_contract(small_result):
     d = json.loads(small_result.to_json())
-    assert set(d["policies"]) == {"megatron", "eplb", "oracle", "moeless"}
+    assert set(d["policies"]) == {"megatron", "eplb", "eplb-vllm", "oracle", "moeless"}
     for p in d["policies"].values():
         assert set(p["latency_ms"]) == {"mean", "p50", "p90", "p99"}
         assert p["latency_ms"]["p50"] <= p["latency_ms"]["p90"] <= p["latency_ms"]["p99"]

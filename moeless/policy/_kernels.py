@@ -429,20 +429,33 @@ def _split_lists(W, has, ig, cnt, primary, p, max_moves, n_out):
         return best
     # search 1: from the faster of the primary and LPT seeds (memory-bound layers: experts whole); search 2:
     # from the faster of the pair water-filling and even seeds (compute-bound layers); the faster result wins
-    # (ties: search 1)
+    # (ties: search 1). Where every replicated expert is far on one side of the roofline's ridge (n* pairs,
+    # where compute time = weight-read time), only that side's search runs.
+    ridge = p[_READ] / (p[_FLOP] - p[_ACT]) if p[_FLOP] > p[_ACT] else np.inf
+    lo_w = np.inf
+    hi_w = 0.0
+    for e in range(E):
+        if cnt[e] > 1 and W[e] > 0.0:
+            lo_w = min(lo_w, W[e] / cnt[e])
+            hi_w = max(hi_w, W[e])
+    run1 = not (lo_w >= 4.0 * ridge)  # some replicated expert is not far above the ridge once spread
+    run2 = not (hi_w <= ridge)  # some replicated expert is above it whole
     cand = np.zeros((E, G))
-    lpt_seed(W, ig, cnt, p, cand)
-    gpu_times(cand, ig, cnt, p, comp, pairs)
-    if layer_time(comp, pairs, total, p) < best * (1.0 - 1e-12):
-        n_out[:, :] = cand
     room = np.full(G, E + 1, dtype=np.int64)  # a fixed plan: its instances hold their slots already
     src = np.zeros((1, 1))
     wait = np.zeros(G)
     stall = np.zeros(1)
     made = np.zeros((1, 1), dtype=np.bool_)
-    improve(n_out, has, ig, cnt, has, p, total, max_moves, False, room, src, wait, 0.0, 1.0, stall, made)
-    gpu_times(n_out, ig, cnt, p, comp, pairs)
-    best = layer_time(comp, pairs, total, p)
+    if run1:
+        lpt_seed(W, ig, cnt, p, cand)
+        gpu_times(cand, ig, cnt, p, comp, pairs)
+        if layer_time(comp, pairs, total, p) < best * (1.0 - 1e-12):
+            n_out[:, :] = cand
+        improve(n_out, has, ig, cnt, has, p, total, max_moves, False, room, src, wait, 0.0, 1.0, stall, made)
+        gpu_times(n_out, ig, cnt, p, comp, pairs)
+        best = layer_time(comp, pairs, total, p)
+    if not run2:
+        return best
     waterfill_seed(W, ig, cnt, cand)
     gpu_times(cand, ig, cnt, p, comp, pairs)
     f_wf = layer_time(comp, pairs, total, p)
@@ -454,7 +467,7 @@ def _split_lists(W, has, ig, cnt, primary, p, max_moves, n_out):
     improve(cand, has, ig, cnt, has, p, total, max_moves, False, room, src, wait, 0.0, 1.0, stall, made)
     gpu_times(cand, ig, cnt, p, comp, pairs)
     f = layer_time(comp, pairs, total, p)
-    if f < best * (1.0 - 1e-12):
+    if f < best * (1.0 - 1e-12) or not run1:
         best = f
         n_out[:, :] = cand
     return best

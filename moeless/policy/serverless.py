@@ -114,7 +114,12 @@ class MoelessPolicy(Policy):
         src = self._copy_seconds(live, np.asarray(ctx.loaded, dtype=np.bool_), max(1, int(ctx.link_group)))
         best, best_cost = 0, np.inf
         prim = np.zeros(E, dtype=np.int64)
+        seen = set()
         for i, has in enumerate(cands):
+            key = has.tobytes()
+            if key in seen:  # the same instances as an earlier candidate: the earlier wins a tie anyway
+                continue
+            seen.add(key)
             _kernels.primary_of(has, self.home_gpu, prim)
             cost = _kernels.mean_time(scen, has, prim, self.profile, self.max_moves)
             cost += float(src[has & ~live_has].sum()) / horizon

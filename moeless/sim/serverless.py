@@ -141,6 +141,12 @@ class ServerlessRunner:
         host[:d], peer[:d] = self._pending  # decided at the end of the previous iteration (prewarm off)
         self._pending = (np.zeros((d, G), dtype=np.int64), np.zeros((d, G), dtype=np.int64))
         n_cold = 0
+        if self.bound:  # the bound decides the first d layers from their true loads too (free copies)
+            for layer in range(d):
+                res = eng.decide(layer, loads[layer], t)
+                if res is not None and len(res[1].cold):
+                    h, pp = self._copies(res[1], G, S)
+                    n_cold += len(res[1].cold)
         for layer in range(L):
             plan = eng.plan(layer)
             rt = eng.split(layer, loads[layer])
