@@ -13,33 +13,42 @@ import pytest
 import torch
 
 from moeless import serve
-from moeless.planner import Plan
+from moeless.planner import Plan, serve_time_split
+from moeless.policy import Policy
 from serve_harness import reference, run_ranks
 
 PROMPTS = [[256, 72, 101, 108, 108, 111], [256, 65], [256, 1, 2, 3, 4, 5, 6, 7, 8], [256, 33, 34]]
 NEW_TOKENS = [4, 2, 3, 4]
 
 
-def _random_policy(seed: int):
+class _RandomPolicy(Policy):
     """Random one-layer plans, the same sequence on every rank: replicas on several ranks, free slots, and every
-    fourth plan all experts on rank 0 (the other ranks hold no expert)."""
-    rng = np.random.default_rng(seed)
-    calls = [0]
+    fourth plan all experts on rank 0 (the other ranks hold no expert); pairs split by the planner's exact
+    serve-time split. A policy object like any other: the server must realise whatever it decides."""
 
-    def policy(layer, loads, previous):
-        E, G, S = previous.num_experts, previous.gpus, previous.slots_per_gpu
-        calls[0] += 1
+    serverless = True
+    name = "random"
+
+    def __init__(self, L, E, G, S, seed):
+        super().__init__(L, E, G, S)
+        self.rng = np.random.default_rng(seed)
+        self.calls = 0
+
+    def decide(self, ctx):
+        E, G, S = self.E, self.G, self.S
+        self.calls += 1
         p2l = np.full(G * S, -1, dtype=np.int64)
-        if calls[0] % 4 == 0:
-            p2l[rng.permutation(S)[:E]] = rng.permutation(E)  # only rank 0's slots
+        if self.calls % 4 == 0:
+            p2l[self.rng.permutation(S)[:E]] = self.rng.permutation(E)  # only rank 0's slots
         else:
-            slots = rng.permutation(G * S)
-            p2l[slots[:E]] = rng.permutation(E)
-            extra = slots[E:E + rng.integers(0, G * S - E + 1)]
-            p2l[extra] = rng.integers(0, E, size=extra.size)
+            slots = self.rng.permutation(G * S)
+            p2l[slots[:E]] = self.rng.permutation(E)
+            extra = slots[E:E + self.rng.integers(0, G * S - E + 1)]
+            p2l[extra] = self.rng.integers(0, E, size=extra.size)
         return Plan.from_phy2log(p2l[None], E, G, S)
 
-    return policy
+    def split(self, layer, plan, counts):
+        return serve_time_split(plan, np.asarray(counts)[None])[0], 0.0
 
 
 def _parity(rank, world, ctx):
@@ -48,7 +57,8 @@ def _parity(rank, world, ctx):
     result = {}
     runs = {
         # plans drawn at random, changing at every layer of every iteration (mid-generation)
-        "random": dict(policy=_random_policy(7), slots_per_gpu=E, predictor="previous", keep_alive_s=0.0),
+        "random": dict(policy=_RandomPolicy(len(serve.find_moe_blocks(model)), E, world, E, 7), predictor="previous",
+                       keep_alive_s=0.0),
         # the real policy with the gate-replica predictor; keep-alive 0: idle instances go at once
         "moeless": dict(policy="moeless", keep_alive_s=0.0),
         "ep": dict(policy="ep"),
@@ -246,36 +256,6 @@ def test_slot_buffers_follow_experts_between_slots():
     assert mod.copies == 5 and mod.repairs == 1
     with pytest.raises(serve.ServeError, match="do not hold"):
         mod.buffers_of(np.array([3]))  # a free slot
-
-
-@pytest.mark.parametrize("gpus", [2, 3, 4])
-def test_wants_plan_is_the_hysteresis_bound(gpus):
-    """Engine.wants_plan(tokens, K) is False exactly when no load of tokens * K pairs can make the engine
-    re-plan: brute force over the worst load (every pair on one expert) and random loads."""
-    from moeless.engine import Engine
-
-    E, K, min_pairs = 6, 2, 20
-    rng = np.random.default_rng(gpus)
-    for tokens in range(0, 3 * min_pairs):
-        def fresh():
-            eng = Engine(1, E, gpus, replan_slack=0.1, replan_min_pairs=min_pairs)
-            eng.start(0.0)
-            return eng
-
-        wants = fresh().wants_plan(tokens, K)
-        worst = np.zeros(E, dtype=np.int64)
-        worst[0] = tokens * K
-        assert (fresh().observe(0, worst, worst, now=1.0) is not None) == wants, tokens
-        if not wants:
-            for _ in range(5):
-                loads = np.bincount(rng.integers(0, E, tokens * K), minlength=E)
-                assert fresh().observe(0, loads, loads, now=1.0) is None
-    assert not Engine(1, E, 2, policy="ep").wants_plan(10**6, K)
-    assert Engine(1, E, 2).wants_plan(1, K)  # no hysteresis: every batch may re-plan
-    with pytest.raises(ValueError, match="batch_tokens"):
-        Engine(1, E, 2).wants_plan(-1, K)
-    with pytest.raises(ValueError, match="top_k"):
-        Engine(1, E, 2).wants_plan(1, 0)
 
 
 def test_a_server_that_cannot_start_leaves_the_model_as_it_was():

@@ -45,7 +45,7 @@ def _serve(rank, world, ctx, reqs, kill, outdir):
     """Serve `reqs` in real time with the demo's moeless settings; kill = (rank, batch): that rank SIGKILLs
     itself in that batch's first decode iteration, half way through the MoE layers."""
     model = serve.load_model(None)
-    srv = serve.ExpertParallelServer(model, ctx, policy="moeless", replan_slack=0.1, replan_min_pairs=64)
+    srv = serve.ExpertParallelServer(model, ctx, policy="moeless")
     if kill is not None and rank == kill[0]:
         original = serve.ExpertParallelExperts.forward
 

@@ -25,8 +25,8 @@ NEW_TOKENS = [4, 2, 3, 4]
 CONFIGS = {
     # predicts and re-plans every layer: a new plan goes up to the device almost every layer
     "moeless": dict(policy="moeless", keep_alive_s=0.0),
-    # the demo's hysteresis: decode batches this small skip the prediction and the exact split
-    "moeless, hysteresis": dict(policy="moeless", replan_slack=0.1, replan_min_pairs=64),
+    # the demo's settings: replicas kept warm for 5 s
+    "moeless, keep-alive": dict(policy="moeless", keep_alive_s=5.0),
     "ep": dict(policy="ep"),
 }
 

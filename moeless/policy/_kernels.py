@@ -215,6 +215,72 @@ def _eval_move(n, e, gs, gb, new, comp, pairs, tops, F, cs, pfloor, tol, p, copy
 
 
 @njit
+def _chain_move(n, ig, cnt, home, room, comp, pairs, tops, F, cs, gs, pfloor, tol, p):
+    """Apply the best chain gs -> gb -> gc of whole pair counts (see improve) that lowers the busiest GPU without
+    raising the layer time; comp and pairs are updated. Returns whether one was applied."""
+    E, G = n.shape
+    best = 0.0
+    be, bf, bgb, bgc = -1, -1, -1, -1
+    nb_a, nb_b, nb_c = 0.0, 0.0, 0.0
+    for e in range(E):
+        x = n[e, gs]
+        if x < 1.0:
+            continue
+        for k in range(cnt[e]):
+            gb = ig[e, k]
+            if gb == gs or (n[e, gb] < 1.0 and not home[e, gb] and room[gb] <= 0):
+                continue
+            a, b0 = _pair_times(n, e, gs, gb, x, comp[gs], comp[gb], p)
+            if a >= cs - tol:
+                continue
+            for f in range(E):
+                y = n[f, gb]
+                if f == e or y < 1.0:
+                    continue
+                for j in range(cnt[f]):
+                    gc = ig[f, j]
+                    if gc == gb or gc == gs or (n[f, gc] < 1.0 and not home[f, gc] and room[gc] <= 0):
+                        continue
+                    # gb loses f's pairs after gaining e's: price f's instance there with e's added
+                    b = b0 - inst_time(y, p) if p[_SUM] > 0.0 else b0
+                    c = comp[gc] - inst_time(n[f, gc], p) + inst_time(n[f, gc] + y, p)
+                    local = max(a, max(b, c))
+                    if local >= cs - tol or p[_SUM] <= 0.0:
+                        continue
+                    rest = 0.0
+                    for g in range(G):
+                        if g != gs and g != gb and g != gc and comp[g] > rest:
+                            rest = comp[g]
+                    pm = max(pairs[gs] - x, pairs[gb] + x - y, pairs[gc] + y, pfloor)
+                    for g in range(G):
+                        if g != gs and g != gb and g != gc and pairs[g] > pm:
+                            pm = pairs[g]
+                    newF = max(rest, local) + 2.0 * p[_A2A] * pm
+                    if newF > F + tol:
+                        continue
+                    gain = (F - newF) + 1e-3 * (cs - local)
+                    if gain > best + tol:
+                        best = gain
+                        be, bf, bgb, bgc = e, f, gb, gc
+                        nb_a, nb_b, nb_c = a, b, c
+    if be < 0:
+        return False
+    x = n[be, gs]
+    y = n[bf, bgb]
+    for gg, ee, delta in ((gs, be, -x), (bgb, be, x), (bgb, bf, -y), (bgc, bf, y)):
+        before = n[ee, gg]
+        after = before + delta
+        if before < 1.0 and after >= 1.0 and not home[ee, gg]:
+            room[gg] -= 1
+        if before >= 1.0 and after < 1.0 and not home[ee, gg]:
+            room[gg] += 1
+        n[ee, gg] = after
+        pairs[gg] += delta
+    comp[gs], comp[bgb], comp[bgc] = nb_a, nb_b, nb_c
+    return True
+
+
+@njit
 def improve(n, has, ig, cnt, home, p, total, max_moves, new_ok, room, copy_src, link_wait, lookahead, horizon,
             stall, made):
     """Local search on n [E, G] in place (see the module docstring). Returns the number of moves.
@@ -278,6 +344,12 @@ def improve(n, has, ig, cnt, home, p, total, max_moves, new_ok, room, copy_src, 
                 if tried >= _NEW_TARGETS:
                     break
         if best_e < 0:
+            # no single move helps: try a chain, all of e's pairs on the busiest GPU to its instance on gb while
+            # all of f's pairs on gb go to f's instance on gc (gb would otherwise become the busiest: the
+            # local search's trap in memory-bound layers, where a GPU's time counts its active experts)
+            if _chain_move(n, ig, cnt, home, room, comp, pairs, tops, F, cs, gs, pfloor, tol, p):
+                moves += 1
+                continue
             break
         if n[best_e, best_g] < 1.0 and not home[best_e, best_g]:
             room[best_g] -= 1
@@ -446,6 +518,10 @@ def _split_lists(W, has, ig, cnt, primary, p, max_moves, n_out):
     wait = np.zeros(G)
     stall = np.zeros(1)
     made = np.zeros((1, 1), dtype=np.bool_)
+    # the engines' even split, as it is: the result is never slower than it (nor than the primary seed)
+    even_seed(W, ig, cnt, cand)
+    gpu_times(cand, ig, cnt, p, comp, pairs)
+    f_even = layer_time(comp, pairs, total, p)
     if run1:
         lpt_seed(W, ig, cnt, p, cand)
         gpu_times(cand, ig, cnt, p, comp, pairs)
@@ -455,6 +531,9 @@ def _split_lists(W, has, ig, cnt, primary, p, max_moves, n_out):
         gpu_times(n_out, ig, cnt, p, comp, pairs)
         best = layer_time(comp, pairs, total, p)
     if not run2:
+        if f_even < best * (1.0 - 1e-12):
+            even_seed(W, ig, cnt, n_out)
+            best = f_even
         return best
     waterfill_seed(W, ig, cnt, cand)
     gpu_times(cand, ig, cnt, p, comp, pairs)

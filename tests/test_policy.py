@@ -1,0 +1,241 @@
+"""moeless.policy: the time-aware split against brute force and simpler splits, the compiled loops against the
+cost model and against their own Python, do no harm (hypothesis), the serverful policies' contracts."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moeless._jit import HAVE_NUMBA
+from moeless.costmodel import PaperLinearCost, RooflineCost
+from moeless.planner import Plan, even_split, serve_time_split
+from moeless.policy import EPLBPolicy, LayerContext, MoelessPolicy, StaticEPPolicy, _kernels
+from moeless.policy.base import DenseLayout
+from moeless.specs import hardware_spec, model_spec
+
+MIXTRAL = RooflineCost(model_spec("mixtral-8x7b"), hardware_spec("a6000"))
+QWEN = RooflineCost(model_spec("qwen3-30b-a3b"), hardware_spec("h100"))
+LINEAR = PaperLinearCost(model_spec("mixtral-8x7b"), alpha=1e-6, beta=1e-7)
+
+
+def _random_plan(rng, E, G, S):
+    """A one-layer plan: every expert once (anywhere), plus random replicas in free slots, never two of one
+    expert on one GPU (the kernels merge those into one instance, as the roofline does; the paper's model would
+    count them apart)."""
+    p2l = np.full(G * S, -1, dtype=np.int64)
+    slots = rng.permutation(G * S)
+    p2l[slots[:E]] = rng.permutation(E)
+    for s in slots[E:E + rng.integers(0, G * S - E + 1)]:
+        held = set(p2l[(s // S) * S:(s // S + 1) * S].tolist())
+        free = [e for e in range(E) if e not in held]
+        if free:
+            p2l[s] = free[rng.integers(0, len(free))]
+    return Plan.from_phy2log(p2l[None], E, G, S)
+
+
+def _dense(plan, rt):
+    d = DenseLayout(plan)
+    n = np.zeros((plan.num_experts, plan.gpus))
+    np.add.at(n, (np.nonzero(d.valid)[0], d.rg[d.valid]), rt[d.valid])
+    return n
+
+
+def _price(cost, plan, rt):
+    """The cost model's MoE-layer seconds of replica_tokens rt [E, R] on a one-layer plan (an independent path:
+    moeless.costmodel's per-slot pricing)."""
+    st_ = np.zeros(plan.num_slots)
+    l2p = plan.log2phy[0]
+    ok = l2p >= 0
+    st_[l2p[ok]] = rt[ok]
+    return float(cost.slot_layer_times(st_[None], plan.phy2log, plan.gpus, 1.0).moe_latency[0])
+
+
+def _split(cost, plan, W):
+    d = DenseLayout(plan)
+    n = np.zeros((plan.num_experts, plan.gpus))
+    t = _kernels.time_split(np.asarray(W, dtype=np.float64), d.has, d.primary, cost.profile(plan.gpus).as_array(),
+                            10_000, n)
+    return d.replica_tokens(n), t
+
+
+@pytest.mark.parametrize("cost", [MIXTRAL, LINEAR], ids=["roofline", "paper-linear"])
+def test_kernel_prices_like_the_cost_model(cost):
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        plan = _random_plan(rng, 6, 4, 3)
+        W = rng.integers(0, 3000, 6)
+        rt, t = _split(cost, plan, W)
+        assert t == pytest.approx(_price(cost, plan, rt), rel=1e-9, abs=1e-15)
+        assert _kernels.dense_times(_dense(plan, rt), cost.profile(4).as_array(), float(W.sum())) == pytest.approx(t)
+
+
+def test_split_is_lossless_integral_and_on_own_replicas():
+    rng = np.random.default_rng(1)
+    for cost in (MIXTRAL, QWEN, LINEAR):
+        for _ in range(30):
+            E, G = int(rng.integers(2, 12)), int(rng.integers(1, 6))
+            S = -(-E // G) + int(rng.integers(0, 3))
+            plan = _random_plan(rng, E, G, S)
+            W = rng.integers(0, 5000, E)
+            rt, _ = _split(cost, plan, W)
+            assert rt.dtype == np.int64 and (rt >= 0).all()
+            np.testing.assert_array_equal(rt.sum(1), W)  # lossless: every pair on a replica of its expert
+            assert (rt[plan.log2phy[0] < 0] == 0).all()
+
+
+def test_split_is_near_the_brute_force_optimum_on_tiny_layers():
+    """Every integer split of up to 3 pairs per expert over its instances (decode-sized, where weight reads
+    dominate and the best split is far from the pair-balanced one)."""
+    rng = np.random.default_rng(2)
+    p = MIXTRAL.profile(3).as_array()
+    gaps = []
+    for _ in range(60):
+        E, G = 4, 3
+        has = np.zeros((E, G), dtype=bool)
+        has[np.arange(E), rng.integers(0, G, E)] = True
+        has[rng.integers(0, E, 2), rng.integers(0, G, 2)] = True
+        W = rng.integers(0, 4, E).astype(float)
+        best = np.inf
+        per_expert = []
+        for e in range(E):
+            gs = np.flatnonzero(has[e])
+            per_expert.append([(gs, c) for c in itertools.product(range(int(W[e]) + 1), repeat=gs.size)
+                               if sum(c) == W[e]])
+        for combo in itertools.product(*per_expert):
+            n = np.zeros((E, G))
+            for e, (gs, c) in enumerate(combo):
+                n[e, gs] = c
+            best = min(best, _kernels.dense_times(n, p, W.sum()))
+        n = np.zeros((E, G))
+        t = _kernels.time_split(W, has, np.argmax(has, 1), p, 1000, n)
+        assert t >= best * (1 - 1e-12)  # nothing beats the optimum (and the price is consistent)
+        gaps.append(t / best - 1)
+    assert max(gaps) < 0.02 and np.mean(gaps) < 0.002
+
+
+@pytest.mark.parametrize("cost,T", [(MIXTRAL, 8), (MIXTRAL, 4096), (QWEN, 64), (QWEN, 8192), (LINEAR, 512)])
+def test_split_never_slower_than_the_simple_splits(cost, T):
+    """Never slower than the even split (the engines') or every expert whole on its first replica; within 2% of
+    the planner's exact pair-balancing split (optimal for pairs, a local search's reference in compute-bound
+    layers), all priced by the cost model."""
+    rng = np.random.default_rng(T)
+    E = 8 if cost is MIXTRAL else 16
+    for _ in range(25):
+        G = int(rng.integers(2, 6))
+        S = -(-E // G) + int(rng.integers(1, 3))
+        plan = _random_plan(rng, E, G, S)
+        W = rng.multinomial(T * 2, rng.dirichlet(np.full(E, 0.5)))
+        rt, t = _split(cost, plan, W)
+        first = np.zeros_like(rt)
+        first[:, 0] = W
+        for other in (even_split(plan, W[None])[0], first):
+            assert t <= _price(cost, plan, other) * (1 + 1e-9)
+        assert t <= _price(cost, plan, serve_time_split(plan, W[None])[0]) * 1.02
+
+
+def _ctx(rng, pol, W, *, refresh=False, scenarios=None):
+    """A layer context with random live instances (homes, then random replicas) and a current plan that is the
+    homes plus some of them."""
+    E, G, S = pol.E, pol.G, pol.S
+    live = pol.homes.phy2log[0].copy()
+    free = np.flatnonzero(live < 0)
+    n_live = int(rng.integers(0, free.size + 1))
+    live[free[:n_live]] = rng.integers(0, E, n_live)
+    cur = pol.homes.phy2log[0].copy()
+    keep = free[:n_live][rng.random(n_live) < 0.5]
+    cur[keep] = live[keep]
+    current = Plan.from_phy2log(cur[None], E, G, S)
+    return LayerContext(layer=0, loads=W, tokens=float(W.sum()), current=current, live=live,
+                        loaded=live >= 0, link_wait=rng.random(G) * 0.01, lookahead=float(rng.random() * 0.02),
+                        horizon=float(rng.integers(1, 200)), link_group=2, pinned=rng.random(G * S) < 0.3,
+                        refresh=refresh, scenarios=scenarios)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), T=st.sampled_from([4, 64, 1024, 8192]), skew=st.sampled_from([0.2, 1.0, 5.0]),
+       refresh=st.booleans())
+def test_do_no_harm(seed, T, skew, refresh):
+    """The chosen plan's predicted time is at most the current plan's and plain EP's (the same split on the
+    same predicted loads); a refresh decision weighs its scenarios too, copies included (they cost nothing for
+    the current plan and the homes, whose instances are live)."""
+    rng = np.random.default_rng(seed)
+    pol = MoelessPolicy(1, 8, 4, 4, MIXTRAL)
+    W = rng.multinomial(2 * T, rng.dirichlet(np.full(8, skew))).astype(float)
+    scen = np.stack([rng.multinomial(2 * T, rng.dirichlet(np.full(8, skew))) for _ in range(3)]).astype(float)
+    ctx = _ctx(rng, pol, W, refresh=refresh, scenarios=scen if refresh else None)
+    chosen = pol.decide(ctx) or ctx.current
+    if not refresh:
+        t = pol.layer_time(chosen, W)
+        assert t <= pol.layer_time(ctx.current, W) * (1 + 1e-9)
+        assert t <= pol.layer_time(pol.homes[0], W) * (1 + 1e-9)
+    else:
+        allscen = np.vstack([scen, np.rint(W)[None]])
+        mean = lambda plan: np.mean([pol.layer_time(plan, s) for s in allscen])  # noqa: E731
+        live = np.zeros((8, 4), dtype=bool)
+        live[ctx.live[ctx.live >= 0], np.flatnonzero(ctx.live >= 0) // 4] = True
+        new = pol.dense(chosen).has & ~live
+        src = pol._copy_seconds(np.asarray(ctx.live), np.asarray(ctx.loaded), 2)
+        cost = mean(chosen) + src[new].sum() / ctx.horizon
+        assert cost <= mean(ctx.current) * (1 + 1e-9) and cost <= mean(pol.homes[0]) * (1 + 1e-9)
+    # lossless plans: every expert keeps its home
+    assert (pol.dense(chosen).has[np.arange(8), pol.home_gpu]).all()
+
+
+@pytest.mark.skipif(not HAVE_NUMBA, reason="numba not installed: only the Python path exists")
+def test_compiled_loops_agree_with_their_python():
+    rng = np.random.default_rng(4)
+    p = QWEN.profile(4).as_array()
+    for _ in range(20):
+        plan = _random_plan(rng, 16, 4, 6)
+        d = DenseLayout(plan)
+        W = rng.multinomial(4096, rng.dirichlet(np.full(16, 0.7))).astype(float)
+        a, b = np.zeros((16, 4)), np.zeros((16, 4))
+        ta = _kernels.time_split(W, d.has, d.primary, p, 1000, a)
+        tb = _kernels.time_split.py_func(W, d.has, d.primary, p, 1000, b)
+        assert ta == pytest.approx(tb, rel=1e-12) and np.array_equal(a, b)
+        pol = MoelessPolicy(1, 16, 4, 6, QWEN)
+        live = plan.phy2log[0]
+        outs = []
+        for fn in (_kernels.decide_layer, _kernels.decide_layer.py_func):
+            inst, out = np.zeros((16, 4), dtype=bool), np.zeros(2)
+            code = fn(np.rint(W), live, live >= 0, np.zeros(live.size, dtype=bool), 6, d.has, pol.home,
+                      pol.home_gpu, p, 1000, QWEN.cold_start_s(False), QWEN.cold_start_s(True), 8, np.zeros(4),
+                      0.01, 50.0, inst, out)
+            outs.append((code, inst.tobytes(), out.tolist()))
+        assert outs[0][:2] == outs[1][:2] and np.allclose(outs[0][2], outs[1][2])
+
+
+def test_rebalance_fills_every_slot_and_keeps_every_expert():
+    rng = np.random.default_rng(5)
+    hist = rng.integers(0, 1000, (7, 3, 16)).astype(float)
+    for pol in (MoelessPolicy(3, 16, 4, 6, QWEN), EPLBPolicy(3, 16, 4, 6, QWEN)):
+        a, b = pol.rebalance(hist), pol.rebalance(hist)
+        assert a == b  # deterministic
+        assert (a.logcnt >= 1).all() and (a.phy2log >= 0).all()
+        with pytest.raises(ValueError, match="history"):
+            pol.rebalance(hist[:, :2])
+
+
+def test_eplb_window_in_seconds_and_warm_history():
+    from moeless.baselines import rebalance_experts
+
+    pol = EPLBPolicy(2, 8, 4, 3, MIXTRAL, window=10.0, interval=10.0, unit="seconds")
+    rng = np.random.default_rng(6)
+    hist = rng.integers(0, 100, (5, 2, 8)).astype(float)
+    plan = pol.warm(hist, np.ones(5), np.arange(5.0) - 4.0)  # a running deployment's last 5 s
+    assert plan == rebalance_experts(hist.sum(0), 12, 4)
+    seq = [rng.integers(0, 100, (2, 8)).astype(float) for _ in range(4)]
+    assert pol.end_iteration(seq[0], 0.0) is None and pol.end_iteration(seq[1], 5.0) is None
+    pol.end_iteration(seq[2], 12.0)  # 12 s after the last rebuild (at 0): due, from the last 10 s (t = 5, 12)
+    assert pol.rebuilds == 1 and pol.plan == rebalance_experts(seq[1] + seq[2], 12, 4)
+
+
+def test_static_ep_is_the_homes():
+    pol = StaticEPPolicy(3, 8, 4, 2, MIXTRAL)
+    assert pol.initial_plan() == pol.homes and (pol.homes.logcnt == 1).all()
+    rt, t = pol.split(0, pol.homes[0], np.arange(8))
+    np.testing.assert_array_equal(rt[:, 0], np.arange(8))
+    assert t > 0
