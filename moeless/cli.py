@@ -21,6 +21,10 @@ def _load_loads(path: str):
         raise ValueError(f"--loads: no such file {path!r}")
     if p.suffix == ".npy":
         arr = np.load(p, allow_pickle=False)
+    elif p.suffix == ".pt":  # an SGLang expert-distribution dump: the mean per-pass load (moeless.integrations)
+        from moeless.traces import read_sglang_logical_count
+
+        arr = read_sglang_logical_count(p).mean(axis=0)
     elif p.suffix == ".json":
         data = json.loads(p.read_text())
         if isinstance(data, dict):
@@ -29,7 +33,7 @@ def _load_loads(path: str):
             data = data["loads"]
         arr = np.asarray(data, dtype=np.float64)
     else:
-        raise ValueError(f"--loads: expected a .json or .npy file, got {path!r}")
+        raise ValueError(f"--loads: expected a .json, .npy or SGLang .pt file, got {path!r}")
     arr = np.asarray(arr, dtype=np.float64)
     if arr.ndim == 1:
         arr = arr[None, :]
@@ -73,7 +77,7 @@ def cmd_plan(args) -> int:
                              "mean": float(np.mean(bal_split))},
     }
     if args.out:
-        Path(args.out).write_text(plan.to_json())
+        Path(args.out).write_text(_plan_file_text(plan, args.format))
     if args.json:
         _print_json(out)
     else:
@@ -84,6 +88,15 @@ def cmd_plan(args) -> int:
         if args.out:
             print(f"plan written to {args.out}")
     return 0
+
+
+def _plan_file_text(plan, fmt: str) -> str:
+    """--out: moeless's plan JSON, or (--format sglang) the file SGLang's --init-expert-location reads."""
+    if fmt == "sglang":
+        from moeless.integrations.sglang import init_expert_location
+
+        return json.dumps(init_expert_location(plan))
+    return plan.to_json()
 
 
 def cmd_predict_fit(args) -> int:
@@ -192,13 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pl = sub.add_parser("plan", help="plan replicas and placement for per-expert loads")
-    pl.add_argument("--loads", required=True, help=".json or .npy of shape [L, E] or [E]")
+    pl.add_argument("--loads", required=True, help=".json or .npy of shape [L, E] or [E], or an SGLang dump .pt")
     pl.add_argument("--gpus", type=int, required=True)
     pl.add_argument("--slots-per-gpu", type=int, required=True)
     pl.add_argument("--policy", choices=["moeless", "eplb", "static"], default="moeless")
     pl.add_argument("--previous", help="a previous plan (JSON written by --out) to reuse warm instances from")
     pl.add_argument("--cv-threshold", type=float, default=0.2)
     pl.add_argument("--out", help="write the plan as JSON here")
+    pl.add_argument("--format", choices=["moeless", "sglang"], default="moeless",
+                    help="--out file: moeless's plan, or sglang: {physical_to_logical_map} for --init-expert-location")
     pl.add_argument("--json", action="store_true", help="one JSON object on stdout")
     pl.set_defaults(func=cmd_plan)
 
@@ -206,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     prsub = pr.add_subparsers(dest="predict_command", required=True)
     fit = prsub.add_parser("fit", help="fit predictors on routing traces")
     fit.add_argument("--routing", nargs="+", required=True)
-    fit.add_argument("--format", choices=["esft", "jsonl", "npz"], required=True)
+    fit.add_argument("--format", choices=["esft", "jsonl", "npz", "sglang"], required=True)
     fit.add_argument("--distance", type=int, default=1)
     fit.add_argument("--out", required=True)
     fit.add_argument("--json", action="store_true")
@@ -214,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = prsub.add_parser("eval", help="evaluate fitted predictors on a routing trace")
     ev.add_argument("--model", required=True)
     ev.add_argument("--routing", required=True)
-    ev.add_argument("--format", choices=["esft", "jsonl", "npz"], required=True)
+    ev.add_argument("--format", choices=["esft", "jsonl", "npz", "sglang"], required=True)
     ev.add_argument("--batch-tokens", type=int, required=True)
     ev.add_argument("--gpus", type=int, default=8)
     ev.add_argument("--slots-per-gpu", type=int, default=None,
