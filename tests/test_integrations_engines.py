@@ -271,11 +271,26 @@ def test_sglang_lp_hook_gives_moeless_split_only_when_chosen(monkeypatch, sglang
     plan = _policy.rebalance(h, G * S, G)
     rt = _policy.split_quotas(plan, h[-1])[0]
     assert np.allclose(got.numpy()[log2phy[0].numpy() >= 0] * counts.sum().item(), rt[plan.log2phy[0] >= 0])
-    # not chosen: SGLang's own _solve runs (here it needs CUDA, so its own error proves it was called)
+    # not chosen: SGLang's own _solve runs; its CUDA kernels are replaced by a recorder to see the call
+    import sglang.kernels.ops.lplb as lplb_ops
+
+    calls = []
+
+    class _Kernels:
+        @staticmethod
+        def prep_lp_inputs(*args):
+            calls.append(args[3])
+            raise _Stop
+
+    class _Stop(Exception):
+        pass
+
+    monkeypatch.setitem(sys.modules, "sglang.kernels.ops.lplb.cuda_solver", _Kernels)
+    monkeypatch.setattr(lplb_ops, "cuda_solver", _Kernels, raising=False)
     monkeypatch.setattr(msg, "_moeless_lp_enabled", lambda: False)
-    with pytest.raises(Exception) as err:
+    with pytest.raises(_Stop):
         solver._solve(counts)
-    assert "cuda" in str(err.value).lower()
+    assert len(calls) == 1 and torch.equal(calls[0], counts)
 
 
 def test_sglang_lp_choice(monkeypatch):

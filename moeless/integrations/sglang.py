@@ -106,14 +106,38 @@ def rebalance_experts(tokens_per_expert, num_physical_experts: int, num_local_ph
             torch.from_numpy(plan.logcnt.copy()))
 
 
-def _layer_plan(log2phy: np.ndarray, num_physical: int, gpus: int) -> Plan:
-    """The one-layer Plan of SGLang's per-layer logical_to_all_physical_map [E, X] (-1 pad): slots that no
-    expert lists (a rank-local map keeps only the nearest replica) are free (-1) in it."""
-    E = log2phy.shape[0]
-    p2l = np.full(num_physical, -1, dtype=np.int64)
-    e, j = np.nonzero(log2phy >= 0)
-    p2l[log2phy[e, j]] = e
-    return Plan.from_phy2log(p2l[None], E, gpus, num_physical // gpus)
+class _LayerSplit:
+    """moeless's split for one layer of SGLang's LP path, built once per solver (SGLang rebuilds its solvers
+    after every rebalance): the layer's plan from its logical_to_all_physical_map [E, X] (-1 pad; slots no
+    expert lists, as in a rank-local map that keeps only the nearest replica, are free) and where each of the
+    plan's replicas sits among SGLang's columns."""
+
+    def __init__(self, log2phy, num_physical: int, gpus: int):
+        l2p = log2phy.detach().cpu().numpy() if hasattr(log2phy, "detach") else np.asarray(log2phy)
+        if l2p.ndim != 2:
+            raise ValueError(f"log2phy must have shape [E, X], got {tuple(l2p.shape)}")
+        E = l2p.shape[0]
+        p2l = np.full(int(num_physical), -1, dtype=np.int64)
+        e, j = np.nonzero(l2p >= 0)
+        p2l[l2p[e, j]] = e
+        self.plan = Plan.from_phy2log(p2l[None], E, int(gpus), int(num_physical) // int(gpus))
+        self.valid = l2p >= 0
+        # column j of SGLang's row e holds slot l2p[e, j]; the plan lists an expert's slots in ascending order
+        order = np.argsort(np.where(self.valid, l2p, np.iinfo(np.int64).max), axis=1, kind="stable")
+        self.rank = np.argsort(order, axis=1, kind="stable")
+        self.rows = np.nonzero(self.valid)[0]
+
+    def __call__(self, global_counts):
+        import torch
+
+        counts = torch.as_tensor(global_counts)
+        c = np.rint(counts.detach().float().cpu().numpy()).astype(np.int64)
+        if c.shape != (self.valid.shape[0],):
+            raise ValueError(f"global_counts must have shape [E] = [{self.valid.shape[0]}], got {tuple(c.shape)}")
+        rt = _policy.split_quotas(self.plan, c[None])[0]  # [E, R] in the plan's (ascending slot) order
+        share = np.zeros(self.valid.shape, dtype=np.float64)
+        share[self.valid] = rt[self.rows, self.rank[self.valid]]
+        return torch.as_tensor(share / max(int(c.sum()), 1), dtype=torch.float32, device=counts.device)
 
 
 def lp_probabilities(global_counts, log2phy, num_physical: int, gpus: int):
@@ -121,24 +145,7 @@ def lp_probabilities(global_counts, log2phy, num_physical: int, gpus: int):
     batch's pairs that each replica (the columns of SGLang's log2phy [E, X]) should serve, from moeless's exact
     serve-time split of the integer counts `global_counts` [E] over the replicas' GPUs. A row is zero when the
     expert has no pair (SGLang's sampler then falls back to uniform over the valid replicas)."""
-    import torch
-
-    l2p = log2phy.detach().cpu().numpy() if hasattr(log2phy, "detach") else np.asarray(log2phy)
-    counts = torch.as_tensor(global_counts)
-    c = np.rint(counts.detach().float().cpu().numpy()).astype(np.int64)
-    if l2p.ndim != 2 or c.shape != (l2p.shape[0],):
-        raise ValueError(f"global_counts must have shape [E] = [{l2p.shape[0] if l2p.ndim == 2 else '?'}] "
-                         f"and log2phy [E, X]; got {tuple(c.shape)} and {tuple(l2p.shape)}")
-    plan = _layer_plan(l2p, int(num_physical), int(gpus))
-    rt = _policy.split_quotas(plan, c[None])[0]  # [E, R] in the plan's (ascending slot) order
-    share = np.zeros(l2p.shape, dtype=np.float64)
-    # column j of SGLang's map holds slot l2p[e, j]; the plan lists the same slots in ascending order
-    rank_of = np.argsort(np.argsort(np.where(l2p >= 0, l2p, np.iinfo(np.int64).max), axis=1), axis=1)
-    valid = l2p >= 0
-    e_idx = np.nonzero(valid)[0]
-    share[valid] = rt[e_idx, rank_of[valid]]
-    total = max(int(c.sum()), 1)
-    return torch.as_tensor(share / total, dtype=torch.float32, device=counts.device)
+    return _LayerSplit(log2phy, num_physical, gpus)(global_counts)
 
 
 def init_expert_location(plan: Plan, *, num_layers: int | None = None, num_experts: int | None = None) -> dict:
@@ -225,7 +232,10 @@ def _lp_solve(original, solver, global_counts):
     if global_counts.is_cuda and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("moeless's lp split runs on the host and cannot be captured in a CUDA graph: launch "
                            f"SGLang with --disable-cuda-graph, or set {ENV_LP}=sglang to keep SGLang's LP")
-    return lp_probabilities(global_counts, solver.log2phy, solver.num_phy, solver.num_gpus)
+    split = solver.__dict__.get("_moeless_split")
+    if split is None:  # once per solver: SGLang builds new solvers after each rebalance
+        split = solver._moeless_split = _LayerSplit(solver.log2phy, solver.num_phy, solver.num_gpus)
+    return split(global_counts)
 
 
 def register() -> None:
