@@ -1,6 +1,6 @@
 """What each engine integration buys: GPU balance on real routing (ESFT) under each engine's own replica choice.
 
-    .venv/bin/python bench/engines_balance.py            # writes bench/results/engines.md (about 15 min on 1 core)
+    .venv/bin/python bench/engines_balance.py            # writes bench/results/engines.md (about 7 min on one core)
     .venv/bin/python bench/engines_balance.py --quick    # 1,500 passes of one scenario; prints, writes nothing
 
 Needs the engines' released code (`make setup` installs sglang 0.5.23 and vllm 0.33.0 without their GPU
