@@ -12,6 +12,11 @@ $(STAMP): setup.py pyproject.toml
 	# CPU torch first, pinned: an unpinned torch would pull a several-GB CUDA build onto a machine without a GPU.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test,hf,plots]"
+	# The engines the plug-ins are tested against (tests/test_integrations*.py): their released code without
+	# their GPU dependencies (--no-deps; pip reports their unmet pins, harmless here), plus the light packages
+	# that importing their EPLB and plug-in modules needs.
+	$(BIN)/pip install -q --no-deps sglang==0.5.23 vllm==0.33.0
+	$(BIN)/pip install -q orjson psutil pybase64 requests starlette msgspec pyzmq ipython aiohttp cbor2 openai openai-harmony
 	touch $(STAMP)
 
 setup: $(STAMP)

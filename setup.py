@@ -18,6 +18,15 @@ setup(
         "hf": ["transformers>=5.0"],
         "plots": ["matplotlib>=3.7"],
         "test": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.10", "pytest-benchmark>=4", "transformers>=5.0", "matplotlib>=3.7"],
+        # the engines of the plug-ins in moeless/integrations (verified on these releases)
+        "sglang": ["sglang>=0.5.23,<0.6"],
+        "vllm": ["vllm>=0.33,<0.34"],
     },
-    entry_points={"console_scripts": ["moeless=moeless.cli:main"]},
+    entry_points={
+        "console_scripts": ["moeless=moeless.cli:main"],
+        # engine plug-ins: SGLang's hooks pass everything through unless --eplb-algorithm moeless; vLLM's acts
+        # only with MOELESS_VLLM_EPLB=1 (moeless/integrations/)
+        "sglang.srt.plugins": ["moeless = moeless.integrations.sglang:register"],
+        "vllm.general_plugins": ["moeless_eplb = moeless.integrations.vllm:register"],
+    },
 )

@@ -73,8 +73,9 @@ def _print_json(obj) -> None:
 
 # ---- plan ---------------------------------------------------------------------------------------------------
 def _load_loads(path: str):
-    """A loads file for `moeless plan` (docs/FORMATS.md): .json or .npy of shape [L, E] or [E], returned as
-    float64 [L, E] after `limits.check_loads` (an .npy's shape is checked from its header, before its values)."""
+    """A loads file for `moeless plan` (docs/FORMATS.md): .json or .npy of shape [L, E] or [E], or an SGLang
+    expert-distribution dump .pt (its mean per-pass load), returned as float64 [L, E] after
+    `limits.check_loads` (an .npy's shape is checked from its header, before its values)."""
     import numpy as np
 
     if not os.path.isfile(path):
@@ -98,8 +99,12 @@ def _load_loads(path: str):
             arr = np.asarray(data)
         except ValueError as exc:  # ragged rows
             raise ValueError(f"--loads: {path!r} does not hold a [L, E] or [E] array ({exc})") from None
+    elif path.endswith(".pt"):  # an SGLang expert-distribution dump (moeless.integrations)
+        from moeless.traces import read_sglang_logical_count
+
+        arr = read_sglang_logical_count(path).mean(axis=0)
     else:
-        raise ValueError(f"--loads: expected a .json or .npy file, got {path!r}")
+        raise ValueError(f"--loads: expected a .json, .npy or SGLang .pt file, got {path!r}")
     return limits.check_loads(arr, "--loads")
 
 
@@ -158,7 +163,7 @@ def cmd_plan(args) -> int:
                              "mean": float(np.mean(bal_split))},
     }
     if args.out:
-        outputs.write_text(args.out, plan.to_json())
+        outputs.write_text(args.out, _plan_file_text(plan, args.format))
     if args.json:
         _print_json(out)
     else:
@@ -169,6 +174,15 @@ def cmd_plan(args) -> int:
         if args.out:
             print(f"plan written to {args.out}")
     return 0
+
+
+def _plan_file_text(plan, fmt: str) -> str:
+    """--out: moeless's plan JSON, or (--format sglang) the file SGLang's --init-expert-location reads."""
+    if fmt == "sglang":
+        from moeless.integrations.sglang import init_expert_location
+
+        return json.dumps(init_expert_location(plan))
+    return plan.to_json()
 
 
 # ---- predict ------------------------------------------------------------------------------------------------
@@ -416,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--previous", metavar="PLAN",
                     help="a previous plan (JSON written by --out) whose warm instances moeless reuses")
     pl.add_argument("--out", metavar="PLAN", help=f"write the plan as JSON here ({FORMATS_DOC})")
+    pl.add_argument("--format", choices=["moeless", "sglang"], default="moeless",
+                    help="the --out file: moeless's plan JSON, or sglang: {\"physical_to_logical_map\": ...} for "
+                         "SGLang's --init-expert-location (default: %(default)s)")
     pl.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     pl.set_defaults(func=cmd_plan, parser=pl)
 

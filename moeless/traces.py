@@ -15,6 +15,8 @@ every size within `moeless.limits`. Formats: docs/FORMATS.md.
 - `read_jsonl(path)`: one JSON object per (layer, token): {"layer", "token_idx", "experts", "gating_probs"},
   optionally "dataset" and "problem_id" naming the sequence.
 - `read_npz(path)` / `write_npz(trace, path)`: the project's compact format.
+- `read_sglang_dump(path)` / `read_sglang_logical_count(path)`: SGLang's expert-distribution recorder dumps
+  (per-token routing / per-pass counts; see the end of this module).
 - `load_trace(path, fmt)`: one dispatcher over `READERS` (a new format is one reader function and one entry).
 - `capture_routing(model, input_ids_batches)`: forward hooks on the routers of a Hugging Face MoE model.
 
@@ -52,6 +54,8 @@ __all__ = [
     "router_top_k",
     "TRACE_FORMATS",
     "READERS",
+    "read_sglang_dump",
+    "read_sglang_logical_count",
 ]
 
 _NPZ_VERSION = 1
@@ -900,3 +904,180 @@ def _layer_index(name: str, fallback: int) -> int:
     """The decoder layer index in a module name like 'model.layers.3.mlp.gate' (the position otherwise)."""
     m = re.search(r"layers\.(\d+)\.", name)
     return int(m.group(1)) if m else fallback
+
+
+# ---- SGLang expert-distribution dumps -------------------------------------------------------------------------
+# SGLang's recorder (sglang.srt.eplb.expert_distribution, verified on sglang 0.5.23) writes torch.save dicts to
+# $SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR on /dump_expert_distribution_record:
+#   stat / stat_approx:  expert_distribution_recorder_<time>.pt (rank 0)
+#                        {"rank", "logical_count" int [T, L, E] (per pass, all ranks summed), ...}
+#   per_token / per_pass: expert_distribution_recorder_<time>_<rank>.pt (one per rank)
+#                        {"records": [{"forward_pass_id", "rank", "global_physical_count" [L, P],
+#                                      per_token also "topk_ids_of_layer" [L, N, 8] (PHYSICAL slot ids, -1 pad),
+#                                      "input_ids", "positions", "extend_seq_lens", ...}],
+#                         "last_physical_to_logical_map" [L, P]}
+# L counts the model's layers as SGLang does (dense layers included: they record nothing).
+def _sglang_dump_files(path) -> list[str]:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                       if f.startswith("expert_distribution_recorder_") and f.endswith(".pt"))
+        if not files:
+            raise ValueError(f"{path}: no expert_distribution_recorder_*.pt file in this folder")
+        return files
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file or folder")
+    return [path]
+
+
+def _load_sglang_dump(path: str) -> dict:
+    import torch
+
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same error to the user
+        raise ValueError(f"{path}: not a readable SGLang expert-distribution dump ({exc})") from None
+    if not isinstance(d, dict) or not ({"records", "logical_count"} & set(d)):
+        raise ValueError(f"{path}: not an SGLang expert-distribution dump (no 'records' or 'logical_count')")
+    return d
+
+
+def _sglang_map(path: str, d: dict, num_experts: int | None) -> tuple[np.ndarray, int]:
+    """The dump's physical -> logical map [L, P] and the model's number of logical experts."""
+    if "last_physical_to_logical_map" not in d:
+        raise ValueError(f"{path}: the dump has no 'last_physical_to_logical_map'")
+    p2l = np.asarray(d["last_physical_to_logical_map"], dtype=np.int64)
+    if p2l.ndim != 2 or p2l.size == 0 or p2l.min() < 0:
+        raise ValueError(f"{path}: last_physical_to_logical_map must be a filled [L, P] map, got shape {p2l.shape}")
+    E = int(p2l.max()) + 1  # every logical expert holds at least one slot
+    if num_experts is not None and E != num_experts:
+        raise ValueError(f"{path}: the dump's model has {E} experts, expected {num_experts} (a dump from another model?)")
+    return p2l, E
+
+
+def read_sglang_dump(path, *, num_experts: int | None = None) -> RoutingTrace:
+    """Per-token routing from SGLang's per_token dumps (a .pt file, or a folder of one per rank), as a
+    RoutingTrace of the layers that route (dense layers dropped; `layer_ids` keeps SGLang's layer indices).
+
+    Physical slot ids are mapped to logical experts with each dump's `last_physical_to_logical_map` (exact unless
+    EPLB moved experts while recording). Records of several ranks are ordered by forward pass, then rank; a
+    record equal to an earlier one (same pass id and input ids: attention replicated over ranks) is kept once.
+    Padded rows (-1 in every routed layer) are skipped; a token with -1 in some routed layers only is dropped
+    with a warning giving the count. Each request's tokens of an extend pass form one sequence, each decode
+    pass one. `num_experts`, when given, must match the dumps' model."""
+    import warnings
+
+    records, L0, E0 = [], None, None
+    for f in _sglang_dump_files(path):
+        d = _load_sglang_dump(f)
+        if "records" not in d:
+            raise ValueError(f"{f}: a stat-mode dump holds per-pass counts only, no per-token routing: record with "
+                             "--expert-distribution-recorder-mode per_token, or read it with read_sglang_logical_count")
+        p2l, E = _sglang_map(f, d, num_experts)
+        if L0 is not None and (p2l.shape[0], E) != (L0, E0):
+            raise ValueError(f"{f}: {p2l.shape[0]} layers x {E} experts, the first dump {L0} x {E0} (another model?)")
+        L0, E0 = p2l.shape[0], E
+        for rec in d["records"]:
+            if "topk_ids_of_layer" not in rec:
+                raise ValueError(f"{f}: records without 'topk_ids_of_layer' (a per_pass dump): record with "
+                                 "--expert-distribution-recorder-mode per_token for per-token routing")
+            phys = np.asarray(rec["topk_ids_of_layer"], dtype=np.int64)
+            if phys.ndim != 3 or phys.shape[0] != L0:
+                raise ValueError(f"{f}: topk_ids_of_layer must be [L={L0}, N, K], got {phys.shape}")
+            if phys.size and phys.max() >= p2l.shape[1]:
+                raise ValueError(f"{f}: slot id {int(phys.max())} outside the map's {p2l.shape[1]} slots")
+            logical = np.where(phys >= 0, p2l[np.arange(L0)[:, None, None], np.maximum(phys, 0)], -1)
+            key = (int(rec.get("forward_pass_id", len(records))), tuple(rec.get("input_ids") or ()))
+            records.append((key, int(rec.get("rank", 0)), logical, rec.get("extend_seq_lens")))
+    records.sort(key=lambda r: (r[0][0], r[1]))
+    seen, ids_parts, seq_parts, next_seq = set(), [], [], 0
+    for key, _rank, logical, seq_lens in records:
+        if key[1] and key in seen:
+            continue
+        seen.add(key)
+        n = logical.shape[1]
+        if isinstance(seq_lens, (list, tuple)) and sum(int(x) for x in seq_lens) == n and len(seq_lens):
+            seq = np.repeat(np.arange(len(seq_lens)), [int(x) for x in seq_lens]) + next_seq
+            next_seq += len(seq_lens)
+        else:
+            seq = np.full(n, next_seq)
+            next_seq += 1
+        ids_parts.append(logical)
+        seq_parts.append(seq)
+    if not ids_parts:
+        raise ValueError(f"{path}: the dumps hold no record")
+    ids = np.concatenate(ids_parts, axis=1)
+    seq = np.concatenate(seq_parts)
+    valid = ids >= 0
+    routed = valid.any(axis=(1, 2))
+    if not routed.any():
+        raise ValueError(f"{path}: no routed token in the dumps")
+    cols = valid[routed].any(axis=(0, 1))
+    K = int(np.flatnonzero(cols).max()) + 1
+    ids = ids[routed][:, :, :K]
+    full = (ids >= 0).all(axis=(0, 2))
+    empty = (ids < 0).all(axis=(0, 2))
+    partial = int((~full & ~empty).sum())
+    if partial:
+        warnings.warn(f"{path}: dropped {partial} token(s) routed in some layers only", stacklevel=2)
+    if not full.any():
+        raise ValueError(f"{path}: no token is routed in every routed layer")
+    return RoutingTrace(topk_ids=ids[:, full].astype(np.int32), num_experts=E0, sequence_ids=seq[full],
+                        layer_ids=np.flatnonzero(routed).astype(np.int64))
+
+
+def read_sglang_logical_count(path, *, num_experts: int | None = None) -> np.ndarray:
+    """Per-pass logical counts int64 [T, L, E] from SGLang's dumps: a stat dump's `logical_count` as is; per_pass
+    and per_token dumps (a file or a folder of one per rank) from each record's `global_physical_count` through
+    the dump's map, the ranks of one forward pass summed (a record equal to another of the same pass, attention
+    replicated over ranks, counted once). Passes in recording order (a stat dump's rows in buffer order)."""
+    files = _sglang_dump_files(path)
+    per_pass: dict[int, list[np.ndarray]] = {}
+    stat, shape = [], None
+    for f in files:
+        d = _load_sglang_dump(f)
+        if "logical_count" in d:
+            c = np.asarray(d["logical_count"], dtype=np.int64)
+            if c.ndim == 2:
+                c = c[None]
+            if c.ndim != 3 or (c < 0).any():
+                raise ValueError(f"{f}: logical_count must be non-negative [T, L, E], got shape {c.shape}")
+            if num_experts is not None and c.shape[2] != num_experts:
+                raise ValueError(f"{f}: {c.shape[2]} experts, expected {num_experts} (a dump from another model?)")
+            stat.append(c)
+            got = c.shape[1:]
+        else:
+            p2l, E = _sglang_map(f, d, num_experts)
+            L = p2l.shape[0]
+            got = (L, E)
+            for rec in d["records"]:
+                g = np.asarray(rec["global_physical_count"], dtype=np.int64)
+                if g.shape != p2l.shape:
+                    raise ValueError(f"{f}: global_physical_count must be {list(p2l.shape)}, got {list(g.shape)}")
+                c = np.zeros((L, E), dtype=np.int64)
+                np.add.at(c, (np.arange(L)[:, None], p2l), g)
+                same = per_pass.setdefault(int(rec["forward_pass_id"]), [])
+                if not any(np.array_equal(c, o) for o in same):
+                    same.append(c)
+        if shape is not None and got != shape:
+            raise ValueError(f"{f}: {got[0]} layers x {got[1]} experts, the first dump {shape[0]} x {shape[1]}")
+        shape = got
+    if stat and per_pass:
+        raise ValueError(f"{path}: mixes stat dumps with per_pass/per_token dumps")
+    if stat:
+        return np.concatenate(stat, axis=0)
+    return np.stack([np.sum(per_pass[k], axis=0) for k in sorted(per_pass)])
+
+
+def _read_sglang(path, *, top_k: int | None = None, num_experts: int | None = None,
+                 drop_incomplete: bool = False) -> RoutingTrace:
+    """The "sglang" entry of READERS: read_sglang_dump with the readers' common options (a dump says its top-k;
+    tokens without a row in some routed layer are always dropped, with a warning)."""
+    trace = read_sglang_dump(path, num_experts=num_experts)
+    if top_k is not None and trace.top_k != top_k:
+        raise ValueError(f"--top-k {top_k}: the SGLang dump {str(path)!r} routes top-{trace.top_k}")
+    return trace
+
+
+READERS["sglang"] = _read_sglang
+TRACE_FORMATS = tuple(READERS)
