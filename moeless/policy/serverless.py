@@ -19,16 +19,22 @@ the pool. Per layer, d layers ahead (`decide`):
 
 Stable popularity gives the same plan again (the live instances are free, new ones must pay): no churn. With
 `free_moves` copies cost nothing (the bound of the lossless family when fed the true loads).
+
+For a serverful engine (SGLang's and vLLM's EPLB, through moeless.integrations), `rebalance_plan` is the
+decision: a forecast of the next window's loads from the per-pass history (the history predictor's rule), the
+planner's hedged placement with every slot filled, and a layer keeps its live placement unless the new one is
+predicted strictly better (every changed slot is a weight transfer in the engine).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from moeless.planner import Plan, plan_layers
+from moeless.planner import Plan, gpu_loads, plan_layers, serve_time_split
+from moeless.planner.plan import _positive_int
 from moeless.policy import _kernels
 from moeless.policy.base import LayerContext, Policy
 
-__all__ = ["MoelessPolicy"]
+__all__ = ["HALF_LIFE_FRACTION", "MoelessPolicy", "forecast_loads", "rebalance_plan"]
 
 
 class MoelessPolicy(Policy):
@@ -171,18 +177,123 @@ class MoelessPolicy(Policy):
         return bool(np.array_equal(self.dense(a).has, self.dense(b).has))
 
     # -- serverful use (engine plug-ins) -------------------------------------------------------------------
-    def rebalance(self, history, *, previous: Plan | None = None, half_life: float | None = None) -> Plan:
+    def rebalance(self, history, *, previous: Plan | None = None) -> Plan:
         """A plan of all layers for the next window of a serverful engine (every slot filled, as the engines
-        expect) from per-iteration loads `history` float [T, L, E] (oldest first): an exponentially weighted
-        forecast of the loads (half-life `half_life` iterations, default T / 4), then the planner's hedged
-        placement, keeping `previous`'s instances where the balance allows."""
-        h = np.asarray(history, dtype=np.float64)
-        if h.ndim != 3 or h.shape[1:] != (self.L, self.E):
+        expect) from per-iteration loads `history` float [T, L, E] (oldest first): `rebalance_plan`."""
+        h = _check_history(history)
+        if h.shape[1:] != (self.L, self.E):
             raise ValueError(f"history must have shape [T, L={self.L}, E={self.E}], got {list(h.shape)}")
-        if h.shape[0] == 0 or not np.isfinite(h).all() or (h < 0).any():
-            raise ValueError("history must hold at least one iteration of finite non-negative loads")
-        T = h.shape[0]
-        hl = max(1.0, T / 4.0) if half_life is None else float(half_life)
-        w = 0.5 ** ((T - 1 - np.arange(T)) / hl)
-        forecast = np.tensordot(w / w.sum(), h, axes=1)
-        return plan_layers(forecast, self.G, self.S, previous=previous, hedge=True)
+        prev = None if previous is None else previous.phy2log
+        return rebalance_plan(h, self.G * self.S, self.G, previous_phy2log=prev)
+
+
+# half-life of the pass-level history predictor, as a fraction of the pairs in the history it is fed
+HALF_LIFE_FRACTION = 0.5
+
+
+def _check_history(history) -> np.ndarray:
+    """float64 [T, L, E] copy of `history`; ValueError naming it when the shape or values are wrong."""
+    if hasattr(history, "detach"):  # a torch tensor, possibly on a GPU
+        history = history.detach().cpu().numpy()
+    try:
+        h = np.array(history, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError("history must be a numeric array of shape [T, L, E]") from exc
+    if h.ndim != 3 or min(h.shape) < 1:
+        raise ValueError(f"history must have shape [T, L, E] (passes, layers, experts) with each >= 1, got {h.shape}")
+    if not np.isfinite(h).all():
+        raise ValueError("history must be finite (no NaN or inf)")
+    if (h < 0).any():
+        raise ValueError("history must hold non-negative token counts")
+    return h
+
+
+def forecast_loads(history, *, half_life_fraction: float | None = HALF_LIFE_FRACTION) -> np.ndarray:
+    """Predicted per-pass load float64 [L, E] from the per-pass counts [T, L, E] (oldest first).
+
+    Per layer, the history predictor's rule with a half-life in pairs: shares s <- w s + (1 - w) c / |c| for
+    each pass's counts c with |c| > 0 pairs, w = 0.5 ** (|c| / half_life), half_life = half_life_fraction x
+    the layer's pairs in the history; the first loaded pass sets s. `half_life_fraction=None` gives the plain
+    window mean instead (what the engines' own EPLB uses). The result is s x the mean pairs per pass; a layer
+    without any pair is predicted uniform."""
+    h = _check_history(history)
+    T, L, E = h.shape
+    pairs = h.sum(2)  # [T, L]
+    total = pairs.sum(0)  # [L]
+    if half_life_fraction is None:
+        share = np.where(total[:, None] > 0, h.sum(0) / np.maximum(total, 1.0)[:, None], 1.0 / E)
+        return share * (total / T)[:, None]
+    if not (isinstance(half_life_fraction, (int, float)) and 0 < half_life_fraction < float("inf")):
+        raise ValueError(f"half_life_fraction must be a finite number > 0, or None, got {half_life_fraction!r}")
+    share = np.full((L, E), 1.0 / E)
+    seen = np.zeros(L, dtype=bool)
+    half_life = np.maximum(total * float(half_life_fraction), 1e-300)
+    for t in range(T):
+        n = pairs[t]
+        live = n > 0
+        if not live.any():
+            continue
+        c = h[t] / np.where(live, n, 1.0)[:, None]
+        w = np.where(seen, 0.5 ** (n / half_life), 0.0)[:, None]  # HistoryPredictor's decay, per layer
+        share = np.where(live[:, None], w * share + (1.0 - w) * c, share)
+        seen |= live
+    return share * (total / T)[:, None]
+
+
+def _previous_plan(previous_phy2log, L: int, E: int, gpus: int, slots_per_gpu: int) -> Plan | None:
+    """The previous placement as a Plan, or None when it does not describe the same layers and slots (an
+    engine that changed its number of GPUs or slots, a map with entries outside [-1, E))."""
+    if previous_phy2log is None:
+        return None
+    if hasattr(previous_phy2log, "detach"):
+        previous_phy2log = previous_phy2log.detach().cpu().numpy()
+    prev = np.asarray(previous_phy2log)
+    if prev.shape != (L, gpus * slots_per_gpu) or not np.issubdtype(prev.dtype, np.integer):
+        return None
+    if ((prev < -1) | (prev >= E)).any():
+        return None
+    return Plan.from_phy2log(prev, E, gpus, slots_per_gpu)
+
+
+def rebalance_plan(history, num_physical: int, gpus: int, *, previous_phy2log=None) -> Plan:
+    """moeless's plan for the next interval from the per-pass counts `history` [T, L, E] (see the module
+    docstring). `previous_phy2log` [L, num_physical] (the live placement) lets instances stay in their slots;
+    a map of another shape is ignored. Deterministic: the same input gives the same plan on every rank."""
+    h = _check_history(history)
+    num_physical = _positive_int("num_physical", num_physical)
+    gpus = _positive_int("gpus", gpus)
+    T, L, E = h.shape
+    if num_physical % gpus:
+        raise ValueError(f"num_physical={num_physical} must be a multiple of gpus={gpus} (equal slots per GPU)")
+    if E > num_physical:
+        raise ValueError(f"num_physical={num_physical} slots cannot hold the {E} experts of the history once each")
+    slots = num_physical // gpus
+    loads = forecast_loads(h)
+    previous = _previous_plan(previous_phy2log, L, E, gpus, slots)
+    plan = plan_layers(loads, gpus, slots, previous=previous)
+    if (plan.phy2log < 0).any():  # the hedged plan fills every slot; an engine cannot run with an empty one
+        raise RuntimeError("moeless's planner left a slot empty; the engines need every slot filled")
+    return plan if previous is None else _keep_unless_better(plan, previous, loads)
+
+
+def _busiest_gpu(plan: Plan, counts: np.ndarray) -> np.ndarray:
+    """[L] the busiest GPU's pairs under the serve-time split of `counts` (the planner's objective)."""
+    return gpu_loads(plan, serve_time_split(plan, counts)).max(1)
+
+
+def _keep_unless_better(plan: Plan, previous: Plan, loads: np.ndarray) -> Plan:
+    """Per layer, the live placement stays unless the new one is predicted strictly better on `loads` (an
+    engine pays a weight transfer for every slot that changes). Only a live layer that fills every slot and
+    holds every expert can stay."""
+    usable = (previous.phy2log >= 0).all(1) & (previous.logcnt >= 1).all(1)
+    if not usable.any():
+        return plan
+    scale = 1e6 / max(float(loads.sum(1).max()), 1e-300)  # integer counts with six significant digits
+    counts = np.rint(loads * scale).astype(np.int64)
+    keep = usable & (_busiest_gpu(previous, counts) <= _busiest_gpu(plan, counts))
+    if not keep.any():
+        return plan
+    p2l = np.where(keep[:, None], previous.phy2log, plan.phy2log)
+    return Plan.from_phy2log(p2l, plan.num_experts, plan.gpus, plan.slots_per_gpu)
+
+
