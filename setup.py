@@ -13,7 +13,8 @@ setup(
     python_requires=">=3.10",
     # torch is deliberately unpinned above 2.4: `make` installs the CPU wheel (torch==2.13.0) first, and a GPU
     # machine keeps the torch it has; never let this line pull a CUDA build onto a CPU machine.
-    install_requires=["torch>=2.4", "triton>=3.2", "numpy>=1.24"],
+    # numba compiles the policy's per-layer loops (moeless/_jit.py: without it they run as plain Python, slower)
+    install_requires=["torch>=2.4", "triton>=3.2", "numpy>=1.24", "numba>=0.60"],
     extras_require={
         "hf": ["transformers>=5.0"],
         "plots": ["matplotlib>=3.7"],

@@ -13,7 +13,7 @@ with hedge=False, and with reuse_whole=True; the serve-time split of 26 layers o
 50 us / layer, on one core. Benchmarks measure; they never assert a time. `main` prints a markdown table with
 a calibration (one small numpy call now) to judge the machine's load.
 
-Report (ESFT-vanilla-lite routing, /work/shared/data/esft_routing, evaluation only, never bundled; another
+Report (ESFT-vanilla-lite routing, ../shared/data/esft_routing beside the repository, evaluation only, never bundled; another
 folder with MOELESS_ESFT=path): 8 GPUs, batches of 64 and 512 consecutive tokens, all 26 layers; mean over
 batches and layers of balance = max / mean GPU load, for static EP, EPLB (72 slots: 8 redundant, rebuilt every
 10 batches from the last 10), the lossy oracle (static EP after capacity rerouting), and moeless planned on the
@@ -34,7 +34,9 @@ import pytest
 from moeless.baselines import EPLB, oracle_reroute, static_plan
 from moeless.planner import balance, even_split, gpu_loads, plan_layers, serve_time_split
 
-ESFT = os.environ.get("MOELESS_ESFT", "/work/shared/data/esft_routing/expert_scores")
+from moeless.traces import default_esft_path  # noqa: E402
+
+ESFT = default_esft_path()
 TASKS = ("intent", "law", "summary")
 
 CASES = {  # name: (layers, experts, top_k, tokens, gpus, slots_per_gpu)

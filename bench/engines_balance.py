@@ -6,7 +6,7 @@
 Needs the engines' released code (`make setup` installs sglang 0.5.23 and vllm 0.33.0 without their GPU
 dependencies): each engine's default EPLB algorithm is the engine's own function, and moeless's is the function
 its plug-in calls. Data: ESFT-vanilla-lite routing (26 MoE layers, 64 experts, top-6), read by path from
-/work/shared/data/esft_routing/expert_scores (or $MOELESS_ESFT), never copied; without it the script says so
+../shared/data/esft_routing/expert_scores beside the repository (or $MOELESS_ESFT), never copied; without it the script says so
 and exits 0.
 
 Workload: the routing is served as forward passes of `--tokens` tokens (default 512: 64 per rank on 8 GPUs),
@@ -46,7 +46,9 @@ import time
 
 import numpy as np
 
-ESFT = os.environ.get("MOELESS_ESFT", "/work/shared/data/esft_routing/expert_scores")
+from moeless.traces import default_esft_path  # noqa: E402
+
+ESFT = default_esft_path()
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "engines.md")
 GPUS, SLOTS = 8, 9
 WARMUP = 1000  # passes before the measured part: both engines have rebalanced by then

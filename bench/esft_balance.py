@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/esft_balance.py --quick    # a few batches, to check it runs
 
 Data: ESFT-vanilla-lite routing (26 MoE layers, 64 experts, top-6), read by path from
-/work/shared/data/esft_routing/expert_scores (or $MOELESS_ESFT); evaluation only, never copied into the
+../shared/data/esft_routing/expert_scores beside the repository (or $MOELESS_ESFT); evaluation only, never copied into the
 repository. Without it the script says so and exits 0 (and `esft_balance_table` returns None).
 
 Protocol (moeless.prediction_eval.evaluate, online, distance d = 1, 8 GPUs): predictors are fitted on one part
@@ -27,7 +27,9 @@ import time
 
 import numpy as np
 
-ESFT = os.environ.get("MOELESS_ESFT", "/work/shared/data/esft_routing/expert_scores")
+from moeless.traces import default_esft_path  # noqa: E402
+
+ESFT = default_esft_path()
 PREDICTORS = ("history", "affinity", "regression", "oracle")
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "esft_balance.md")
 

@@ -36,7 +36,9 @@ sys.path.insert(0, str(HERE.parent))
 
 from moeless.sim import SimConfig, run_simulation  # noqa: E402
 
-ESFT = os.environ.get("MOELESS_ESFT", str(HERE.parent.parent / "shared" / "data" / "esft_routing" / "expert_scores"))
+from moeless.traces import default_esft_path  # noqa: E402
+
+ESFT = default_esft_path()
 POLICIES = ("megatron", "eplb", "eplb-vllm", "oracle", "moeless", "moeless-bound")
 FAIR = ("megatron", "eplb", "eplb-vllm")
 

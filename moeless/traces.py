@@ -1081,3 +1081,14 @@ def _read_sglang(path, *, top_k: int | None = None, num_experts: int | None = No
 
 READERS["sglang"] = _read_sglang
 TRACE_FORMATS = tuple(READERS)
+
+
+def default_esft_path() -> str:
+    """Where the evaluation-only ESFT routing traces are read from: $MOELESS_ESFT, else the workplace's shared
+    data folder beside the repository (../shared/data/esft_routing/expert_scores from the checkout's root).
+    They carry no license: read by path, never bundled."""
+    env = os.environ.get("MOELESS_ESFT")
+    if env:
+        return env
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(os.path.dirname(root), "shared", "data", "esft_routing", "expert_scores")

@@ -7,6 +7,7 @@ import pytest
 
 from moeless.sim import SimConfig, run_simulation, write_report
 from moeless.sim.routing import fit_popularity, mixtral_popularity
+from moeless.traces import default_esft_path
 
 SMALL = dict(window_s=20.0, iteration_budget=40)
 
@@ -73,7 +74,7 @@ def test_fit_popularity_recovers_concentration():
     assert mix.p.shape == (32, 8) and np.isfinite(mix.kappa).all()
 
 
-ESFT = "/work/shared/data/esft_routing/expert_scores/law"
+ESFT = os.path.join(default_esft_path(), "law")
 
 
 @pytest.mark.skipif(not os.path.isdir(ESFT), reason="ESFT routing traces not present")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from moeless.traces import (
+    default_esft_path,
     RoutingTrace,
     capture_routing,
     expert_loads,
@@ -19,7 +20,7 @@ from moeless.traces import (
     write_npz,
 )
 
-ESFT = "/work/shared/data/esft_routing/expert_scores"
+ESFT = default_esft_path()
 
 
 def random_topk(rng, L, N, K, E):

@@ -57,6 +57,9 @@ class MoelessPolicy(Policy):
         self.copy_host = 0.0 if free_moves else float(cost.cold_start_s(from_peer=False))
         self.copy_peer = 0.0 if free_moves else float(cost.cold_start_s(from_peer=True))
         self.max_moves = int(max_moves) if max_moves is not None else 2 * (self.E + self.G * self.S) + 16
+        prof = cost.profile(self.G)
+        # pairs at which an instance's compute time reaches its weight read (the roofline's ridge)
+        self.ridge = prof.read_s / (prof.flop_s - prof.act_s) if prof.flop_s > prof.act_s else 0.0
         home = np.zeros((self.E, self.G), dtype=np.bool_)
         home[np.arange(self.E), self.home_gpu] = True
         self.home = home
@@ -91,7 +94,10 @@ class MoelessPolicy(Policy):
         horizon = max(float(ctx.horizon), 1e-9)
         code, inst, _ = self._decide(W, ctx, pinned, horizon)
         point = ctx.current if code == 1 else self._home_layer if code == 2 else self._plan_of(inst)
-        if ctx.refresh and ctx.scenarios is not None and len(ctx.scenarios):
+        if ctx.refresh and ctx.scenarios is not None and len(ctx.scenarios) \
+                and max(W.max(), float(np.max(ctx.scenarios))) > self.ridge:
+            # (where no expert's load reaches the roofline's ridge a replica cannot shorten anything: every
+            # instance reads its weights whatever its pairs, so the robust alternatives are not weighed)
             point = self._robust(W, ctx, pinned, horizon, point)
         if self._same_instances(point, ctx.current):
             return None

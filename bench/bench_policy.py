@@ -1,0 +1,145 @@
+"""Planning speed of the final policy (moeless.policy.MoelessPolicy through moeless.engine.Engine), on one core.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest bench/bench_policy.py --benchmark-only   # pytest-benchmark
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_policy.py                           # table, process CPU time
+
+Timed, after warming the engine on a few iterations of the same skewed popularity (Dirichlet(0.3) expert shares
+per layer, multinomial batches), so that its pool holds replicas:
+- one iteration's control plane over all layers: every layer's decision d = 1 layers ahead (`Engine.observe`)
+  and its decision for the next iteration (`Engine.prepare`, with the robust alternatives every 4th iteration
+  per layer), realised in the pool: Mixtral-8x7B (32 layers, 8 experts, 8 GPUs x 2 slots, A6000 roofline) and
+  DeepSeek-V3 (58 layers, 256 experts, 64 GPUs x 8 slots, H200 roofline), prefill-sized (4,096 / 8,192
+  tokens) and decode-sized (64 tokens) batches;
+- the serve-time split of one layer (`Engine.split`: the policy's time-aware split), 64 experts on 8 GPUs x 9
+  slots, 512 tokens top-6.
+Targets (issue 8): 0.5 ms and 5 ms per iteration, 50 us per split. Benchmarks measure; they never assert a time.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from moeless._jit import HAVE_NUMBA  # noqa: E402
+from moeless.costmodel import RooflineCost  # noqa: E402
+from moeless.engine import Engine  # noqa: E402
+from moeless.policy import MoelessPolicy  # noqa: E402
+from moeless.specs import hardware_spec, model_spec  # noqa: E402
+
+CASES = {  # name: (model, hardware, layers, experts, top_k, gpus, slots_per_gpu)
+    "mixtral": ("mixtral-8x7b", "a6000", 32, 8, 2, 8, 2),
+    "deepseek_v3": ("deepseek-v3", "h200", 58, 256, 8, 64, 8),
+}
+TOKENS = {"mixtral": {"prefill": 4096, "decode": 64}, "deepseek_v3": {"prefill": 8192, "decode": 64}}
+
+
+class Driver:
+    """An engine over the case's policy, fed batches of one skewed popularity, one iteration per call."""
+
+    def __init__(self, case: str, phase: str, seed: int = 0):
+        name, hw, L, E, K, G, S = CASES[case]
+        cost = RooflineCost(model_spec(name), hardware_spec(hw))
+        self.L, self.E, self.K = L, E, K
+        self.tokens = TOKENS[case][phase]
+        self.engine = Engine(MoelessPolicy(L, E, G, S, cost), keep_alive_s=60.0)
+        self.engine.start(0.0)
+        rng = np.random.default_rng(seed)
+        pop = rng.dirichlet(np.full(E, 0.3), size=L)
+        self.batches = [np.stack([rng.multinomial(self.tokens * K, p) for p in pop]) for _ in range(8)]
+        self.i, self.t = 0, 0.0
+
+    def iteration(self, *, split: bool = True) -> None:
+        eng, loads = self.engine, self.batches[self.i % len(self.batches)]
+        nxt = self.batches[(self.i + 1) % len(self.batches)]
+        eng.begin_iteration(self.tokens)
+        for layer in range(self.L):
+            if split:
+                eng.split(layer, loads[layer])
+            eng.observe(layer, loads[layer], nxt[layer + 1] if layer + 1 < self.L else None, self.t)
+            eng.prepare(layer, self.t)
+        eng.end_iteration(self.t)
+        self.i += 1
+        self.t += 0.05
+
+    def decisions_only(self) -> None:
+        """The control plane's decisions of one iteration (the splits done outside the timing)."""
+        self.iteration(split=False)
+
+
+def _info(benchmark, **kw):
+    benchmark.extra_info.update(kw, numpy=np.__version__, python=platform.python_version(), numba=HAVE_NUMBA,
+                                threads=os.environ.get("OMP_NUM_THREADS", "unset"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_decisions_per_iteration(benchmark, case, phase):
+    d = Driver(case, phase)
+    for _ in range(6):
+        d.iteration()  # warm: replicas live, numba compiled
+    _info(benchmark, case=case, phase=phase, layers=d.L)
+    benchmark.pedantic(d.decisions_only, rounds=8, iterations=1)
+
+
+def test_split_one_layer(benchmark):
+    split_driver = _split_setup()
+    _info(benchmark, experts=64, gpus=8, slots=9)
+    benchmark(split_driver)
+
+
+def _split_setup():
+    cost = RooflineCost(model_spec("deepseek-v2-lite"), hardware_spec("h100"))
+    eng = Engine(MoelessPolicy(1, 64, 8, 9, cost), keep_alive_s=60.0)
+    eng.start(0.0)
+    rng = np.random.default_rng(1)
+    pop = rng.dirichlet(np.full(64, 0.3))
+    loads = [rng.multinomial(512 * 6, pop) for _ in range(8)]
+    for i in range(8):  # replicas created for this popularity
+        eng.begin_iteration(512)
+        eng.split(0, loads[i])
+        eng.observe(0, loads[i], None, float(i))
+        eng.prepare(0, float(i))
+        eng.end_iteration(float(i))
+    state = {"i": 0}
+
+    def one():
+        eng.split(0, loads[state["i"] % 8])
+        state["i"] += 1
+
+    return one
+
+
+def _cpu_per_call(fn, n: int) -> float:
+    fn()
+    c = time.process_time()
+    for _ in range(n):
+        fn()
+    return (time.process_time() - c) / n
+
+
+def main() -> int:
+    print(f"numba: {HAVE_NUMBA}; one core (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); "
+          "process CPU time per call")
+    print("| case | batch | decisions per iteration (all layers) | per layer | target |")
+    print("|---|---|---|---|---|")
+    for case in CASES:
+        for phase in ("prefill", "decode"):
+            d = Driver(case, phase)
+            for _ in range(6):
+                d.iteration()
+            s = _cpu_per_call(d.decisions_only, 16)
+            target = "0.5 ms" if case == "mixtral" else "5 ms"
+            print(f"| {case} | {phase} ({d.tokens} tokens) | {s * 1e3:.2f} ms | {s / d.L * 1e6:.0f} us | {target} |")
+    s = _cpu_per_call(_split_setup(), 200)
+    print(f"\nserve-time split, one layer, 64 experts on 8 GPUs x 9 slots: {s * 1e6:.1f} us (target 50 us)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
