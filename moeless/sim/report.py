@@ -118,11 +118,16 @@ def markdown(result: SimResult) -> str:
         lines.append("")
     lines.append(PAPER_HEADLINES)
     lines.append("")
-    lines.append("Reading the numbers: under the roofline a layer with few pairs per expert (decode) is bound by reading "
-                 "its experts' weights, so balancing pairs cannot make it faster and an extra replica that receives "
-                 "pairs costs one more weight read; only compute-bound layers (prefill) gain from replicas. The "
-                 "paper's cost (Equation 2) charges memory only while a layer computes; the pool bill charges every "
-                 "live instance for its whole life, keep-alive included, and serverful policies for the whole run.")
+    lines.append("Reading the numbers (where moeless wins and why): under the roofline a layer with few pairs per "
+                 "expert (decode) is bound by reading its experts' weights, so balancing pairs cannot make it "
+                 "faster and an extra replica that receives pairs costs one more weight read: moeless's split "
+                 "keeps such experts whole on one instance (it is never slower than plain EP there, and EPLB's "
+                 "even split over two copies reads twice); compute-bound layers (prefill, large continuous "
+                 "batches) gain from replicas, which moeless creates where the time they save over their warm "
+                 "life pays for their copy, and hedges in free slots so that the split absorbs a batch's noise. "
+                 "The paper's gains come from its linear model (no weight reads) and its cost (Equation 2) charges "
+                 "memory only while a layer computes; the pool bill charges every live instance for its whole "
+                 "life, keep-alive included, and serverful policies for the whole run.")
     lines.append("")
     lines.append("Accounting: " + setup["accounting"] + ".")
     for name, p in pols.items():
