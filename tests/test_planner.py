@@ -454,3 +454,22 @@ def test_popcount_table_and_take_rows_match_numpy():
     a = rng.random((5, 7))
     idx = rng.integers(0, 7, size=(5, 4))
     assert np.array_equal(planner.plan._take_rows(a, idx), np.take_along_axis(a, idx, 1))
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(0, 2**31), st.sampled_from([(256, 1, 16), (1024, 1, 16), (64, 16, 64), (128, 4, 100)]))
+def test_split_at_large_replica_counts(seed, shape):
+    """Hundreds of replicas of one expert (the water-filling split, G > EXACT_SPLIT_MAX_GPUS; it took 25 s at 512
+    GPUs before it kept the GPU loads incrementally): lossless, integral, on the expert's own replicas, never
+    worse than the even split, never below the mean."""
+    G, S, E = shape
+    rng = np.random.default_rng(seed)
+    W = rng.multinomial(int(rng.integers(1, 10**6)), rng.dirichlet(np.full(E, 0.3)))[None]
+    plan = plan_layers(W.astype(float), G, S)
+    rt = serve_time_split(plan, W)
+    assert rt.dtype == np.int64 and (rt >= 0).all()
+    np.testing.assert_array_equal(rt.sum(2), W)
+    assert (rt[plan.log2phy < 0] == 0).all()
+    got = gpu_loads(plan, rt).max()
+    assert got <= gpu_loads(plan, even_split(plan, W)).max()
+    assert got >= W.sum() / G  # no split beats the mean
