@@ -670,7 +670,9 @@ def run_from_args(args: argparse.Namespace) -> int:
               f"{len(requests)} requests from {args.trace}, plain EP then moeless ...", flush=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
-        res = _run_ranks(world, vars(args), requests, out)
+        # the ranks get the options' values only (the CLI also puts its parser and handler in args)
+        opts = {k: v for k, v in vars(args).items() if k not in ("func", "parser")}
+        res = _run_ranks(world, opts, requests, out)
     except DemoError as err:
         print(f"moeless demo: error: {err}", file=sys.stderr)
         return err.exit_code
