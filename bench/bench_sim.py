@@ -29,7 +29,7 @@ def test_bench_paper_default(benchmark):
     cfg = SimConfig() if FULL else SimConfig(window_s=30.0, iteration_budget=60)
     result = benchmark.pedantic(run_simulation, args=(cfg,), rounds=1, iterations=1)
     _record(benchmark, result)
-    assert set(result.policies) == {"megatron", "eplb", "oracle", "moeless"}
+    assert set(result.policies) == {"megatron", "eplb", "eplb-vllm", "oracle", "moeless"}
 
 
 @pytest.mark.slow

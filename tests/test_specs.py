@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from moeless.specs import HARDWARE, MODEL_NAMES, HardwareSpec, ModelSpec, bundled_config, hardware_spec, model_spec
+from moeless.specs import (HARDWARE, MODEL_NAMES, HardwareSpec, ModelSpec, bundled_config, hardware_for_device,
+                           hardware_spec, model_spec)
 
 
 def test_mixtral_expert_size_by_hand():
@@ -51,7 +52,9 @@ def test_config_path_and_missing_key(tmp_path):
 
 
 def test_hardware_presets_and_checks():
-    assert set(HARDWARE) == {"a6000", "h100", "h200"}
+    assert set(HARDWARE) == {"a6000", "h100", "h200", "cpu"}
+    assert hardware_for_device("NVIDIA H200") is HARDWARE["h200"] and hardware_for_device("cpu") is HARDWARE["cpu"]
+    assert "priced as an H100" in hardware_for_device("NVIDIA L40S").name
     a = hardware_spec("RTX-A6000")
     assert a.link_group == 2 and a.memory_bytes == 48e9
     assert hardware_spec("H200-SXM").hbm_bandwidth == 4.8e12
