@@ -208,11 +208,14 @@ def _even_quotas(counts: torch.Tensor, logcnt: torch.Tensor, used: torch.Tensor)
     return quotas * used
 
 
-def _assign_torch(args: _DispatchArgs, log2phy, logcnt, replica_tokens):
+def _assign_torch(args: _DispatchArgs, log2phy, logcnt, replica_tokens, need_rank: bool = True):
     """(slot, rank inside the slot's chunk) per pair by a stable sort on the expert id; slot -1 where the pair's
-    chunk does not exist (no replica, or quotas short of the expert's pairs)."""
+    chunk does not exist (no replica, or quotas short of the expert's pairs). With one replica column
+    (R = 1: no expert replicated) and no need for the rank (no position capacity), the slot is a lookup."""
     flat = args.flat_ids
     n = flat.numel()
+    if log2phy.shape[1] == 1 and replica_tokens is None and not need_rank:
+        return torch.where(logcnt.long()[flat] > 0, log2phy.long()[flat, 0], -1), None
     counts = torch.bincount(flat, minlength=log2phy.shape[0])
     quotas = replica_tokens if replica_tokens is not None else _even_quotas(counts, logcnt, args.used)
     order = torch.sort(flat, stable=True).indices
@@ -304,7 +307,8 @@ def _dispatch(args: _DispatchArgs, shape, log2phy, logcnt, replica_tokens, capac
     elif backend == "triton":
         slot, rank_in_slot = _assign_triton(args, log2phy, logcnt, replica_tokens)
     else:
-        slot, rank_in_slot = _assign_torch(args, log2phy, logcnt, replica_tokens)
+        slot, rank_in_slot = _assign_torch(args, log2phy, logcnt, replica_tokens,
+                                           need_rank=args.capacity is not None and capacity_policy == "position")
     keep = _keep_within_capacity(slot, rank_in_slot, args.capacity, capacity_policy, args.weights)
     slot_ids = torch.where(keep, slot, -1).to(torch.int32)
     return DispatchResult(slot_ids=slot_ids.reshape(shape), slot_counts=_slot_counts(slot_ids, args.num_slots))

@@ -34,7 +34,7 @@ from moeless_kernels.dispatch import (
     dispatch_capacity,
 )
 # the unchecked implementations: fused_moe validated its inputs and built the permutation itself
-from moeless_kernels.grouped_gemm import _grouped_swiglu_torch, _grouped_swiglu_triton, moe_launch_config
+from moeless_kernels.grouped_gemm import _grouped_swiglu_triton, moe_launch_config, swiglu_pairs
 from moeless_kernels.launch_configs import heuristic_block_m
 from moeless_kernels.topk import fused_topk
 
@@ -258,6 +258,16 @@ def _plan_tensors(plan: ReplicaPlan, num_experts: int, num_weights: int, device:
     return tensors
 
 
+def _local_pairs(slot_ids: torch.Tensor, local_slots: torch.Tensor | None, slot_to_weight: torch.Tensor):
+    """(flat ids of the pairs computed here, ascending; their weight rows): kept pairs of local slots."""
+    slots = slot_ids.reshape(-1).long()
+    keep = slots >= 0
+    if local_slots is not None:
+        keep &= local_slots[slots.clamp(min=0)]
+    pairs = torch.nonzero(keep).flatten()
+    return pairs, slot_to_weight.long()[slots[pairs]]
+
+
 @lru_cache(maxsize=64)
 def _identity_plan(num_experts: int, device: torch.device) -> ReplicaPlan:
     return ReplicaPlan.identity(num_experts, device=device)
@@ -325,8 +335,8 @@ def fused_moe(
     topk_weights [T, K]). plan: a ReplicaPlan with its tensors on hidden's device (ReplicaPlan.to), None = one
     replica per expert. slot_capacity / capacity_policy:
     replica_dispatch's (drops are reported in result.dispatch and their pairs contribute zero).
-    block_m: moe_align's block (None = the tuned table's, else default_block_m). backend: "auto", "triton" or
-    "torch", for every op.
+    block_m: moe_align's block on the Triton path (None = the tuned table's, else default_block_m; the torch
+    path groups pairs without padding and ignores it). backend: "auto", "triton" or "torch", for every op.
 
     On CUDA the Triton path never waits for the device: buffers are sized for the worst case, the padded row
     count stays on the device, value checks are off (MOELESS_DEBUG=1 turns them on; plans are checked once,
@@ -384,25 +394,19 @@ def fused_moe(
     dispatch = _dispatch(_DispatchArgs(topk_ids.reshape(-1).long(), tensors.used, num_slots, capacity, weights),
                          topk_ids.shape, tensors.log2phy, tensors.logcnt, plan.replica_tokens, capacity_policy,
                          resolved)
+    # --- experts, then the sum over K
     if resolved == "triton":
         config = moe_launch_config(num_tokens, k, num_slots, num_weights, two_inter // 2, hidden_size, dtype, device,
                                    block_m)
-        block_m = config.block_m
-    else:
-        # the torch path only walks the permutation, where smaller blocks pad less
-        config, block_m = None, block_m or 16
-    static = resolved == "triton"  # worst-case buffers, no host sync
-    sorted_token_ids, block_slot_ids, num_tokens_post_padded = _moe_align(
-        dispatch.slot_ids, num_slots, block_m, plan.local_slots, resolved, static)
-
-    # --- experts, then the sum over K
-    if resolved == "triton":
+        # worst-case buffers (static shapes): no host sync
+        sorted_token_ids, block_slot_ids, num_tokens_post_padded = _moe_align(
+            dispatch.slot_ids, num_slots, config.block_m, plan.local_slots, resolved, True)
         pair_out = _grouped_swiglu_triton(hidden, gate_up_proj, down_proj, sorted_token_ids, block_slot_ids,
-                                          num_tokens_post_padded, tensors.slot_to_weight, topk_weights, k, block_m,
-                                          interleaved, config)
+                                          num_tokens_post_padded, tensors.slot_to_weight, topk_weights, k,
+                                          config.block_m, interleaved, config)
     else:
-        pair_out = _grouped_swiglu_torch(hidden, gate_up_proj, down_proj, sorted_token_ids, block_slot_ids,
-                                         sorted_token_ids.numel(), tensors.slot_to_weight, topk_weights, k, block_m,
-                                         interleaved)
+        # the torch path groups the pairs by weight row directly: the padded permutation is the GPU's layout
+        pairs, weight_rows = _local_pairs(dispatch.slot_ids, plan.local_slots, tensors.slot_to_weight)
+        pair_out = swiglu_pairs(hidden, gate_up_proj, down_proj, pairs, weight_rows, topk_weights, k, interleaved)
     out = combine(pair_out, k, backend=resolved)
     return MoEResult(out=out, topk_ids=topk_ids, topk_weights=topk_weights, dispatch=dispatch)

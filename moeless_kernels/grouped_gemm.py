@@ -154,30 +154,38 @@ def _swiglu_weight_groups(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj
 def _grouped_swiglu_torch(hidden, gate_up_proj, down_proj, sorted_token_ids, block_slot_ids, num_tokens_post_padded,
                           slot_to_weight, topk_weights, top_k, block_m, interleaved, use_grouped_mm=None):
     num_pairs = hidden.shape[0] * top_k
-    out = hidden.new_zeros(num_pairs, hidden.shape[1])
     # a device count (moe_align(static_shapes=True)) covers the whole buffer: its tail blocks are -1
     rows = sorted_token_ids.numel() if isinstance(num_tokens_post_padded, torch.Tensor) else num_tokens_post_padded
     num_blocks = rows // block_m
     if num_blocks == 0 or num_pairs == 0:
-        return out
-    # --- the listed pairs, in permutation order, with the weight index of their block
+        return hidden.new_zeros(num_pairs, hidden.shape[1])
+    # --- the listed pairs, in permutation order, with the weight row of their block
     block_slots = block_slot_ids[:num_blocks].long()
     block_live = block_slots >= 0
-    block_weights = torch.full_like(block_slots, -1)
-    block_weights[block_live] = slot_to_weight.long()[block_slots[block_live]]
+    block_weights = torch.where(block_live, slot_to_weight.long()[block_slots.clamp(min=0)], -1)
     ids = sorted_token_ids[: num_blocks * block_m].view(num_blocks, block_m)
     keep = (ids < num_pairs) & block_live[:, None]
-    pairs = ids[keep].long()
+    return swiglu_pairs(hidden, gate_up_proj, down_proj, ids[keep].long(),
+                        block_weights[:, None].expand(num_blocks, block_m)[keep], topk_weights, top_k, interleaved,
+                        use_grouped_mm)
+
+
+def swiglu_pairs(hidden, gate_up_proj, down_proj, pairs, weight_rows, topk_weights, top_k, interleaved,
+                 use_grouped_mm=None):
+    """The torch path's core: out [T*K, H] with row p = routed weight * SwiGLU MLP of weight row weight_rows[i]
+    on hidden[p // top_k], for each listed pair p = pairs[i] (int64 [n] each, any order); other rows zero.
+
+    Pairs are grouped by weight row with a stable sort, so a row's pairs meet its weights in flat order, as
+    they would with no replicas: replicas sharing a weight merge into one GEMM, and a replicated plan's output
+    equals the unreplicated one bit for bit. No padding, no per-pair Python.
+    """
+    out = hidden.new_zeros(hidden.shape[0] * top_k, hidden.shape[1])
     if pairs.numel() == 0:
         return out
-    pair_weights = block_weights[:, None].expand(num_blocks, block_m)[keep]
-    # --- group by weight tensor: replicas sharing a weight merge into one GEMM. The permutation already comes
-    # in weight order for identity plans; replicated plans may interleave, so a stable sort regroups them.
-    live_weights = block_weights[block_live]
-    if bool((live_weights[1:] < live_weights[:-1]).any()):
-        order = torch.argsort(pair_weights, stable=True)
-        pairs, pair_weights = pairs[order], pair_weights[order]
-    group_sizes = torch.bincount(pair_weights, minlength=gate_up_proj.shape[0])
+    if bool((weight_rows[1:] < weight_rows[:-1]).any()):
+        order = torch.argsort(weight_rows, stable=True)
+        pairs, weight_rows = pairs[order], weight_rows[order]
+    group_sizes = torch.bincount(weight_rows, minlength=gate_up_proj.shape[0])
     y = _swiglu_weight_groups(hidden[pairs // top_k], gate_up_proj, down_proj, group_sizes, interleaved,
                               use_grouped_mm)
     if topk_weights is not None:
