@@ -175,15 +175,15 @@ def heuristic_moe_config(block_m: int, dtype: str, capability: int, aligned: boo
     weights. Prefill (BLOCK_M 128) is compute bound: 128 x 128 x 64 tiles, 8 warps, 4 stages; the gate/up
     kernel holds two accumulators, and below sm_90 ptxas spills them at N 128 (bench/compile_check.py), so it
     takes N 64 there. fp32 (full-precision FMA dots, no tensor cores) spills at any wider tile: 32 x 32.
-    Unaligned rows load element by element (no pipelining): 32 x 32 tiles, which the compile check shows free
-    of spills.
+    Unaligned rows load element by element (no pipelining): 32 x 32 tiles (32 x 16 at BLOCK_M 128), which the
+    compile check shows free of spills.
     """
     if block_m not in BLOCK_M_VALUES:
         raise ValueError(f"block_m must be one of {BLOCK_M_VALUES} for the Triton grouped GEMM, got {block_m}")
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {dtype!r}")
     if not aligned:
-        small = GemmConfig(32, 32, 8, 8 if block_m == 128 else 4, 2)
+        small = GemmConfig(32, 16, 8, 8, 2) if block_m == 128 else GemmConfig(32, 32, 8, 4, 2)
         return MoEConfig(block_m, small, small)
     if dtype == "float32":
         gate_up = down = GemmConfig(32, 32, 8, 8 if block_m == 128 else 4, 3)

@@ -138,7 +138,7 @@ def test_unchecked_bad_routing_is_dropped_and_reported_not_read_out_of_range(mon
 
 
 @pytest.mark.gpu
-def test_decode_layer_captures_in_a_cuda_graph():
+def test_decode_layer_has_no_host_sync_and_captures_in_a_cuda_graph():
     torch.manual_seed(0)
     T, H, I, E, K = 16, 2048, 768, 128, 8  # Qwen3-30B-A3B's expert shapes, one decode step
     hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
@@ -152,6 +152,12 @@ def test_decode_layer_captures_in_a_cuda_graph():
                          backend="triton").out
 
     layer()  # warm-up: compiles, looks up the tuned table, caches the plan's tensors
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync in the layer raises
+    try:
+        layer()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
