@@ -160,13 +160,12 @@ KERNEL_TESTS=(tests/test_topk.py tests/test_dispatch.py tests/test_combine.py te
               tests/test_fused_moe.py tests/test_host_syncs.py tests/test_launch_configs.py
               tests/test_kernel_properties.py)
 if [[ $HAS_CUDA != True ]]; then
-  for name in correctness benchmark kernel_tests; do skip "$name" "no CUDA device"; done
+  # (the CPU counterparts run in CI: python bench/sync_count.py, the kernel tests under the interpreter)
+  for name in correctness sync_count benchmark kernel_tests; do skip "$name" "no CUDA device"; done
   if has pytest; then  # still prove the offline tools load: collect the kernel tests and the benchmarks
     step collect_only 120 "$PY" -m pytest -q -p no:cacheprovider --collect-only "${KERNEL_TESTS[@]}" \
       bench/bench_kernels_cuda.py
   fi
-  # the sync count runs anywhere (Triton under the interpreter here)
-  step sync_count 120 "$PY" bench/sync_count.py --markdown "$RUN_DIR/sync_count.md"
 else
   if has pytest; then
     step correctness 150 "$PY" -m pytest -q -p no:cacheprovider -rfEs -m gpu --junitxml="$RUN_DIR/correctness.xml" \
