@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test bench setup clean compile-check gpu-wheels
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,11 +24,40 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/moeless demo
 
-test: $(STAMP)
+# A second, compile-only environment with the GPU machine's Triton (no torch): the compile check runs under
+# both Triton versions, so a kernel that the interpreter accepts but a GPU compiler rejects fails CI.
+TRITON_GPU := 3.6.*
+T36 := .venv-triton36
+T36_STAMP := $(T36)/.installed
+
+$(T36_STAMP):
+	test -x $(T36)/bin/python || $(PY) -m venv $(T36)
+	$(T36)/bin/pip install -q "triton==$(TRITON_GPU)"
+	touch $(T36_STAMP)
+
+# Every Triton kernel, every launch config the host code can select, sm_90 and sm_80, no GPU needed.
+compile-check: $(STAMP) $(T36_STAMP)
+	$(BIN)/python bench/compile_check.py
+	$(T36)/bin/python bench/compile_check.py
+
+test: $(STAMP) compile-check
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:cacheprovider --benchmark-disable tests bench
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest -q bench --benchmark-only
 
+# The wheels bench/gpu_check.sh installs offline on a GPU machine (pure-Python, for Python 3.10 to 3.14):
+# carry gpu-wheels/ with the working tree (bench/README.md).
+GPU_WHEELS := gpu-wheels
+GPU_WHEEL_PACKAGES := pytest pytest-benchmark hypothesis tqdm exceptiongroup tomli typing_extensions
+
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	for v in 3.10 3.11 3.12 3.13 3.14; do \
+	  $(PY) -m pip download -q --only-binary=:all: --platform any --implementation py --python-version $$v \
+	    -d $(GPU_WHEELS) $(GPU_WHEEL_PACKAGES) || exit 1; \
+	done
+	du -sh $(GPU_WHEELS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) $(T36) build *.egg-info .pytest_cache .benchmarks $(GPU_WHEELS)

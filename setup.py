@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["moeless", "moeless.*", "moeless_kernels", "moeless_kernels.*"]),
     include_package_data=True,
-    package_data={"moeless": ["data/*", "data/**/*"]},
+    package_data={"moeless": ["data/*", "data/**/*"], "moeless_kernels": ["configs/*"]},
     python_requires=">=3.10",
     # torch is deliberately unpinned above 2.4: `make` installs the CPU wheel (torch==2.13.0) first, and a GPU
     # machine keeps the torch it has; never let this line pull a CUDA build onto a CPU machine.

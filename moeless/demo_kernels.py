@@ -5,8 +5,9 @@ router; H and I reduced 16x and 28x so that Triton's interpreter finishes in abo
 fp32. It runs the Triton path (on CUDA when there is a GPU, else under TRITON_INTERPRET=1, re-running itself in a
 fresh interpreter when Triton was imported before the variable could be set) and the pure-torch
 reference, compares both with a float64 Hugging Face-style eager loop, then serves the same tokens with a
-replicated plan (the two hottest experts get two extra replicas each) and checks that the output is unchanged.
-It prints; it never asserts, downloads or writes files.
+replicated plan (the two hottest experts get two extra replicas each) and checks that the output is unchanged,
+and counts the host syncs of one call (moeless_kernels.sync_audit). It prints; it never asserts, downloads or
+writes files.
 """
 from __future__ import annotations
 
@@ -109,6 +110,22 @@ def main() -> None:
     print(f"   pairs per slot:   {slot_loads.tolist()}  (balance max/mean over slots {_balance(slot_loads):.2f})")
     print("   lossless: the same routing, each pair on a replica of its own expert; the torch path is bitwise equal,")
     print("   the Triton path equal up to fp32 rounding (a pair's row sits at another position of another GEMM tile)")
+
+    # --- what a GPU would wait on: the host syncs of one Triton call (value checks off, as on CUDA by default)
+    from moeless_kernels.sync_audit import count_host_syncs
+
+    previous = os.environ.get("MOELESS_DEBUG")
+    os.environ["MOELESS_DEBUG"] = "0"
+    try:
+        with count_host_syncs() as syncs:
+            fused_moe(*on[:3], **kw, plan=plan, backend="triton")
+    finally:
+        if previous is None:
+            os.environ.pop("MOELESS_DEBUG")
+        else:
+            os.environ["MOELESS_DEBUG"] = previous
+    print(f"\n3. host syncs in one Triton call with the replicated plan (points where the CPU would wait for the "
+          f"GPU): {len(syncs)}")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,21 @@
 
 Every message names the argument and says what was expected and what came. These helpers only inspect;
 they never convert, copy or move a tensor (callers do that explicitly), and they never touch Triton.
-Checks on tensor *values* (finiteness, ranges) synchronise with the device; callers use them knowingly.
+
+Checks on tensor *values* (finiteness, ranges) make the host wait for the device, so on CUDA they would stall
+the stream and break CUDA graphs: callers run them only where `value_checks_enabled(device)` says so.
+`MOELESS_DEBUG=1` runs them everywhere, `MOELESS_DEBUG=0` nowhere (a CPU run then takes the very path a GPU
+takes, which is how tests count host syncs); unset, they run on CPU tensors, where they cost no sync, and not
+on CUDA. Shapes, dtypes and devices are always checked (they are host metadata).
 """
 from __future__ import annotations
 
+import os
 from typing import Iterable, Sequence
 
 import torch
+
+DEBUG_ENV = "MOELESS_DEBUG"
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -74,6 +82,16 @@ def check_choice(name: str, v, choices: Sequence) -> None:
     """`v` is one of `choices`."""
     if v not in tuple(choices):
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {v!r}")
+
+
+def value_checks_enabled(device: torch.device) -> bool:
+    """Whether checks on tensor values run for tensors on `device` (see the module docstring)."""
+    flag = os.environ.get(DEBUG_ENV, "")
+    if flag in ("0", "1"):
+        return flag == "1"
+    if flag:
+        raise ValueError(f"{DEBUG_ENV} must be 0 or 1 (or unset), got {flag!r}")
+    return device.type != "cuda"
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

@@ -7,10 +7,10 @@ Must never weight, reorder or drop pairs: rows of dropped pairs are zero upstrea
 from __future__ import annotations
 
 import torch
-import triton
 
 from moeless_kernels._backend import resolve_backend
 from moeless_kernels.checks import FLOAT_DTYPES, check_int, check_tensor
+from moeless_kernels.launch_configs import cdiv, combine_tile
 
 
 def _validate(pair_out, top_k):
@@ -33,10 +33,9 @@ def _combine_triton(pair_out, top_k):
     out = torch.empty((num_tokens, hidden), dtype=pair_out.dtype, device=pair_out.device)
     if out.numel() == 0:
         return out
-    block_h = min(1024, triton.next_power_of_2(hidden))
     # about 4K elements per program: wide rows coalesce, several tokens per program when H is small
-    block_t = max(1, min(4096 // block_h, triton.next_power_of_2(num_tokens)))
-    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))
+    block_t, block_h = combine_tile(hidden)
+    grid = (cdiv(num_tokens, block_t), cdiv(hidden, block_h))
     combine_kernel[grid](
         pair_out, out, num_tokens, hidden, top_k, pair_out.stride(0), pair_out.stride(1),
         BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,

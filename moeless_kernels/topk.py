@@ -17,7 +17,6 @@ between backends, and it holds no load-balancing policy.
 from __future__ import annotations
 
 import torch
-import triton
 
 from moeless_kernels._backend import resolve_backend
 from moeless_kernels.checks import (
@@ -27,7 +26,9 @@ from moeless_kernels.checks import (
     check_float,
     check_int,
     check_tensor,
+    value_checks_enabled,
 )
+from moeless_kernels.launch_configs import cdiv, topk_tile
 
 SCORINGS = ("softmax", "sigmoid")
 
@@ -64,8 +65,11 @@ def _validate(router_logits, top_k, scoring, renormalize, num_expert_group, topk
     if e_score_correction_bias is not None:
         check_tensor("e_score_correction_bias", e_score_correction_bias, shape=(num_experts,), dtypes=FLOAT_DTYPES,
                      device=router_logits.device)
-        check_finite("e_score_correction_bias", e_score_correction_bias)
-    check_finite("router_logits", router_logits)
+    # value checks (host syncs on CUDA) only where enabled; the kernel keeps ids in range whatever the values
+    if value_checks_enabled(router_logits.device):
+        if e_score_correction_bias is not None:
+            check_finite("e_score_correction_bias", e_score_correction_bias)
+        check_finite("router_logits", router_logits)
 
 
 def _fused_topk_torch(logits, top_k, scoring, renormalize, num_expert_group, topk_group, bias, scale):
@@ -102,12 +106,11 @@ def _fused_topk_triton(logits, top_k, scoring, renormalize, num_expert_group, to
     counts = torch.zeros((num_experts,), dtype=torch.int32, device=device)
     if num_tokens == 0:
         return weights, ids, counts
-    block_e = triton.next_power_of_2(num_experts)
     # about 4K fp32 per tile: enough tokens per program to amortise the K rounds, few enough to stay in registers
-    block_t = max(1, min(64, 4096 // block_e, triton.next_power_of_2(num_tokens)))
+    tile = topk_tile(num_experts, top_k, num_expert_group)
     use_groups = num_expert_group is not None
     bias_arg = bias.float().contiguous() if bias is not None else counts  # dummy pointer when HAS_BIAS=False
-    grid = (triton.cdiv(num_tokens, block_t),)
+    grid = (cdiv(num_tokens, tile["BLOCK_T"]),)
     fused_topk_kernel[grid](
         logits, bias_arg, weights, ids, counts,
         num_tokens, num_experts, top_k,
@@ -121,10 +124,7 @@ def _fused_topk_triton(logits, top_k, scoring, renormalize, num_expert_group, to
         HAS_BIAS=bias is not None,
         USE_GROUPS=use_groups,
         GROUP_TOP2=use_groups and num_experts // num_expert_group >= 2,
-        BLOCK_T=block_t,
-        BLOCK_E=block_e,
-        BLOCK_K=triton.next_power_of_2(top_k),
-        BLOCK_G=triton.next_power_of_2(num_expert_group) if use_groups else 1,
+        **tile,
         num_warps=4,
     )
     return weights, ids, counts

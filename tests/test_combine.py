@@ -5,7 +5,15 @@ The Triton path runs under the interpreter on CPU, so its shapes are tiny.
 import pytest
 import torch
 
-from moeless_kernels.combine import combine, combine_reference
+from moeless_kernels.combine import combine as _combine
+from moeless_kernels.combine import combine_reference
+from triton_device import on_triton_device
+
+
+def combine(*args, **kwargs):
+    """combine with Triton's inputs on the Triton device (CUDA on a GPU machine), results on the CPU."""
+    return on_triton_device(_combine, *args, **kwargs)
+
 
 # dtype -> (rtol, atol) against the float64 sum: one final rounding to the dtype, plus fp32 accumulation
 TOLERANCES = {torch.float32: (1e-6, 1e-6), torch.float16: (1e-3, 1e-3), torch.bfloat16: (8e-3, 8e-3)}

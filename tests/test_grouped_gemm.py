@@ -242,3 +242,11 @@ def test_bad_backend_and_non_power_of_two_block_m_for_triton():
     args = {k: v.to(TRITON_DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     with pytest.raises(ValueError, match="block_m"):
         grouped_swiglu(**args, backend="triton")
+
+
+def test_torch_version_is_compared_as_numbers():
+    # as text, "2.10" < "2.9": the CPU grouped-mm path was skipped on torch 2.10 to 2.13
+    from moeless_kernels.grouped_gemm import _release
+
+    assert _release("2.13.0+cpu") == (2, 13) and _release("2.9.0a0+git123") == (2, 9)
+    assert _release("2.10.1") >= (2, 9) > _release("2.8.0") and _release("nightly") == (0, 0)

@@ -9,7 +9,15 @@ import math
 import pytest
 import torch
 
-from moeless_kernels.topk import fused_topk, fused_topk_reference
+from moeless_kernels.topk import fused_topk as _fused_topk
+from moeless_kernels.topk import fused_topk_reference
+from triton_device import on_triton_device
+
+
+def fused_topk(*args, **kwargs):
+    """fused_topk with Triton's inputs on the Triton device (CUDA on a GPU machine), results on the CPU."""
+    return on_triton_device(_fused_topk, *args, **kwargs)
+
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -8,7 +8,9 @@ expert for dispatch, physical slot for align). Two passes, no atomics, so the re
   block (a [BLOCK_N, BLOCK_N] comparison), then the op's own use of the rank.
 
 Index arrays (host wrappers: moeless_kernels/dispatch.py)
-    ids           (N,)              int32/int64  flat group id per pair, N = T*K; -1 = pair not counted
+    ids           (N,)              int32/int64  flat group id per pair, N = T*K; ids outside [0, G) (-1: pair not
+                                                 counted) are skipped, and dispatch gives them slot -1
+                                                 (reported as dropped): no id reads memory out of range
     block_hist    (num_blocks, G)   int32        out of pass 1
     block_offset  (num_blocks, G)   int32        pairs of group g in blocks before b
     counts        (E,)              int32        pairs per expert
@@ -44,7 +46,7 @@ def group_histogram_kernel(
     offs = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = offs < N
     ids = tl.load(ids_ptr + offs, mask=ok, other=-1).to(tl.int32)
-    bins = tl.where(ok & (ids >= 0), ids, G)
+    bins = tl.where(ok & (ids >= 0) & (ids < G), ids, G)
     hist = tl.histogram(bins, BLOCK_G)
     gcols = tl.arange(0, BLOCK_G)
     tl.store(hist_ptr + pid.to(tl.int64) * G + gcols, hist, mask=gcols < G)
@@ -62,7 +64,7 @@ def _rank_in_group(ids, ok, pid, block_offset_ptr, G, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def replica_slot_kernel(
-    ids_ptr,  # (N,) int32/int64 logical expert per pair, all in [0, E)
+    ids_ptr,  # (N,) int32/int64 logical expert per pair; outside [0, E) -> slot -1
     block_offset_ptr,  # (num_blocks, E) int32
     counts_ptr,  # (E,) int32
     logcnt_ptr,  # (E,) int32
@@ -80,19 +82,23 @@ def replica_slot_kernel(
     """Grid (num_blocks,): program b maps pairs [b*BLOCK_N, (b+1)*BLOCK_N) to (slot, rank inside the slot).
 
     The pairs of expert e, in flat order, are cut into contiguous chunks; the chunk that holds rank r is the
-    replica j, its slot log2phy[e, j].
+    replica j, its slot log2phy[e, j]. A pair whose chunk does not exist (no replica: logcnt[e] = 0, or quotas
+    summing to fewer pairs than the expert has) or whose id is out of range gets slot -1.
     """
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = offs < N
-    ids = tl.load(ids_ptr + offs, mask=ok, other=0).to(tl.int32)
+    in_range = offs < N
+    ids = tl.load(ids_ptr + offs, mask=in_range, other=0).to(tl.int32)
+    ok = in_range & (ids >= 0) & (ids < E)
+    ids = tl.where(ok, ids, 0)
     rank = _rank_in_group(ids, ok, pid, block_offset_ptr, E, BLOCK_N)
+    replicas = tl.load(logcnt_ptr + ids, mask=ok, other=0)
 
     # -- replica j holding rank r, and where its chunk starts
     if EVEN_SPLIT:
         # c pairs over n replicas: the first c % n chunks hold c // n + 1 pairs, the rest c // n
         c = tl.load(counts_ptr + ids, mask=ok, other=0)
-        n = tl.maximum(tl.load(logcnt_ptr + ids, mask=ok, other=1), 1)
+        n = tl.maximum(replicas, 1)
         small = c // n
         rem = c % n
         big_end = rem * (small + 1)
@@ -109,9 +115,10 @@ def replica_slot_kernel(
         j = tl.sum(passed.to(tl.int32), axis=1)
         start = tl.max(tl.where(passed, cum, 0), axis=1)
 
-    slot = tl.load(log2phy_ptr + ids.to(tl.int64) * R + j, mask=ok, other=-1)
-    tl.store(slot_ids_ptr + offs, slot, mask=ok)
-    tl.store(rank_in_slot_ptr + offs, rank - start, mask=ok)
+    has_chunk = ok & (j < replicas)
+    slot = tl.load(log2phy_ptr + ids.to(tl.int64) * R + j, mask=has_chunk, other=-1)
+    tl.store(slot_ids_ptr + offs, slot, mask=in_range)
+    tl.store(rank_in_slot_ptr + offs, rank - start, mask=in_range)
 
 
 @triton.jit
@@ -129,7 +136,7 @@ def align_scatter_kernel(
     offs = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_range = offs < N
     slots = tl.load(slot_ptr + offs, mask=in_range, other=-1).to(tl.int32)
-    ok = in_range & (slots >= 0)
+    ok = in_range & (slots >= 0) & (slots < P)
     rank = _rank_in_group(slots, ok, pid, block_offset_ptr, P, BLOCK_N)
     row = tl.load(slot_start_ptr + slots, mask=ok, other=0).to(tl.int64) + rank
     tl.store(sorted_ids_ptr + row, offs.to(tl.int32), mask=ok)

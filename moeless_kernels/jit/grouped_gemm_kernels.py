@@ -1,7 +1,8 @@
 """Triton jit code of the grouped SwiGLU GEMM over physical slots (host wrapper: moeless_kernels/grouped_gemm.py).
 
 Never imported unless Triton is to run (CUDA tensors, or TRITON_INTERPRET=1 set before import); never touches
-triton.runtime.driver at import time; holds no policy (which slot serves which pair is decided upstream).
+triton.runtime.driver at import time; holds no policy (which slot serves which pair is decided upstream) and
+no launch parameters (moeless_kernels/launch_configs.py picks tiles, warps and stages; nothing autotunes).
 
 Index arrays, shapes and meaning (vocabulary of docs/ARCHITECTURE.md):
 
@@ -9,50 +10,27 @@ Index arrays, shapes and meaning (vocabulary of docs/ARCHITECTURE.md):
     gate_up_proj      (W, 2I, H)      Hugging Face v5 layout: rows [0, I) gate, [I, 2I) up; INTERLEAVED: row 2j
                                       is gate j, row 2j+1 is up j. W weight tensors, shared by P slots.
     down_proj         (W, H, I)
-    sorted_token_ids  (N_pad,) int32  flat pair ids t*K + k grouped by slot, each slot's run padded to BLOCK_M
-                                      with the pad value T*K (num_valid_pairs)
-    block_slot_ids    (N_pad // BLOCK_M,) int32   physical slot of each BLOCK_M block, -1 = skip the block
+    sorted_token_ids  (EM,) int32     flat pair ids t*K + k grouped by slot, each slot's run padded to BLOCK_M
+                                      with the pad value T*K (num_valid_pairs); EM is a multiple of BLOCK_M,
+                                      exact or sized for the worst case (moe_align(static_shapes=True))
+    block_slot_ids    (EM // BLOCK_M,) int32   physical slot of each BLOCK_M block; -1 = nothing to do (the
+                                      blocks past num_tokens_post_padded, or a block to skip): exit at once
     slot_to_weight    (P,) int32      slot -> index into W (replicas of one expert share one weight tensor)
     topk_weights      (T*K,) fp32     routed weight of each pair, applied in the down projection's epilogue
-    intermediate      (num_tokens_post_padded, I)  silu(gate) * up per sorted position, activation dtype
+    intermediate      (T*K, I)        silu(gate) * up per pair (indexed by pair id like vLLM's cache, so its
+                                      size never depends on the padding), activation dtype
     out               (T*K, H)        one row per pair; each pair is written by exactly one program row (no
                                       atomics), rows of pairs not in the permutation are left as they are
 
-Both kernels use a one-dimensional grid of (num_tokens_post_padded / BLOCK_M) * cdiv(N, BLOCK_N) programs (the
-host knows num_tokens_post_padded, so no program is launched for the unused tail of the permutation), swizzled in groups
-of GROUP_SIZE_M blocks along M (Triton matmul tutorial) so that neighbouring programs reuse weight tiles in L2.
-Offsets that multiply a row index by a stride are int64: T*K*H and W*2I*H overflow int32 on real models.
+Both kernels use a one-dimensional grid of (EM / BLOCK_M) * cdiv(N, BLOCK_N) programs, swizzled in groups of
+GROUP_SIZE_M blocks along M (Triton matmul tutorial) so that neighbouring programs reuse weight tiles in L2.
+EVEN_K (K % BLOCK_K == 0) drops the reduction-dimension masks. Offsets that multiply a row index by a stride
+are int64: T*K*H and W*2I*H overflow int32 on real models.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
-
-from moeless_kernels._backend import interpreter_enabled
-
-# CUDA configs: BLOCK_M is not tuned (moe_align padded the permutation to it), so configs hold the N and K
-# tiles. Small-N/large-K tiles serve decode (few rows per slot, weight-bandwidth bound); wide tiles serve
-# prefill. Kernel 1 holds two accumulators (gate and up), so its widest tile is half of kernel 2's.
-_GATE_UP_CONFIGS_CUDA = [
-    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "GROUP_SIZE_M": 1}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_SIZE_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_SIZE_M": 1}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_SIZE_M": 8}, num_warps=8, num_stages=3),
-]
-_DOWN_CONFIGS_CUDA = [
-    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "GROUP_SIZE_M": 1}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_SIZE_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_SIZE_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_SIZE_M": 8}, num_warps=8, num_stages=3),
-]
-# The interpreter cannot benchmark (do_bench goes through the driver) and its cost is about 0.1 s per program
-# plus a share per loop trip, whatever the tile size (numpy does the tile math): one config with wide tiles.
-_INTERPRETER_CONFIGS = [triton.Config({"BLOCK_N": 256, "BLOCK_K": 256, "GROUP_SIZE_M": 1}, num_warps=4, num_stages=1)]
-
-GATE_UP_CONFIGS = _INTERPRETER_CONFIGS if interpreter_enabled() else _GATE_UP_CONFIGS_CUDA
-DOWN_CONFIGS = _INTERPRETER_CONFIGS if interpreter_enabled() else _DOWN_CONFIGS_CUDA
-# Autotune cache key: the GEMM's N and K (weight shape) and the bucket of the pair count (M).
-_AUTOTUNE_KEY = ["N", "K", "m_bucket"]
 
 
 @triton.jit
@@ -82,22 +60,20 @@ def _round_to_bf16_values(x):
     return ((bits >> 16) << 16).to(tl.float32, bitcast=True)
 
 
-@triton.autotune(configs=GATE_UP_CONFIGS, key=_AUTOTUNE_KEY)
 @triton.jit
 def gate_up_silu_kernel(
     # pointers
     hidden_ptr,  # (T, H) activation dtype
     gate_up_ptr,  # (W, 2I, H)
-    intermediate_ptr,  # (num_tokens_post_padded, I) activation dtype, written
-    sorted_token_ids_ptr,  # (N_pad,) int32
-    block_slot_ids_ptr,  # (N_pad // BLOCK_M,) int32
+    intermediate_ptr,  # (T*K, I) activation dtype, written at the rows of listed pairs
+    sorted_token_ids_ptr,  # (EM,) int32
+    block_slot_ids_ptr,  # (EM // BLOCK_M,) int32
     slot_to_weight_ptr,  # (P,) int32
     # sizes
-    num_tokens_post_padded,
+    EM,  # rows of sorted_token_ids
     num_valid_pairs,  # T * K, also the pad value of sorted_token_ids
     N,  # I: columns of the intermediate
     K,  # H: reduction length
-    m_bucket,  # autotune key only
     # strides
     stride_hm,
     stride_hk,
@@ -112,18 +88,19 @@ def gate_up_silu_kernel(
     INTERLEAVED: tl.constexpr,
     BF16_INTERPRETED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
 ):
     """Gather-on-load gate/up GEMM with SiLU(gate) * up fused in the epilogue.
 
-    Grid: (num_tokens_post_padded / BLOCK_M * cdiv(I, BLOCK_N),). Program (pid_m, pid_n) computes rows
-    [pid_m*BLOCK_M, +BLOCK_M) of the intermediate (sorted positions), columns [pid_n*BLOCK_N, +BLOCK_N), with the
-    weight of slot block_slot_ids[pid_m]. Blocks of slot -1 do nothing.
+    Grid: (EM / BLOCK_M * cdiv(I, BLOCK_N),). Program (pid_m, pid_n) computes, for the pairs listed in block
+    pid_m of sorted_token_ids, columns [pid_n*BLOCK_N, +BLOCK_N) of their intermediate rows, with the weight of
+    slot block_slot_ids[pid_m]. Blocks of slot -1 exit at once.
     """
     # --- tile mapping
-    pid_m, pid_n = _swizzled_tile(num_tokens_post_padded, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
+    pid_m, pid_n = _swizzled_tile(EM, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
     slot = tl.load(block_slot_ids_ptr + pid_m)
     if slot < 0:
         return
@@ -153,10 +130,15 @@ def gate_up_silu_kernel(
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_mask = offs_k < K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=pair_mask[:, None] & k_mask[None, :], other=0.0)
-        wg = tl.load(wg_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        wu = tl.load(wu_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=pair_mask[:, None], other=0.0)
+            wg = tl.load(wg_ptrs, mask=n_mask[None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=pair_mask[:, None] & k_mask[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if BF16_INTERPRETED:
             # the interpreter's bf16 dot is wrong; fp32 of bf16 inputs is exact
             a = a.to(tl.float32)
@@ -168,31 +150,29 @@ def gate_up_silu_kernel(
         wg_ptrs += BLOCK_K * stride_wk
         wu_ptrs += BLOCK_K * stride_wk
 
-    # --- epilogue: SiLU(gate) * up in fp32, one rounding to the activation dtype, masked store
+    # --- epilogue: SiLU(gate) * up in fp32, one rounding to the activation dtype, stored at the pairs' rows
     act = acc_gate * tl.sigmoid(acc_gate) * acc_up
     if BF16_INTERPRETED:
         act = _round_to_bf16_values(act)
-    i_ptrs = intermediate_ptr + offs_sorted[:, None] * stride_im + offs_n[None, :] * stride_in
-    tl.store(i_ptrs, act.to(intermediate_ptr.dtype.element_ty), mask=n_mask[None, :])
+    i_ptrs = intermediate_ptr + pair_ids[:, None] * stride_im + offs_n[None, :] * stride_in
+    tl.store(i_ptrs, act.to(intermediate_ptr.dtype.element_ty), mask=pair_mask[:, None] & n_mask[None, :])
 
 
-@triton.autotune(configs=DOWN_CONFIGS, key=_AUTOTUNE_KEY)
 @triton.jit
 def down_proj_kernel(
     # pointers
-    intermediate_ptr,  # (num_tokens_post_padded, I) activation dtype
+    intermediate_ptr,  # (T*K, I) activation dtype, read at the rows of listed pairs
     down_ptr,  # (W, H, I)
     out_ptr,  # (T*K, H) activation dtype, written at pair rows
-    sorted_token_ids_ptr,  # (N_pad,) int32
-    block_slot_ids_ptr,  # (N_pad // BLOCK_M,) int32
+    sorted_token_ids_ptr,  # (EM,) int32
+    block_slot_ids_ptr,  # (EM // BLOCK_M,) int32
     slot_to_weight_ptr,  # (P,) int32
     topk_weights_ptr,  # (T*K,) fp32, unused unless MUL_ROUTED_WEIGHT
     # sizes
-    num_tokens_post_padded,
+    EM,  # rows of sorted_token_ids
     num_valid_pairs,
     N,  # H: columns of the output
     K,  # I: reduction length
-    m_bucket,  # autotune key only
     # strides
     stride_im,
     stride_ik,
@@ -206,18 +186,19 @@ def down_proj_kernel(
     MUL_ROUTED_WEIGHT: tl.constexpr,
     BF16_INTERPRETED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
 ):
     """Down projection with the routed weight in the epilogue, scattered to pair rows.
 
-    Grid: (num_tokens_post_padded / BLOCK_M * cdiv(H, BLOCK_N),). Program (pid_m, pid_n) reads intermediate rows
-    [pid_m*BLOCK_M, +BLOCK_M) (contiguous, no gather) and writes out[pair, pid_n*BLOCK_N:+BLOCK_N] for each real
-    pair of the block; every pair sits in exactly one block, so each output element is written once.
+    Grid: (EM / BLOCK_M * cdiv(H, BLOCK_N),). Program (pid_m, pid_n) gathers the intermediate rows of the pairs
+    listed in block pid_m and writes out[pair, pid_n*BLOCK_N:+BLOCK_N] for each of them; every pair sits in
+    exactly one block, so each output element is written once. Blocks of slot -1 exit at once.
     """
     # --- tile mapping
-    pid_m, pid_n = _swizzled_tile(num_tokens_post_padded, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
+    pid_m, pid_n = _swizzled_tile(EM, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
     slot = tl.load(block_slot_ids_ptr + pid_m)
     if slot < 0:
         return
@@ -230,15 +211,19 @@ def down_proj_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = intermediate_ptr + offs_sorted[:, None] * stride_im + offs_k[None, :] * stride_ik
+    a_ptrs = intermediate_ptr + pair_ids[:, None] * stride_im + offs_k[None, :] * stride_ik
     w_ptrs = down_ptr + weight_idx * stride_de + offs_n[None, :].to(tl.int64) * stride_dn + offs_k[:, None] * stride_dk
 
     # --- K loop, fp32 accumulation
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_mask = offs_k < K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=pair_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=pair_mask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=pair_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if BF16_INTERPRETED:
             a = a.to(tl.float32)
             w = w.to(tl.float32)

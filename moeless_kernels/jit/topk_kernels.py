@@ -74,7 +74,9 @@ def fused_topk_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
         sel = sel + bias[None, :]
-    sel = tl.where(col_ok[None, :], sel, float("-inf"))
+    # NaN scores select nothing (NaN == max is never true, so the first-argmax would return BLOCK_E, an id past
+    # the experts): as -inf they lose to every finite score and ids stay in [0, E); their NaN weights show
+    sel = tl.where(col_ok[None, :] & (sel == sel), sel, float("-inf"))
 
     # -- group-limited routing (DeepSeek-V3): group score = sum of its top-2 selection scores (top-1 when a
     #    group holds one expert); keep the topk_group best groups; experts of other groups cannot be chosen
@@ -90,8 +92,10 @@ def fused_topk_kernel(
                 gs += tl.max(tl.where(cols[None, :] == i1[:, None], float("-inf"), in_g), axis=1)
             group_score = tl.where((gcols == g)[None, :], gs[:, None], group_score)
         keep = tl.zeros((BLOCK_T, BLOCK_E), tl.int32)
-        for _ in range(topk_group):
-            _, gi = _first_argmax(group_score, gcols, BLOCK_G)
+        # (a loop variable must keep one type across iterations: `_` as both the int32 counter and a discarded
+        # fp32 max does not compile for a GPU, though the interpreter accepts it)
+        for group_round in range(topk_group):
+            best_group_score, gi = _first_argmax(group_score, gcols, BLOCK_G)
             group_score = tl.where(gcols[None, :] == gi[:, None], float("-inf"), group_score)
             keep = tl.where(gid[None, :] == gi[:, None], 1, keep)
         sel = tl.where(keep != 0, sel, float("-inf"))
@@ -103,7 +107,7 @@ def fused_topk_kernel(
     id_tile = tl.zeros((BLOCK_T, BLOCK_K), tl.int32)
     hist = tl.zeros((BLOCK_E,), tl.int32)
     for k in range(K):
-        _, idx = _first_argmax(sel, cols, BLOCK_E)
+        best_score, idx = _first_argmax(sel, cols, BLOCK_E)
         chosen = cols[None, :] == idx[:, None]
         w = tl.sum(tl.where(chosen, score, 0.0), axis=1)
         sel = tl.where(chosen, float("-inf"), sel)
