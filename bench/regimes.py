@@ -48,7 +48,7 @@ REGIMES = {
            dict(batching="continuous", rate_scale=4.0)),
     "R3": ("Qwen3-30B-A3B, 8x H100, continuous, x4, Zipf(1.2)",
            dict(model="qwen3-30b-a3b", hardware="h100", gpus=8, batching="continuous", rate_scale=4.0,
-                routing="zipf:1.2", iteration_budget=1000)),
+                routing="zipf:1.2", iteration_budget=600)),
     "R4": ("DeepSeek-V3, 64x H200, Azure code, continuous, x8, Zipf(1.2)",
            dict(model="deepseek-v3", hardware="h200", gpus=64, trace="azure-code", batching="continuous",
                 rate_scale=8.0, routing="zipf:1.2", iteration_budget=400)),
