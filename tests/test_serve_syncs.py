@@ -1,6 +1,6 @@
 """Host syncs of the serving loop: at most one per MoE layer (the gathered counts), none elsewhere in the layer.
 
-On CPU (gloo, world 2) tests/sync_count.py counts the calls that would make a CUDA host wait, per MoE layer of
+On CPU (gloo, world 2) tests/serve_sync_zones.py counts the calls that would make a CUDA host wait, per MoE layer of
 a real run, and charges them to zones: the serving loop's own code ("caller"), its host <-> device boundary
 (moeless.serve.transfer: "download" / "upload"), the kernels (moeless_kernels: their own checks, not this
 loop's) and the engine's load predictor. On a GPU the same limit is checked with CUDA's sync debug mode, and
@@ -18,7 +18,7 @@ import torch
 from moeless import serve
 from moeless.engine import GateReplicaLoads
 from serve_harness import run_ranks
-from sync_count import SyncCounter
+from serve_sync_zones import SyncCounter
 
 PROMPTS = [[256, 72, 101, 108, 108, 111], [256, 65], [256, 1, 2, 3, 4, 5, 6, 7, 8], [256, 33, 34]]
 NEW_TOKENS = [4, 2, 3, 4]
@@ -36,6 +36,7 @@ def _zones(counter: SyncCounter) -> None:
         if not name.startswith("moeless.serve."):
             continue
         for attr, zone in (("fused_moe", "kernels"), ("replica_dispatch", "kernels"), ("combine", "kernels"),
+                           ("ReplicaPlan", "kernels"),  # its checks run where it is built (on CPU only)
                            ("download", "download"), ("upload", "upload")):
             if hasattr(module, attr) and not name.endswith((".transfer",)):
                 counter.zone_of(module, attr, zone)

@@ -169,7 +169,7 @@ class SyncCounter(TorchFunctionMode):
 
 def main() -> None:
     """Print the would-be syncs of every MoE layer of a world-1 gloo run of the tiny model, per zone: run from a
-    checkout's root (`python tests/sync_count.py`) to count that checkout's serving loop."""
+    checkout's root (`python tests/serve_sync_zones.py`) to count that checkout's serving loop."""
     import collections
     import os
 
