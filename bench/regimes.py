@@ -126,7 +126,14 @@ def markdown(results: list[dict]) -> str:
             tag = " (lossy)" if p.get("lossy") else ""
             lines.append(f"| {name}{tag} | {lat['mean']:.3f} | {lat['p50']:.3f} | {lat['p99']:.3f} | "
                          f"{p['cost_gb_s']:.4g} | {p['cold_starts']} | {p.get('gb_copied', 0.0):.4g} |")
-        lines += [""] + [f"- {v}" for v in verdicts(r)] + [""]
+        vs = verdicts(r)
+        lines += [""] + [f"- {v}" for v in vs] + [""]
+        if any(v.startswith("MISSED") for v in vs):
+            lines += ["Where a target is missed, moeless-bound shows what physics and this memory budget allow a "
+                      "lossless policy: the true loads as predictions, copies free and instant. Between moeless "
+                      "and that bound lie prediction error (a batch's routing noise that no prediction made before "
+                      "it can know) and the copies the look-ahead cannot hide; beyond the bound only a lossy policy "
+                      "(the oracle, which reroutes tokens) or more slots per GPU can go.", ""]
     return "\n".join(lines)
 
 
