@@ -31,7 +31,8 @@ import time
 import numpy as np
 import pytest
 
-from moeless.baselines import EPLB, oracle_reroute, static_plan
+from moeless.baselines import oracle_reroute, static_plan
+from moeless.policy import EPLBPolicy
 from moeless.planner import balance, even_split, gpu_loads, plan_layers, serve_time_split
 
 from moeless.traces import default_esft_path  # noqa: E402
@@ -128,7 +129,7 @@ def esft_report(loads, gpus=8, extra_slots=1, redundant=8, window=10):
     B, L, E = loads.shape
     S = E // gpus + extra_slots
     static = static_plan(L, E, gpus, E // gpus)
-    eplb = EPLB(L, E, gpus, redundant, window=window, interval=window)
+    eplb = EPLBPolicy(L, E, gpus, (E + redundant) // gpus, window=window, interval=window, unit="iterations")
     rows = {k: [] for k in ("static EP", "lossy oracle (static EP, rerouted)", "EPLB even", "EPLB split")}
     moved = []
     variants = [("ideal", False), ("ideal", True), ("ideal-nohedge", False), ("ideal-nohedge", True),
@@ -146,7 +147,7 @@ def esft_report(loads, gpus=8, extra_slots=1, redundant=8, window=10):
         rows["lossy oracle (static EP, rerouted)"].append(balance(gpu_loads(static, even_split(static, rr))))
         rows["EPLB even"].append(balance(gpu_loads(eplb.plan, even_split(eplb.plan, w))))
         rows["EPLB split"].append(balance(gpu_loads(eplb.plan, serve_time_split(eplb.plan, w))))
-        eplb.observe(w)
+        eplb.end_iteration(w, 0.0)
         for v in variants:
             rule, warm = v
             plan = plan_layers(w.astype(float), gpus, S, rule=rule.split("-")[0], previous=prev[v] if warm else None,

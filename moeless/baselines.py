@@ -5,8 +5,8 @@
   `replicate_experts` (each redundant slot to the expert with the largest load per replica),
   `balanced_packing` (items onto packs with an equal number of items each, heaviest first onto the lightest
   pack with room), `rebalance_experts` (hierarchical: expert groups to nodes, replicas within nodes, replicas
-  to GPUs; global: one node of all GPUs), and the `EPLB` class that rebuilds the plan every `interval`
-  iterations from the mean load of the last `window` iterations (serverful: the plan then stays fixed).
+  to GPUs; global: one node of all GPUs). The policy that runs it at a deployment's cadence is
+  `moeless.policy.EPLBPolicy`.
 - `oracle_reroute`: lossy, perfectly balanced capacity-aware inference: an expert keeps at most
   ceil(total / E) pairs, the rest are rerouted to the least-loaded experts. It changes routing (outputs
   differ), so it is an upper bound on balance, not a lossless policy.
@@ -15,13 +15,11 @@ What it must never do: import torch or kernels, or read a clock.
 """
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 
 from moeless.planner import Plan, _check_loads, _positive_int, replicate_minmax
 
-__all__ = ["EPLB", "balanced_packing", "oracle_reroute", "rebalance_experts", "replicate_experts", "static_plan"]
+__all__ = ["balanced_packing", "oracle_reroute", "rebalance_experts", "replicate_experts", "static_plan"]
 
 
 def static_plan(num_layers: int, num_experts: int, gpus: int, slots_per_gpu: int) -> Plan:
@@ -144,68 +142,6 @@ def rebalance_experts(loads, num_physical: int, gpus: int, *, num_groups: int = 
     pphy2mlog = (pphy2mlog.reshape(L, nodes, -1) + (np.arange(nodes) * per_node_log)[None, :, None]).reshape(L, P)
     pphy2log = np.take_along_axis(mlog2log, pphy2mlog, 1)
     return Plan.from_phy2log(pphy2log, E, G, per_gpu)
-
-
-class EPLB:
-    """Serverful EPLB: E + `redundant_slots` physical experts per layer on `gpus` GPUs, rebuilt every
-    `interval` observed iterations from the mean load of the last `window` ones.
-
-    Use: `plan = eplb.plan` for the current iteration, then `eplb.observe(true_loads)`. Before any history the
-    plan is built from uniform loads (the first `redundant_slots` experts replicated).
-    """
-
-    def __init__(
-        self,
-        num_layers: int,
-        num_experts: int,
-        gpus: int,
-        redundant_slots: int,
-        *,
-        window: int = 10,
-        interval: int = 10,
-        num_groups: int = 1,
-        num_nodes: int = 1,
-    ):
-        self.num_layers = _positive_int("num_layers", num_layers)
-        self.num_experts = _positive_int("num_experts", num_experts)
-        self.gpus = _positive_int("gpus", gpus)
-        if isinstance(redundant_slots, bool) or not isinstance(redundant_slots, (int, np.integer)) or redundant_slots < 0:
-            raise ValueError(f"redundant_slots must be an integer >= 0, got {redundant_slots!r}")
-        self.num_physical = self.num_experts + int(redundant_slots)
-        if self.num_physical % self.gpus:
-            raise ValueError(
-                f"num_experts + redundant_slots = {self.num_physical} must be divisible by gpus={self.gpus}"
-            )
-        self.window = _positive_int("window", window)
-        self.interval = _positive_int("interval", interval)
-        self.num_groups = _positive_int("num_groups", num_groups)
-        self.num_nodes = _positive_int("num_nodes", num_nodes)
-        self._history: deque[np.ndarray] = deque(maxlen=self.window)
-        self._seen = 0
-        self.rebalances = 0
-        self.plan = self._rebalance(np.ones((self.num_layers, self.num_experts)))
-
-    @property
-    def slots_per_gpu(self) -> int:
-        return self.num_physical // self.gpus
-
-    def _rebalance(self, loads: np.ndarray) -> Plan:
-        return rebalance_experts(
-            loads, self.num_physical, self.gpus, num_groups=self.num_groups, num_nodes=self.num_nodes
-        )
-
-    def observe(self, loads) -> Plan:
-        """Record one iteration's true loads [L, E]; rebuild the plan every `interval` iterations. Returns
-        the plan for the next iteration."""
-        W = _check_loads(loads)
-        if W.shape != (self.num_layers, self.num_experts):
-            raise ValueError(f"loads must have shape [{self.num_layers}, {self.num_experts}], got {list(W.shape)}")
-        self._history.append(W)
-        self._seen += 1
-        if self._seen % self.interval == 0:
-            self.plan = self._rebalance(np.mean(self._history, axis=0))
-            self.rebalances += 1
-        return self.plan
 
 
 def oracle_reroute(loads) -> tuple[np.ndarray, np.ndarray]:

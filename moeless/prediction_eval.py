@@ -155,16 +155,18 @@ def _baselines(trace, d, gpus, slots_per_gpu, eplb_kwargs=None):
         return (_planner.balance(_planner.gpu_loads(plan, _planner.serve_time_split(plan, true))),
                 _planner.balance(_planner.gpu_loads(plan, _planner.even_split(plan, true))))
 
+    from moeless.policy import EPLBPolicy
+
     static_plan = _b.static_plan(trace.num_layers - d, trace.num_experts, gpus, slots_per_gpu)
-    policy = _b.EPLB(trace.num_layers - d, trace.num_experts, gpus, gpus * slots_per_gpu - trace.num_experts,
-                     **(eplb_kwargs or {}))
+    kw = {"window": 10, "interval": 10, **(eplb_kwargs or {})}
+    policy = EPLBPolicy(trace.num_layers - d, trace.num_experts, gpus, slots_per_gpu, unit="iterations", **kw)
 
     def static(true):
         return balances(static_plan, true)
 
     def eplb(true):
         out = balances(policy.plan, true)
-        policy.observe(true)  # EPLB learns only from iterations already served
+        policy.end_iteration(true, 0.0)  # EPLB learns only from iterations already served
         return out
 
     return static, eplb

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moeless.baselines import EPLB, balanced_packing, oracle_reroute, rebalance_experts, replicate_experts, static_plan
+from moeless.baselines import balanced_packing, oracle_reroute, rebalance_experts, replicate_experts, static_plan
 from moeless.planner import balance, even_split, gpu_loads
 
 
@@ -76,22 +76,26 @@ def test_eplb_hierarchical_keeps_groups_on_nodes():
             assert len(nodes) == 1
 
 
-def test_eplb_class_rebalances_every_interval():
-    eplb = EPLB(2, 8, 4, redundant_slots=4, window=2, interval=3)
+def test_eplb_policy_rebalances_every_interval():
+    """moeless.policy.EPLBPolicy runs the EPLB above at a cadence (here every 3 iterations, from the last 2)."""
+    from moeless.policy import EPLBPolicy
+
+    eplb = EPLBPolicy(2, 8, 4, 3, window=2, interval=3, unit="iterations")  # 4 redundant slots
     first = eplb.plan
     hot = np.zeros((2, 8))
     hot[:, 5] = 100.0
     hot[:, :5] = 1.0
     for i in range(3):
-        plan = eplb.observe(hot)
+        eplb.end_iteration(hot, 0.0)
+        plan = eplb.plan
         assert (plan == first) == (i < 2)
-    assert eplb.rebalances == 1
+    assert eplb.rebuilds == 1
     assert (plan.logcnt[:, 5] == 5).all()  # all 4 redundant slots go to the hot expert
     assert balance(gpu_loads(plan, even_split(plan, hot.astype(int)))).max() < balance(
         gpu_loads(first, even_split(first, hot.astype(int)))
     ).max()
-    with pytest.raises(ValueError, match="redundant_slots"):
-        EPLB(2, 8, 4, redundant_slots=3)
+    with pytest.raises(ValueError, match="interval"):
+        EPLBPolicy(2, 8, 4, 3, interval=0)
 
 
 @settings(max_examples=60, deadline=None)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moeless.baselines import static_plan
 from moeless.planner import Plan
 from moeless.planner.plan import _positive_int
 from moeless.policy import _kernels
@@ -27,8 +28,8 @@ __all__ = ["DenseLayout", "LayerContext", "Policy", "home_plan", "price_dense"]
 
 
 def home_plan(num_layers: int, num_experts: int, gpus: int, slots_per_gpu: int) -> Plan:
-    """Megatron-LM's expert parallelism as a plan: experts in contiguous blocks of E / G per GPU (slots 0 ..
-    E/G - 1 of each GPU); round-robin over GPUs when E is not a multiple of G. Every layer alike."""
+    """Megatron-LM's expert parallelism as a plan (`moeless.baselines.static_plan`: experts in contiguous blocks of
+    E / G per GPU); round-robin over GPUs when E is not a multiple of G. Every layer alike."""
     L = _positive_int("num_layers", num_layers)
     E = _positive_int("num_experts", num_experts)
     G = _positive_int("gpus", gpus)
@@ -37,12 +38,11 @@ def home_plan(num_layers: int, num_experts: int, gpus: int, slots_per_gpu: int) 
     if per > S:
         raise ValueError(f"slots_per_gpu={S} cannot hold the {per} experts per GPU of expert parallelism "
                          f"({E} experts on {G} GPUs)")
+    if E % G == 0:
+        return static_plan(L, E, G, S)
     e = np.arange(E)
     p2l = np.full(G * S, -1, dtype=np.int64)
-    if E % G == 0:
-        p2l[(e // per) * S + e % per] = e
-    else:
-        p2l[(e % G) * S + e // G] = e
+    p2l[(e % G) * S + e // G] = e
     return Plan.from_phy2log(np.tile(p2l, (L, 1)), E, G, S)
 
 
