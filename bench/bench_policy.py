@@ -5,9 +5,10 @@
 
 Timed, after warming the engine on a few iterations of the same skewed popularity (Dirichlet(0.3) expert shares
 per layer, multinomial batches), so that its pool holds replicas:
-- one iteration's control plane over all layers: every layer's decision d = 1 layers ahead (`Engine.observe`)
-  and its decision for the next iteration (`Engine.prepare`, with the robust alternatives every 4th iteration
-  per layer), realised in the pool: Mixtral-8x7B (32 layers, 8 experts, 8 GPUs x 2 slots, A6000 roofline) and
+- one iteration's control plane over all layers: every layer's serve-time split (`Engine.split`), its decision
+  d = 1 layers ahead (`Engine.observe`) and its decision for the next iteration (`Engine.prepare`, with the
+  robust alternatives every 4th iteration per layer), realised in the pool: Mixtral-8x7B (32 layers, 8 experts,
+  8 GPUs x 2 slots, A6000 roofline) and
   DeepSeek-V3 (58 layers, 256 experts, 64 GPUs x 8 slots, H200 roofline), prefill-sized (4,096 / 8,192
   tokens) and decode-sized (64 tokens) batches;
 - the serve-time split of one layer (`Engine.split`: the policy's time-aware split), 64 experts on 8 GPUs x 9
@@ -54,22 +55,18 @@ class Driver:
         self.batches = [np.stack([rng.multinomial(self.tokens * K, p) for p in pop]) for _ in range(8)]
         self.i, self.t = 0, 0.0
 
-    def iteration(self, *, split: bool = True) -> None:
+    def iteration(self) -> None:
+        """One iteration's control plane: every layer's split, decision d ahead and next-iteration decision."""
         eng, loads = self.engine, self.batches[self.i % len(self.batches)]
         nxt = self.batches[(self.i + 1) % len(self.batches)]
         eng.begin_iteration(self.tokens)
         for layer in range(self.L):
-            if split:
-                eng.split(layer, loads[layer])
+            eng.split(layer, loads[layer])
             eng.observe(layer, loads[layer], nxt[layer + 1] if layer + 1 < self.L else None, self.t)
             eng.prepare(layer, self.t)
         eng.end_iteration(self.t)
         self.i += 1
         self.t += 0.05
-
-    def decisions_only(self) -> None:
-        """The control plane's decisions of one iteration (the splits done outside the timing)."""
-        self.iteration(split=False)
 
 
 def _info(benchmark, **kw):
@@ -84,7 +81,7 @@ def test_decisions_per_iteration(benchmark, case, phase):
     for _ in range(6):
         d.iteration()  # warm: replicas live, numba compiled
     _info(benchmark, case=case, phase=phase, layers=d.L)
-    benchmark.pedantic(d.decisions_only, rounds=8, iterations=1)
+    benchmark.pedantic(d.iteration, rounds=8, iterations=1)
 
 
 def test_split_one_layer(benchmark):
@@ -126,14 +123,14 @@ def _cpu_per_call(fn, n: int) -> float:
 def main() -> int:
     print(f"numba: {HAVE_NUMBA}; one core (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); "
           "process CPU time per call")
-    print("| case | batch | decisions per iteration (all layers) | per layer | target |")
+    print("| case | batch | control plane per iteration (all layers) | per layer | target |")
     print("|---|---|---|---|---|")
     for case in CASES:
         for phase in ("prefill", "decode"):
             d = Driver(case, phase)
             for _ in range(6):
                 d.iteration()
-            s = _cpu_per_call(d.decisions_only, 16)
+            s = _cpu_per_call(d.iteration, 16)
             target = "0.5 ms" if case == "mixtral" else "5 ms"
             print(f"| {case} | {phase} ({d.tokens} tokens) | {s * 1e3:.2f} ms | {s / d.L * 1e6:.0f} us | {target} |")
     s = _cpu_per_call(_split_setup(), 200)

@@ -34,12 +34,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from moeless.outputs import OutputFiles  # noqa: E402
 from moeless.sim import SimConfig, run_simulation  # noqa: E402
-
+from moeless.sim.policies import POLICY_NAMES  # noqa: E402
 from moeless.traces import default_esft_path  # noqa: E402
 
 ESFT = default_esft_path()
-POLICIES = ("megatron", "eplb", "eplb-vllm", "oracle", "moeless", "moeless-bound")
+POLICIES = POLICY_NAMES  # every policy the simulator knows, side by side in one run
 FAIR = ("megatron", "eplb", "eplb-vllm")
 
 REGIMES = {
@@ -159,10 +160,9 @@ def main(argv=None) -> int:
             print(f"  ({r['cpu_s']:.0f} s CPU)", file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text(markdown(results))
-    tmp.replace(out)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=float))
+    with OutputFiles() as files:  # both files or neither
+        files.write_text(out, markdown(results))
+        files.write_text(out.with_suffix(".json"), json.dumps(results, indent=1, default=float))
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -51,8 +51,8 @@ class CostProfile:
     max(n * flop_s, read_s + n * act_s) + launch_s seconds (0 for n = 0); a GPU's expert time is the sum over
     its instances (`per_gpu_sum`) or, in the paper's model, the layer's is the max over replicas; one
     all-to-all direction takes a2a_s * max over GPUs of (pairs received, or total / G when `a2a_floor`: a
-    GPU sends its own tokens' pairs). MoE-layer time = expert time + 2 * all-to-all. `misc_s(tokens)` is
-    the non-expert time, `copy_s` the host and peer cold-start seconds."""
+    GPU sends its own tokens' pairs). MoE-layer time = expert time + 2 * all-to-all. (The non-expert time
+    and the copies' seconds stay with the model: `misc_time`, `cold_start_s`.)"""
 
     flop_s: float
     read_s: float
@@ -61,7 +61,6 @@ class CostProfile:
     a2a_s: float
     a2a_floor: bool
     per_gpu_sum: bool
-    gpus: int
 
     def as_array(self) -> np.ndarray:
         """float64 [7] in the order the compiled loops read them."""
@@ -303,7 +302,7 @@ class RooflineCost:
             a2a = (G - 1) / G * m.token_bytes * max(in_group / h.link_bandwidth, (1 - in_group) / h.host_bandwidth)
         return CostProfile(flop_s=m.flops_per_token / h.flops, read_s=m.expert_bytes / h.bandwidth,
                            act_s=m.activation_bytes_per_token / h.bandwidth, launch_s=h.launch_s, a2a_s=a2a,
-                           a2a_floor=True, per_gpu_sum=True, gpus=G)
+                           a2a_floor=True, per_gpu_sum=True)
 
     def cold_start_s(self, from_peer: bool = False) -> float:
         """Seconds to copy one expert's weights into a GPU slot: from host memory over PCIe, or from a peer
@@ -352,7 +351,7 @@ class PaperLinearCost:
     def profile(self, num_gpus: int) -> CostProfile:
         """Equations 1-3 as scalars: alpha per pair of a replica, the max over replicas, beta per pair of a GPU."""
         return CostProfile(flop_s=self.alpha, read_s=0.0, act_s=0.0, launch_s=0.0, a2a_s=self.beta,
-                           a2a_floor=False, per_gpu_sum=False, gpus=int(num_gpus))
+                           a2a_floor=False, per_gpu_sum=False)
 
     def misc_time(self, tokens, num_gpus: int) -> np.ndarray:
         """T_misc per layer, whatever the tokens."""

@@ -4,12 +4,14 @@ the same way, so a simulated figure describes what serving does.
 
 In every iteration the data plane calls, for every MoE layer l in order:
 
-    begin_iteration(tokens, prefill)  once, before layer 0 (optional: the phase and size of the batch)
+    begin_iteration(tokens, prefill)  once, before layer 0: the batch's tokens (its non-expert time) and phase
     plan(l)                           the one-layer Plan layer l runs with (decided d layers earlier)
     split(l, counts)                  replica_tokens [E, R] of layer l for its true counts (the policy's split)
     observe(l, counts, predicted)     layer l's true counts and the predicted counts of layer l+d arrived: the
                                       policy decides layer l+d, the pool realises it; returns (l+d, ApplyResult)
                                       whose cold starts the data plane must copy, or None
+    prepare(l)                        layer l has run: the policy decides its plan for the next iteration (the
+                                      copies have an iteration to arrive); (l, ApplyResult) or None
     end_iteration(now)                after the last layer: the policy's end-of-iteration plan (EPLB's rebuild),
                                       realised in the pool (ApplyResult or None)
 
@@ -43,7 +45,24 @@ from moeless.planner.plan import _positive_int
 from moeless.policy import LayerContext, Policy
 from moeless.pool import ApplyResult, FunctionPool, Meter, SimulatedClock
 
-__all__ = ["Engine", "EngineStats", "GateReplicaLoads", "default_slots_per_gpu", "replay_pool"]
+__all__ = ["Engine", "EngineStats", "GateReplicaLoads", "cost_pool", "default_slots_per_gpu"]
+
+
+def cost_pool(cost, num_layers: int, gpus: int, slots_per_gpu: int, *, keep_alive_s: float,
+              expert_bytes: float | None = None) -> FunctionPool:
+    """A function pool whose copies take the cost model's times: host copies take cold_start_s(host), peer
+    copies inside the hardware's link groups the peer's (the paper's linear model has no copy term: infinitely
+    fast links). The bill counts `expert_bytes` per instance (default: the cost model's; serving passes its
+    weights' real size). Serving and the simulator both build theirs here, so the policy sees the same copy
+    links in both."""
+    nbytes = float(cost.model.expert_bytes if expert_bytes is None else expert_bytes)
+    host_s, peer_s = cost.cold_start_s(from_peer=False), cost.cold_start_s(from_peer=True)
+    hw = getattr(cost, "hardware", None)
+    return FunctionPool(num_layers, gpus, slots_per_gpu, expert_bytes=nbytes,
+                        link_bandwidth=nbytes / host_s if host_s > 0 else float("inf"),
+                        peer_bandwidth=nbytes / peer_s if peer_s > 0 else float("inf"),
+                        link_group=int(getattr(hw, "link_group", 1)), keep_alive_s=keep_alive_s,
+                        clock=SimulatedClock())
 
 
 def default_slots_per_gpu(num_experts: int, gpus: int, extra: int = 1) -> int:
@@ -59,11 +78,15 @@ class EngineStats:
 
     replicas: list = field(default_factory=list)  # [iterations] of int64 [L]
     plans_made: int = 0  # layers whose plan the policy changed
-    plan_changes: int = 0  # the same (kept for the serving summary's field name)
     plans_kept: int = 0  # decisions that kept the current plan
     cold_starts: int = 0
     warm_starts: int = 0
     rebuilds: int = 0  # whole-model plans from end_iteration (EPLB)
+
+    @property
+    def plan_changes(self) -> int:
+        """The serving summary's name for plans_made."""
+        return self.plans_made
 
 
 class GateReplicaLoads:
@@ -119,9 +142,11 @@ class GateReplicaLoads:
 class Engine:
     """Drive `policy` (a moeless.policy.Policy) over its layers (see the module docstring).
 
-    pool: a `moeless.pool.FunctionPool` of the policy's shape (None: one with `expert_bytes`, `keep_alive_s`,
-    the host link's `link_bandwidth` and the peer link's `peer_bandwidth` (bytes/s) inside groups of
-    `link_group` GPUs, on a simulated clock: pass `now` (seconds) to start / observe / end_iteration / close).
+    pool: a `moeless.pool.FunctionPool` of the policy's shape (None: `cost_pool` of the policy's cost model with
+    `keep_alive_s`, billing `expert_bytes` per instance if given; a policy without one gets `expert_bytes`
+    (default 1), the host link's `link_bandwidth` and the peer link's `peer_bandwidth` (bytes/s) inside groups
+    of `link_group` GPUs; on a simulated clock: pass `now` (seconds) to start / observe / prepare /
+    end_iteration / close).
     copy_s: (host, peer) seconds of one cold start in model time (default: the policy's cost model's, else the
     pool's). misc: seconds of non-expert work per layer for an iteration of t tokens, `misc(t)` (default: the
     policy's cost model's, else 0), which the look-ahead counts. horizon_prior: the expected warm life
@@ -138,7 +163,7 @@ class Engine:
     SCENARIOS = 4
 
     def __init__(self, policy: Policy, *, distance: int = 1, pool: FunctionPool | None = None,
-                 expert_bytes: float = 1.0, keep_alive_s: float = 60.0, link_bandwidth: float = 25e9,
+                 expert_bytes: float | None = None, keep_alive_s: float = 60.0, link_bandwidth: float = 25e9,
                  peer_bandwidth: float | None = None, link_group: int = 1, copy_s=None, misc=None,
                  horizon_prior: float | None = None, prewarm: bool = True, refresh_every: int = 4):
         if not isinstance(policy, Policy):
@@ -150,8 +175,12 @@ class Engine:
         if distance >= self.L and self.L > 1:
             raise ValueError(f"distance={distance} must be smaller than the {self.L} layers")
         self.distance = int(distance)
-        if pool is None:
-            pool = FunctionPool(self.L, self.G, self.S, expert_bytes=float(expert_bytes),
+        if pool is None and getattr(policy, "cost", None) is not None:
+            pool = cost_pool(policy.cost, self.L, self.G, self.S, keep_alive_s=float(keep_alive_s),
+                             expert_bytes=expert_bytes)
+        elif pool is None:
+            nbytes = 1.0 if expert_bytes is None else float(expert_bytes)
+            pool = FunctionPool(self.L, self.G, self.S, expert_bytes=nbytes,
                                 link_bandwidth=float(link_bandwidth), keep_alive_s=float(keep_alive_s),
                                 peer_bandwidth=peer_bandwidth, link_group=int(link_group), clock=SimulatedClock())
         elif (pool.num_layers, pool.gpus, pool.slots_per_gpu) != (self.L, self.G, self.S):
@@ -173,7 +202,8 @@ class Engine:
         self.horizon_prior = None if horizon_prior is None else float(horizon_prior)
         self.prewarm = bool(prewarm)
         self.refresh_every = _positive_int("refresh_every", refresh_every)
-        self._iterations = 0.0
+        self._iterations = 0.0  # real iterations seen (the weights of the simulated ones)
+        self._weighted_t = 0.0
         initial = policy.initial_plan()
         self._plans = [initial[l] for l in range(self.L)]
         self._last_counts = np.zeros((self.L, self.E), dtype=np.int64)  # true counts, latest iteration
@@ -193,6 +223,7 @@ class Engine:
         # warm life of the instances this engine cold-started: slots' expert if made here (-1 otherwise)
         self._made = np.full((self.L, self.G * self.S), -1, dtype=np.int64)
         self._last_use = np.full((self.L, self.G * self.S), -np.inf)  # when each slot's instance last served
+        self._ready = np.zeros((self.L, self.G * self.S))  # model time at which each slot's copy is in
         self._n_made = 0
         self._uses = 0.0
         self._weight = 1.0
@@ -253,10 +284,10 @@ class Engine:
         self._last_use[layer, used] = self._now
         if self._n_made:  # warm life: this engine's instances that serve pairs now
             self._uses += self._weight * float((self._made[layer, used] == plan.phy2log[0, used]).sum())
-        tokens = self._tokens if self._tokens > 0 else float(counts.sum())
-        self.last_layer_s = float(t) + self._misc(tokens)
+        self.last_layer_s = float(t) + self._misc(self._tokens)
         self._layer_s = self.last_layer_s if self._layer_s is None else 0.9 * self._layer_s + 0.1 * self.last_layer_s
         self.model_t += self.last_layer_s
+        self._weighted_t += self.last_layer_s * self._weight  # real iterations' seconds (thinned ones weighted)
         return rt
 
     def observe(self, layer: int, counts, predicted=None, now: float | None = None, *, replan: bool = True):
@@ -316,19 +347,19 @@ class Engine:
         return self._decide(self._layer(layer), self._counts(loads, "loads", integral=False), now, int(layers_ahead))
 
     def _decide(self, target: int, loads: np.ndarray, now, layers_ahead: int, refresh: bool = False):
+        """The policy's decision for `target` given its predicted loads; `layers_ahead` layers hide its copies."""
+        if not self.policy.serverless or not loads.sum() > 0:
+            return None
         scenarios = None
         if refresh:
             k = min(int(self._n_recent[target]), self.SCENARIOS)
             scenarios = self._recent[target, :k]
-        """The policy's decision for `target` given its predicted loads; `layers_ahead` layers hide its copies."""
-        if not self.policy.serverless or not loads.sum() > 0:
-            return None
         t = self.pool.advance_to(now)
         self._now = t
         live = self.pool.expert[target]
         ctx = LayerContext(
             layer=target, loads=loads.astype(np.float64), tokens=self._tokens, current=self._plans[target],
-            live=live, loaded=self.pool.ready_at[target] <= t,
+            live=live, loaded=self._ready[target] <= self.model_t,
             link_wait=np.maximum(self._link_free - self.model_t, 0.0),
             lookahead=layers_ahead * (self._layer_s or 0.0), horizon=self.horizon(),
             link_group=self.pool.link_group,
@@ -342,7 +373,6 @@ class Engine:
         # order that keeps every instance the pool holds in its slot (balance unchanged)
         new = self.pool.align(new, layer=target)
         self.stats.plans_made += 1
-        self.stats.plan_changes += 1
         self._plans[target] = new
         res = self.pool.apply(new, t, layer=target)
         self.applied.append((t, target, new.phy2log[0].copy()))
@@ -368,7 +398,7 @@ class Engine:
 
     def _keep_iterations(self) -> float:
         """Iterations in one keep-alive at the mean iteration time so far (1 before any), at most 1,000."""
-        mean_it = self.model_t / self._iterations if self._iterations > 0 else 0.0
+        mean_it = self._weighted_t / self._iterations if self._iterations > 0 else 0.0
         if mean_it <= 0:
             return 1.0
         return min(1000.0, max(1.0, self.pool.keep_alive_s / mean_it))
@@ -394,6 +424,7 @@ class Engine:
             else np.full(len(res.cold), self.copy_host)
         add = np.bincount(slot // self.S, weights=secs, minlength=self.G)
         self._link_free = np.where(add > 0, np.maximum(self._link_free, self.model_t) + add, self._link_free)
+        self._ready[layer, slot] = self._link_free[slot // self.S]  # in when its GPU's queue is (at the latest)
 
     # -- checks --------------------------------------------------------------------------------------------
     def _layer(self, layer) -> int:
@@ -413,18 +444,3 @@ class Engine:
         if c.dtype.kind not in "iu" and (c != np.round(c)).any():
             raise ValueError(f"{name} must hold integer counts")
         return c.astype(np.int64)
-
-    # -- batch size gate (asked by the data plane before it predicts and splits a layer) ---------------------
-
-
-def replay_pool(applied, num_layers: int, num_experts: int, gpus: int, slots_per_gpu: int, *,
-                expert_bytes: float, link_bandwidth: float, keep_alive_s: float, end: float) -> Meter:
-    """A fresh pool fed the same (now, layer, phy2log) sequence as an engine's: the independent bill of a run."""
-    pool = FunctionPool(num_layers, gpus, slots_per_gpu, expert_bytes=expert_bytes, link_bandwidth=link_bandwidth,
-                        keep_alive_s=keep_alive_s, clock=SimulatedClock())
-    for now, layer, p2l in applied:
-        if layer is None:
-            continue
-        plan = Plan.from_phy2log(p2l[None], num_experts, gpus, slots_per_gpu)
-        pool.apply(plan, now, layer=layer)
-    return pool.close(end if math.isfinite(end) else None)

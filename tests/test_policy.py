@@ -201,12 +201,12 @@ def test_compiled_loops_agree_with_their_python():
         live = plan.phy2log[0]
         outs = []
         for fn in (_kernels.decide_layer, _kernels.decide_layer.py_func):
-            inst, out = np.zeros((16, 4), dtype=bool), np.zeros(2)
+            inst = np.zeros((16, 4), dtype=bool)
             code = fn(np.rint(W), live, live >= 0, np.zeros(live.size, dtype=bool), 6, d.has, pol.home,
                       pol.home_gpu, p, 1000, QWEN.cold_start_s(False), QWEN.cold_start_s(True), 8, np.zeros(4),
-                      0.01, 50.0, inst, out)
-            outs.append((code, inst.tobytes(), out.tolist()))
-        assert outs[0][:2] == outs[1][:2] and np.allclose(outs[0][2], outs[1][2])
+                      0.01, 50.0, inst)
+            outs.append((code, inst.tobytes()))
+        assert outs[0] == outs[1]
 
 
 def test_rebalance_fills_every_slot_and_keeps_every_expert():

@@ -215,10 +215,13 @@ def _eval_move(n, e, gs, gb, new, comp, pairs, tops, F, cs, pfloor, tol, p, copy
 
 
 @njit
-def _chain_move(n, ig, cnt, home, room, comp, pairs, tops, F, cs, gs, pfloor, tol, p):
+def _chain_move(n, ig, cnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p):
     """Apply the best chain gs -> gb -> gc of whole pair counts (see improve) that lowers the busiest GPU without
-    raising the layer time; comp and pairs are updated. Returns whether one was applied."""
+    raising the layer time; comp and pairs are updated. Returns whether one was applied. (A GPU's time is a sum
+    of its instances' in the roofline only; the paper's max over replicas has no such trap.)"""
     E, G = n.shape
+    if p[_SUM] <= 0.0:
+        return False
     best = 0.0
     be, bf, bgb, bgc = -1, -1, -1, -1
     nb_a, nb_b, nb_c = 0.0, 0.0, 0.0
@@ -242,10 +245,10 @@ def _chain_move(n, ig, cnt, home, room, comp, pairs, tops, F, cs, gs, pfloor, to
                     if gc == gb or gc == gs or (n[f, gc] < 1.0 and not home[f, gc] and room[gc] <= 0):
                         continue
                     # gb loses f's pairs after gaining e's: price f's instance there with e's added
-                    b = b0 - inst_time(y, p) if p[_SUM] > 0.0 else b0
+                    b = b0 - inst_time(y, p)
                     c = comp[gc] - inst_time(n[f, gc], p) + inst_time(n[f, gc] + y, p)
                     local = max(a, max(b, c))
-                    if local >= cs - tol or p[_SUM] <= 0.0:
+                    if local >= cs - tol:
                         continue
                     rest = 0.0
                     for g in range(G):
@@ -347,7 +350,7 @@ def improve(n, has, ig, cnt, home, p, total, max_moves, new_ok, room, copy_src, 
             # no single move helps: try a chain, all of e's pairs on the busiest GPU to its instance on gb while
             # all of f's pairs on gb go to f's instance on gc (gb would otherwise become the busiest: the
             # local search's trap in memory-bound layers, where a GPU's time counts its active experts)
-            if _chain_move(n, ig, cnt, home, room, comp, pairs, tops, F, cs, gs, pfloor, tol, p):
+            if _chain_move(n, ig, cnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p):
                 moves += 1
                 continue
             break
@@ -593,13 +596,13 @@ def primary_of(has, home_gpu, out):
 
 @njit
 def decide_layer(W, live, loaded, pinned, S, cur_has, home, home_gpu, p, max_moves, copy_host, copy_peer,
-                 link_group, link_wait, lookahead, horizon, has_out, out):
+                 link_group, link_wait, lookahead, horizon, has_out):
     """moeless's decision for one layer (moeless.policy.serverless): has_out [E, G] gets the chosen instances.
 
     live / loaded / pinned [G*S]: each slot's live instance (expert, -1 free), whether its weights are in, and
     whether the plan keeps it whatever its predicted pairs (used within its keep-alive: a hedge the split can
-    use for free). Returns 0 (the new plan), 1 (keep the current plan) or 2 (the homes alone); out [2] gets the
-    chosen plan's predicted time and its copy seconds. link_wait [G] is updated with the new plan's copies."""
+    use for free); link_wait [G]: seconds until each GPU's copy links are free (read only). Returns 0 (the new
+    plan), 1 (keep the current plan) or 2 (the homes alone)."""
     E, G = home.shape
     total = 0.0
     for e in range(E):
@@ -638,41 +641,34 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, home, home_gpu, p, max_mov
     wait = link_wait.copy()
     improve(n, has, ig, cnt, keep, p, total, max_moves, True, room, src, wait, lookahead, horizon, stall, made)
     same = True
-    copy_s = 0.0
     for e in range(E):
         for g in range(G):
             v = keep[e, g] or n[e, g] >= 1.0
             has_out[e, g] = v
             if v != cur_has[e, g]:
                 same = False
-            if made[e, g] and v:
-                copy_s += src[e, g]
-    out[1] = copy_s
-    prim = np.zeros(E, dtype=np.int64)
-    scratch = np.zeros((E, G))
     if same:
-        primary_of(cur_has, home_gpu, prim)
-        out[0] = time_split(W, cur_has, prim, p, max_moves, scratch)
         return 1
     # do no harm: the predicted time under the split the data plane will run, against the current plan and the
     # homes alone (ties keep the current plan, then the homes)
+    prim = np.zeros(E, dtype=np.int64)
+    scratch = np.zeros((E, G))
     primary_of(has_out, home_gpu, prim)
     t_new = time_split(W, has_out, prim, p, max_moves, scratch)
     primary_of(cur_has, home_gpu, prim)
     t_cur = time_split(W, cur_has, prim, p, max_moves, scratch)
-    t_home = time_split(W, home, home_gpu, p, max_moves, scratch)
+    t_home = t_cur
+    for e in range(E):
+        for g in range(G):
+            if cur_has[e, g] != home[e, g]:
+                t_home = time_split(W, home, home_gpu, p, max_moves, scratch)
+                break
+        else:
+            continue
+        break
     tol = 1e-9 * max(t_cur, t_home, 1e-12)
     if t_new > min(t_cur, t_home) + tol:
-        out[1] = 0.0
-        if t_cur <= t_home + tol:
-            out[0] = t_cur
-            return 1
-        out[0] = t_home
-        return 2
-    out[0] = t_new
-    for g in range(G):
-        if wait[g] > link_wait[g]:
-            link_wait[g] = wait[g]
+        return 1 if t_cur <= t_home + tol else 2
     return 0
 
 

@@ -52,12 +52,12 @@ class MoelessPolicy(Policy):
                              f"{type(cost).__name__}")
         self.name = name
         self.cost = cost
-        self.profile = cost.profile(self.G).as_array()
+        prof = cost.profile(self.G)
+        self.profile = prof.as_array()
         self.free_moves = bool(free_moves)
         self.copy_host = 0.0 if free_moves else float(cost.cold_start_s(from_peer=False))
         self.copy_peer = 0.0 if free_moves else float(cost.cold_start_s(from_peer=True))
         self.max_moves = int(max_moves) if max_moves is not None else 2 * (self.E + self.G * self.S) + 16
-        prof = cost.profile(self.G)
         # pairs at which an instance's compute time reaches its weight read (the roofline's ridge)
         self.ridge = prof.read_s / (prof.flop_s - prof.act_s) if prof.flop_s > prof.act_s else 0.0
         home = np.zeros((self.E, self.G), dtype=np.bool_)
@@ -92,7 +92,7 @@ class MoelessPolicy(Policy):
         no_pin = np.zeros(len(ctx.live), dtype=np.bool_)
         pinned = no_pin if ctx.pinned is None or self.free_moves else np.asarray(ctx.pinned, dtype=np.bool_)
         horizon = max(float(ctx.horizon), 1e-9)
-        code, inst, _ = self._decide(W, ctx, pinned, horizon)
+        code, inst = self._decide(W, ctx, pinned, horizon)
         point = ctx.current if code == 1 else self._home_layer if code == 2 else self._plan_of(inst)
         if ctx.refresh and ctx.scenarios is not None and len(ctx.scenarios) \
                 and max(W.max(), float(np.max(ctx.scenarios))) > self.ridge:
@@ -157,14 +157,14 @@ class MoelessPolicy(Policy):
         return src
 
     def _decide(self, W, ctx, pinned, horizon):
+        """(code, instances bool [E, G]) of the compiled decision (see _kernels.decide_layer)."""
         inst = np.zeros((self.E, self.G), dtype=np.bool_)
-        out = np.zeros(2)
         code = _kernels.decide_layer(
             W, np.asarray(ctx.live, dtype=np.int64), np.asarray(ctx.loaded, dtype=np.bool_), pinned, self.S,
             self.dense(ctx.current).has, self.home, self.home_gpu, self.profile, self.max_moves, self.copy_host,
-            self.copy_peer, max(1, int(ctx.link_group)), np.asarray(ctx.link_wait, dtype=np.float64).copy(),
-            float(ctx.lookahead), horizon, inst, out)
-        return code, inst, out
+            self.copy_peer, max(1, int(ctx.link_group)), np.asarray(ctx.link_wait, dtype=np.float64),
+            float(ctx.lookahead), horizon, inst)
+        return code, inst
 
     def _plan_of(self, inst: np.ndarray) -> Plan:
         """One-layer plan of the instance set inst bool [E, G]: homes in their slots, replicas in the next free

@@ -47,8 +47,8 @@ class ExpertParallelServer:
     cost: the cost model the policy prices with (default: a roofline of the model's config on this device's
     hardware profile, `moeless.specs.hardware_for_device`). predictor: "gate-replica" (the paper's, copied from
     the model's gates), a fitted `moeless.predictors.GateReplicaPredictor`, or "previous" (layer l+d's true
-    counts of the last iteration). keep_alive_s: the pool's keep-alive; link_bandwidth: bytes/s of a cold
-    start's copy in the pool's time model. kernel_backend: moeless_kernels' backend. record_logits: keep every
+    counts of the last iteration). keep_alive_s: the pool's keep-alive (its copy links are the cost model's).
+    kernel_backend: moeless_kernels' backend. record_logits: keep every
     generated token's logits in the results (tests). engine_options: more `moeless.engine.Engine` options.
 
     Every rank must construct the server, call `generate` / `serve` with the same arguments, and `close` it.
@@ -57,7 +57,7 @@ class ExpertParallelServer:
     def __init__(self, model, ctx: DistContext, *, policy="moeless", slots_per_gpu: int | None = None,
                  distance: int = 1, predictor="gate-replica", keep_alive_s: float = 60.0,
                  kernel_backend: str = "auto", record_logits: bool = False, cost=None,
-                 link_bandwidth: float = 25e9, engine_options: dict | None = None):
+                 engine_options: dict | None = None):
         check_supported(model)
         self.ctx, self.device = ctx, ctx.device
         self.rank, self.world = ctx.rank, ctx.world_size
@@ -78,8 +78,10 @@ class ExpertParallelServer:
         self._predictor = self._make_predictor(predictor, policy, distance)
         self.layers = [ExpertParallelExperts(block.experts, i, slots_per_gpu=self.slots_per_gpu, device=self.device,
                                              rank=self.rank) for i, (_, block) in enumerate(blocks)]
-        self.engine = Engine(policy, distance=distance, expert_bytes=self.layers[0].expert_bytes,
-                             keep_alive_s=keep_alive_s, link_bandwidth=link_bandwidth, **(engine_options or {}))
+        # the pool's copy links follow the policy's cost model (moeless.engine.cost_pool), as in the simulator
+        # the bill counts the served weights' real bytes
+        self.engine = Engine(policy, distance=distance, keep_alive_s=keep_alive_s,
+                             expert_bytes=self.layers[0].expert_bytes, **(engine_options or {}))
         # the router logits feed only the training loss; asking for them would also run it on padded batches
         self._forward_kwargs = {"output_router_logits": False} if hasattr(model.config, "output_router_logits") else {}
         # transformers renamed past_key_values to cache (5.2x); pass whichever this version's forward takes

@@ -325,25 +325,26 @@ def build_runners(setup: Setup) -> list:
 
 
 # --- the run -------------------------------------------------------------------------------------------------
-def _chunks(setup: Setup, rng: np.random.Generator):
-    sched, src, m = setup.schedule, setup.routing, setup.model
-    # bound a chunk's [n, L, E, R] arrays to a few million entries (DeepSeek-V3 on 64 GPUs: a few iterations)
-    size = max(1, min(setup.config.chunk_iterations, 2_000_000 // (m.num_moe_layers * m.num_experts * 4)))
-    # decode step inside the batch (0 = the prefill), which token-level routing follows request by request
+def _route(sched, sl: slice, src, rng: np.random.Generator):
+    """(loads int [n, L, E], topk_ids [n] of [L, T, K] or None) of the schedule's iterations `sl`: token-level
+    routing follows each request's decode step (0 = the prefill) inside its batch."""
     idx = np.arange(len(sched))
     new_batch = np.r_[True, sched.batch[1:] != sched.batch[:-1]]
-    batch_start = np.maximum.accumulate(np.where(new_batch, idx, 0))
-    step = idx - batch_start
+    step = idx - np.maximum.accumulate(np.where(new_batch, idx, 0))
+    tokens = sched.tokens[sl]
+    if src.token_level:
+        routed = [src.route(int(t), int(b), int(s), rng) for t, b, s in zip(tokens, sched.batch[sl], step[sl])]
+        return np.stack([r.loads for r in routed]), [r.topk_ids for r in routed]
+    return src.route_many(tokens, sched.batch[sl], step[sl], rng), None
+
+
+def _chunks(setup: Setup, rng: np.random.Generator):
+    sched, m = setup.schedule, setup.model
+    # bound a chunk's [n, L, E, R] arrays to a few million entries (DeepSeek-V3 on 64 GPUs: a few iterations)
+    size = max(1, min(setup.config.chunk_iterations, 2_000_000 // (m.num_moe_layers * m.num_experts * 4)))
     for sl in _workload.iter_chunks(len(sched), size):
-        tokens = sched.tokens[sl]
-        if src.token_level:
-            routed = [src.route(int(t), int(b), int(s), rng)
-                      for t, b, s in zip(tokens, sched.batch[sl], step[sl])]
-            loads = np.stack([r.loads for r in routed])
-            topk = [r.topk_ids for r in routed]
-        else:
-            loads, topk = src.route_many(tokens, sched.batch[sl], step[sl], rng), None
-        yield Chunk(sl, tokens, sched.prefill[sl], sched.weight[sl], sched.ready_s[sl], loads, topk)
+        loads, topk = _route(sched, sl, setup.routing, rng)
+        yield Chunk(sl, sched.tokens[sl], sched.prefill[sl], sched.weight[sl], sched.ready_s[sl], loads, topk)
 
 
 def _clock_scan(ready: np.ndarray, duration: np.ndarray, start: float) -> tuple[np.ndarray, float]:
@@ -365,20 +366,13 @@ class _Meter:
 
 
 def _history(setup: Setup, rng: np.random.Generator):
-    """(loads [n, L, E], weights [n], ready times [n]) of the iterations before the window, or None."""
+    """(loads [n, L, E], topk_ids or None, weights [n], ready times [n] up to 0) of the iterations before the
+    window, routed like the window's, or None."""
     sched = setup.extra.get("history")
     if sched is None or len(sched) == 0:
         return None
-    src = setup.routing
-    idx = np.arange(len(sched))
-    new_batch = np.r_[True, sched.batch[1:] != sched.batch[:-1]]
-    step = idx - np.maximum.accumulate(np.where(new_batch, idx, 0))
-    if src.token_level:
-        loads = np.stack([src.route(int(t), int(b), int(s), rng).loads
-                          for t, b, s in zip(sched.tokens, sched.batch, step)])
-    else:
-        loads = src.route_many(sched.tokens, sched.batch, step, rng)
-    return loads, sched.weight, sched.ready_s - (sched.ready_s[-1] if len(sched) else 0.0)
+    loads, topk = _route(sched, slice(0, len(sched)), setup.routing, rng)
+    return loads, topk, sched.weight, sched.ready_s - sched.ready_s[-1]
 
 
 def run_simulation(config: SimConfig | None = None, *, progress: bool | None = None) -> SimResult:

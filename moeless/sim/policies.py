@@ -23,7 +23,7 @@ import numpy as np
 from moeless import baselines as _baselines
 from moeless import planner as _planner
 from moeless.costmodel import equation2_cost
-from moeless.pool import FunctionPool, SimulatedClock
+from moeless.pool import FunctionPool
 
 POLICY_NAMES = ("megatron", "eplb", "eplb-vllm", "oracle", "moeless", "moeless-bound")
 
@@ -43,16 +43,12 @@ def replica_gpu(plan: _planner.Plan) -> np.ndarray:
 
 
 def resident_pool(setup, keep_alive_s: float = float("inf")) -> FunctionPool:
-    """A function pool of the setup's shape whose copies take the cost model's cold-start times."""
-    m, cfg, hw = setup.model, setup.config, setup.hardware
-    host_s = setup.cost.cold_start_s(from_peer=False)
-    peer_s = setup.cost.cold_start_s(from_peer=True)
-    # the paper-linear model has no cold-start term: an infinitely fast link keeps the pool's bill
-    return FunctionPool(m.num_moe_layers, cfg.gpus, setup.slots_per_gpu, expert_bytes=m.expert_bytes,
-                        link_bandwidth=m.expert_bytes / host_s if host_s > 0 else float("inf"),
-                        peer_bandwidth=m.expert_bytes / peer_s if peer_s > 0 else float("inf"),
-                        link_group=int(getattr(hw, "link_group", 1)), keep_alive_s=keep_alive_s,
-                        clock=SimulatedClock())
+    """A function pool of the setup's shape whose copies take the cost model's times (moeless.engine.cost_pool:
+    the one serving builds too)."""
+    from moeless.engine import cost_pool
+
+    return cost_pool(setup.cost, setup.model.num_moe_layers, setup.config.gpus, setup.slots_per_gpu,
+                     keep_alive_s=keep_alive_s)
 
 
 class ServerfulRunner:
@@ -73,7 +69,7 @@ class ServerfulRunner:
     def resident(self) -> int:
         return int(self.plan.logcnt.sum())
 
-    def warm(self, loads: np.ndarray, weights: np.ndarray, times: np.ndarray) -> None:
+    def warm(self, loads: np.ndarray, topk, weights: np.ndarray, times: np.ndarray) -> None:
         """History before the window (a running deployment): EPLB's statistics and its plan from them."""
         if hasattr(self.policy, "warm"):
             self.plan = self.policy.warm(loads, weights, times)
@@ -117,7 +113,7 @@ class ServerfulRunner:
             begin, end = _clock_scan(chunk.ready_s[sl], it_s * chunk.weight[sl], meter.clock)
             stop = n
             rebuilt = None
-            if hasattr(self.policy, "end_iteration") and not self.lossy:
+            if not self.lossy:
                 for i in range(start, n):  # EPLB's statistics and cadence, iteration by iteration
                     new = self.policy.end_iteration(chunk.loads[i], float(begin[i - start]), float(chunk.weight[i]))
                     if new is not None:

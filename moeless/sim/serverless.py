@@ -113,11 +113,12 @@ class ServerlessRunner:
                          np.zeros((self.distance, self.G), dtype=np.int64))
         self.links = LinkState(self.L, self.G)
 
-    def warm(self, loads: np.ndarray, weights: np.ndarray, times: np.ndarray) -> None:
-        """History before the window: the predictor sees it (a running deployment's predictor is warm)."""
+    def warm(self, loads: np.ndarray, topk, weights: np.ndarray, times: np.ndarray) -> None:
+        """History before the window: the predictor sees it, with its token-level routing where the source has
+        one (a running deployment's predictor is warm)."""
         top_k = self.model.top_k
         for i in range(len(loads)):
-            self.prediction.predict(loads[i], None, top_k)
+            self.prediction.predict(loads[i], None if topk is None else topk[i], top_k)
 
     def _copies(self, res, G: int, S: int):
         """Host and peer copies [G] of one decision's cold starts (and the run's tallies)."""
@@ -145,7 +146,7 @@ class ServerlessRunner:
             for layer in range(d):
                 res = eng.decide(layer, loads[layer], t)
                 if res is not None and len(res[1].cold):
-                    h, pp = self._copies(res[1], G, S)
+                    self._copies(res[1], G, S)  # free copies: counted, no stall
                     n_cold += len(res[1].cold)
         for layer in range(L):
             plan = eng.plan(layer)
