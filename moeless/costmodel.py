@@ -74,7 +74,7 @@ def _check_layout(replica_tokens, replica_gpu, num_gpus):
     if tokens.shape != gpu.shape or tokens.ndim < 2:
         raise ValueError(f"replica_tokens {tokens.shape} and replica_gpu {gpu.shape} must be one shape [..., E, R]")
     if not isinstance(num_gpus, (int, np.integer)) or num_gpus < 1:
-        raise ValueError(f"num_gpus must be an int >= 1, got {num_gpus!r}")
+        raise ValueError(f"num_gpus must be an integer >= 1, got {num_gpus!r}")
     if gpu.size and (gpu.max() >= num_gpus or gpu.min() < -1):
         raise ValueError(f"replica_gpu must lie in [-1, {num_gpus}), got [{gpu.min()}, {gpu.max()}]")
     if tokens.size and tokens.min() < 0:
@@ -186,7 +186,7 @@ def _slot_rows(slot_tokens, slot_expert, num_gpus):
     if tokens.shape != expert.shape or tokens.ndim < 1:
         raise ValueError(f"slot_tokens {tokens.shape} and slot_expert {expert.shape} must be one shape [..., G*S]")
     if not isinstance(num_gpus, (int, np.integer)) or num_gpus < 1 or tokens.shape[-1] % num_gpus:
-        raise ValueError(f"num_gpus must be an int >= 1 dividing the {tokens.shape[-1]} slots, got {num_gpus!r}")
+        raise ValueError(f"num_gpus must be an integer >= 1 dividing the {tokens.shape[-1]} slots, got {num_gpus!r}")
     if tokens.size and tokens.min() < 0:
         raise ValueError("slot_tokens must be >= 0")
     if ((expert < 0) & (tokens != 0)).any():

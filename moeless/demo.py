@@ -23,7 +23,9 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -182,7 +184,7 @@ def build_requests(encode, trace_name: str, n: int, max_prompt: int, max_new: in
 
     for name, v in (("requests", n), ("max_prompt_tokens", max_prompt), ("max_new_tokens", max_new)):
         if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if not time_scale > 0:
         raise ValueError(f"time_scale must be > 0, got {time_scale!r}")
     _, window = busiest_window(load_trace(trace_name), 600.0)
@@ -209,7 +211,7 @@ def mixed_requests(encode, n: int, *, rate_per_s: float, max_prompt: int, max_ne
 
     for name, v in (("n", n), ("max_prompt", max_prompt), ("max_new", max_new)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if not (isinstance(rate_per_s, (int, float)) and np.isfinite(rate_per_s) and rate_per_s > 0):
         raise ValueError(f"rate_per_s must be a finite number > 0, got {rate_per_s!r}")
     import pydoc_data.topics as topics
@@ -240,7 +242,7 @@ def run_comparison(ctx, model, requests, *, keep_alive_s: float = 5.0, extra_slo
     from moeless.engine import default_slots_per_gpu
 
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     E = int(serve.find_moe_blocks(model)[0][1].experts.gate_up_proj.shape[0])
     warm = serve.ExpertParallelServer(model, ctx, policy="ep", slots_per_gpu=default_slots_per_gpu(E, ctx.world_size, 0))
     warm.generate([list(r.prompt[:16]) for r in requests[:2 * ctx.world_size]], 2)  # first calls: not measured
@@ -299,8 +301,9 @@ def _pool_runs(runs: list) -> dict:
 
 
 def _worker(rank, world, port, opts, requests, out_dir):
-    """One rank of the demo: serve `requests` with both policies; rank 0 writes raw.json. Any failure is written
-    as one line to failure-rank<r>.json (the parent reports the first), never as a traceback."""
+    """One rank of the demo: serve `requests` with both policies; rank 0 writes raw.json into the run folder
+    `out_dir`. Any failure is written as one line to failure-rank<r>.json there (the parent reports the first),
+    never as a traceback."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     _exit_with_parent()
     import torch
@@ -372,15 +375,22 @@ def _run_ranks(world: int, opts: dict, requests: list, out: Path) -> dict:
     """Spawn the ranks, wait for them, return rank 0's raw result. After a rank fails the others get
     FAILURE_GRACE_S to report, then are stopped; DemoError with the first failure (the cause: later ones are
     the peers that lost it)."""
+    # the ranks write into a private folder inside `out` (removed afterwards): a failed run leaves `out` as it was
+    run = Path(tempfile.mkdtemp(prefix=".run-", dir=out))
+    try:
+        return _spawn_and_collect(world, opts, requests, run)
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def _spawn_and_collect(world: int, opts: dict, requests: list, run: Path) -> dict:
     import multiprocessing as mp
 
     from moeless.serve import free_port
 
-    for stale in [out / "raw.json", *out.glob("failure-rank*.json")]:
-        stale.unlink(missing_ok=True)
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, opts, requests, str(out))) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, opts, requests, str(run))) for r in range(world)]
     failed_at, stopped = None, set()
     try:
         for p in procs:
@@ -397,7 +407,7 @@ def _run_ranks(world: int, opts: dict, requests: list, out: Path) -> dict:
                 p.kill()
                 stopped.add(r)
             p.join()
-    reports = sorted((json.loads(f.read_text()) for f in out.glob("failure-rank*.json")), key=lambda r: r["time"])
+    reports = sorted((json.loads(f.read_text()) for f in run.glob("failure-rank*.json")), key=lambda r: r["time"])
     silent = [(r, p.exitcode) for r, p in enumerate(procs)
               if p.exitcode != 0 and r not in stopped and r not in {x["rank"] for x in reports}]
     # a rank that died without a report (killed, out of memory) is the cause; the others report losing it
@@ -410,9 +420,9 @@ def _run_ranks(world: int, opts: dict, requests: list, out: Path) -> dict:
         causes.append(text + (f" ({more} other rank(s) failed after it)" if more else ""))
     if causes:
         raise DemoError("; then ".join(causes), reports[0]["code"] if reports and not silent else 1)
-    if not (out / "raw.json").is_file():
+    if not (run / "raw.json").is_file():
         raise DemoError("rank 0 ended without writing its result")
-    return json.loads((out / "raw.json").read_text())
+    return json.loads((run / "raw.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -480,7 +490,8 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _plots(res: dict, out: Path) -> list[Path]:
+def _plots(res: dict, out: Path, staged) -> list[Path]:
+    """The demo's plots, written to `staged.path(...)` (a moeless.outputs.OutputFiles); returns their paths."""
     try:
         import matplotlib
 
@@ -512,7 +523,7 @@ def _plots(res: dict, out: Path) -> list[Path]:
         a.set_xticks(range(L))
         a.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "latency.png", dpi=100)
+    fig.savefig(staged.path(out / "latency.png"), dpi=100)
     plt.close(fig)
     files.append(out / "latency.png")
 
@@ -530,26 +541,31 @@ def _plots(res: dict, out: Path) -> list[Path]:
                title="moeless: replicas over time")
         ax.legend(fontsize=8, ncol=3)
         fig.tight_layout()
-        fig.savefig(out / "replicas.png", dpi=100)
+        fig.savefig(staged.path(out / "replicas.png"), dpi=100)
         plt.close(fig)
         files.append(out / "replicas.png")
     return files
 
 
 def write_report(res: dict, out: Path, decode, extra: str = "") -> list[Path]:
+    """raw.json (every rank-0 result), summary.json, the plots and report.md in `out`, all renamed into place
+    together (an error on the way leaves the earlier report as it was); returns their paths."""
+    from moeless.outputs import OutputFiles
+
     out.mkdir(parents=True, exist_ok=True)
-    files = [out / "summary.json"]
-    files[0].write_text(json.dumps({p: {k: v for k, v in res[p].items() if k != "results"}
-                                    for p in ("ep", "moeless") if p in res}, indent=1))
-    files += _plots(res, out)
-    lines = ["# moeless serving demo", "", "```", format_table(res), "```", "", extra, "",
-             "![latency](latency.png)", "", "![replicas](replicas.png)", "", "## Generated text (moeless)", ""]
-    for r in res["moeless"]["results"][:4]:
-        if r["error"] is None:
-            lines += [f"- request {r['id']}: `{decode(res['prompts'][r['id']])[-40:]!r}` -> "
-                      f"`{decode(r['tokens'])!r}`"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    files.append(out / "report.md")
+    with OutputFiles() as staged:
+        staged.write_text(out / "raw.json", json.dumps(res))
+        staged.write_text(out / "summary.json", json.dumps({p: {k: v for k, v in res[p].items() if k != "results"}
+                                                            for p in ("ep", "moeless") if p in res}, indent=1))
+        files = [out / "raw.json", out / "summary.json"] + _plots(res, out, staged)
+        lines = ["# moeless serving demo", "", "```", format_table(res), "```", "", extra, "",
+                 "![latency](latency.png)", "", "![replicas](replicas.png)", "", "## Generated text (moeless)", ""]
+        for r in res["moeless"]["results"][:4]:
+            if r["error"] is None:
+                lines += [f"- request {r['id']}: `{decode(res['prompts'][r['id']])[-40:]!r}` -> "
+                          f"`{decode(r['tokens'])!r}`"]
+        staged.write_text(out / "report.md", "\n".join(lines) + "\n")
+        files.append(out / "report.md")
     return files
 
 
@@ -565,7 +581,7 @@ def main(argv=None) -> int:
 def _int_option(args, name: str, lo: int, hi: int) -> int:
     v = getattr(args, name)
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ValueError(f"--{name.replace('_', '-')} must be an int in [{lo}, {hi}], got {v!r}")
+        raise ValueError(f"--{name.replace('_', '-')} must be an integer in [{lo}, {hi}], got {v!r}")
     return v
 
 

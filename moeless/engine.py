@@ -68,7 +68,7 @@ def cost_pool(cost, num_layers: int, gpus: int, slots_per_gpu: int, *, keep_aliv
 def default_slots_per_gpu(num_experts: int, gpus: int, extra: int = 1) -> int:
     """Expert parallelism's share ceil(E / G) plus `extra` slots per GPU for replicas."""
     if isinstance(extra, bool) or not isinstance(extra, (int, np.integer)) or extra < 0:
-        raise ValueError(f"extra must be an int >= 0, got {extra!r}")
+        raise ValueError(f"extra must be an integer >= 0, got {extra!r}")
     return -(-int(num_experts) // int(gpus)) + int(extra)
 
 
@@ -429,7 +429,7 @@ class Engine:
     # -- checks --------------------------------------------------------------------------------------------
     def _layer(self, layer) -> int:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.L:
-            raise ValueError(f"layer must be an int in [0, {self.L}), got {layer!r}")
+            raise ValueError(f"layer must be an integer in [0, {self.L}), got {layer!r}")
         return int(layer)
 
     def _counts(self, counts, name, integral: bool = True) -> np.ndarray:

@@ -36,6 +36,16 @@ def _same_file(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _mode_of(final: str) -> int:
+    """The permission bits a file written at `final` should get: the existing file's, else 0666 less umask."""
+    try:
+        return os.stat(final).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 class OutputFiles:
     """Files written together, renamed into place all at once.
 
@@ -54,7 +64,11 @@ class OutputFiles:
         folder, base = os.path.split(os.path.abspath(final))
         suffix = os.path.splitext(base)[1]  # kept last: np.savez appends ".npz" to a name without it
         fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{suffix}", dir=folder)
-        os.close(fd)
+        try:
+            # mkstemp makes the file owner-only: give it the mode the final file has (a new one: 0666 less umask)
+            os.fchmod(fd, _mode_of(final))
+        finally:
+            os.close(fd)
         self._pending.append((tmp, final))
         return tmp
 
@@ -65,9 +79,15 @@ class OutputFiles:
     def commit(self) -> list[str]:
         """Rename every staged file into place; returns the final paths."""
         done = []
-        for tmp, final in self._pending:
-            os.replace(tmp, final)
-            done.append(final)
+        try:
+            for tmp, final in self._pending:
+                os.replace(tmp, final)
+                done.append(final)
+        except OSError as err:
+            self._pending = self._pending[len(done):]
+            self.abort()
+            raise OSError(err.errno, f"cannot write {final!r} ({err.strerror}); "
+                                     f"written before it: {', '.join(map(repr, done)) or 'none'}") from None
         self._pending = []
         return done
 

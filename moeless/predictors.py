@@ -150,7 +150,7 @@ class LoadPredictor:
         self._check_fitted()
         hi = self.num_layers - self.distance if target else self.num_layers
         if not isinstance(layer, (int, np.integer)) or not 0 <= layer < hi:
-            raise ValueError(f"layer must be an int in [0, {hi}), got {layer!r}")
+            raise ValueError(f"layer must be an integer in [0, {hi}), got {layer!r}")
         return int(layer)
 
     def _check_ids(self, topk_ids) -> np.ndarray:
@@ -478,7 +478,7 @@ class RegressionPredictor(LoadPredictor):
                  half_life_tokens: float | None = 2048.0):
         super().__init__(distance)
         if not isinstance(lags, (int, np.integer)) or lags < 1:
-            raise ValueError(f"lags must be an int >= 1, got {lags!r}")
+            raise ValueError(f"lags must be an integer >= 1, got {lags!r}")
         if ridge <= 0:
             raise ValueError(f"ridge must be > 0, got {ridge!r}")
         if half_life_tokens is not None and half_life_tokens <= 0:
@@ -611,7 +611,7 @@ class GateReplicaPredictor(LoadPredictor):
         if G.ndim != 3:
             raise ValueError(f"gate_weights must be [L, E, H], got shape {G.shape}")
         if not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= G.shape[1]:
-            raise ValueError(f"top_k must be an int in [1, E={G.shape[1]}], got {top_k!r}")
+            raise ValueError(f"top_k must be an integer in [1, E={G.shape[1]}], got {top_k!r}")
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
         if epochs < 0 or lr <= 0 or batch_size < 1:

@@ -212,7 +212,7 @@ def test_bad_inputs_are_rejected_with_the_argument_named(tmp_path):
     with pytest.raises(ValueError, match="not fitted"):
         HistoryPredictor().predict(0, tr.topk_ids[0])
     aff = AffinityPredictor().fit(tr)
-    with pytest.raises(ValueError, match=r"layer must be an int in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"layer must be an integer in \[0, 2\)"):
         aff.predict(2, tr.topk_ids[2])
     with pytest.raises(ValueError, match="topk_ids must be int"):
         aff.predict(0, tr.topk_ids[0, :, :1])

@@ -40,10 +40,14 @@ def _experts_blockers(experts) -> tuple[str, ...]:
     return fast_path_blockers(experts)
 
 
+# the weight files transformers' from_pretrained reads from a local folder
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model*.bin.index.json")
+
+
 def check_model_path(path: str | Path):
     """The transformers config of the model folder `path`; ValueError naming `model` for a missing path or a
-    folder that is not a Hugging Face model (no config.json, or one transformers cannot read). Cheap: reads the
-    config only, so callers can check before starting any process."""
+    folder that is not a Hugging Face model (no config.json, one transformers cannot read, or no weight files).
+    Cheap: reads the config only, so callers can check before starting any process."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"model: no such path {str(path)!r}")
@@ -52,10 +56,13 @@ def check_model_path(path: str | Path):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(p)
+        config = AutoConfig.from_pretrained(p)
     except (ValueError, KeyError, OSError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"model: {str(path)!r} is not a Hugging Face model transformers can read: {first}") from err
+    if p.is_dir() and not any(next(p.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise ValueError(f"model: {str(path)!r} has a config.json but no weights ({', '.join(WEIGHT_FILES)})")
+    return config
 
 
 def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32, seed: int = 0):

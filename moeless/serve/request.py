@@ -53,7 +53,7 @@ def check_request(req, max_context: int, vocab_size: int) -> str | None:
         return f"prompt: token ids must be ints in [0, {vocab_size})"
     if isinstance(req.max_new_tokens, bool) or not isinstance(req.max_new_tokens, (int, np.integer)) \
             or req.max_new_tokens < 1:
-        return f"max_new_tokens: must be an int >= 1, got {req.max_new_tokens!r}"
+        return f"max_new_tokens: must be an integer >= 1, got {req.max_new_tokens!r}"
     if len(prompt) + req.max_new_tokens > max_context:
         return (f"context: {len(prompt)} prompt tokens + {req.max_new_tokens} new tokens exceed the model's "
                 f"context of {max_context}")

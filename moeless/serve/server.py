@@ -290,7 +290,7 @@ class ExpertParallelServer:
         if isinstance(max_new_tokens, (int, np.integer)):
             max_new_tokens = [int(max_new_tokens)] * n
         if len(max_new_tokens) != n or n == 0:
-            raise ValueError(f"max_new_tokens must be an int or one per prompt ({n}); prompts must not be empty")
+            raise ValueError(f"max_new_tokens must be an integer or one per prompt ({n}); prompts must not be empty")
         try:
             with torch.no_grad():
                 local = self._run_batch(prompts, max_new_tokens, clock0)

@@ -73,7 +73,7 @@ class SimConfig:
 
     def validate(self) -> "SimConfig":
         if not isinstance(self.gpus, int) or self.gpus < 1:
-            raise ValueError(f"gpus must be an int >= 1, got {self.gpus!r}")
+            raise ValueError(f"gpus must be an integer >= 1, got {self.gpus!r}")
         if self.batching not in ("paper", "continuous"):
             raise ValueError(f"batching must be 'paper' or 'continuous', got {self.batching!r}")
         if self.cost_model not in ("roofline", "paper-linear"):
@@ -90,7 +90,7 @@ class SimConfig:
         for name in ("eplb_window_iterations", "eplb_step_iterations"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if self.history_s is not None and not (math.isfinite(self.history_s) and self.history_s >= 0):
             raise ValueError(f"history_s must be None or a finite number >= 0, got {self.history_s!r}")
         return self

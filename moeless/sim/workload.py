@@ -308,7 +308,7 @@ class IterationSchedule:
         decode iterations of one batch, weighted by the run's length, so totals stay unbiased while the
         per-iteration control plane runs `decode_stride` times less often. 1 returns self."""
         if not isinstance(decode_stride, (int, np.integer)) or decode_stride < 1:
-            raise ValueError(f"decode_stride must be an int >= 1, got {decode_stride!r}")
+            raise ValueError(f"decode_stride must be an integer >= 1, got {decode_stride!r}")
         if decode_stride == 1:
             return self
         n = len(self.tokens)
@@ -368,7 +368,7 @@ def continuous_batches(trace: RequestTrace, iteration_time: Callable[[int], floa
     once its output is complete. `iteration_time(tokens)` (seconds) is a nominal, policy-independent clock
     that decides arrivals; every policy then replays the same iterations on its own clock."""
     if not isinstance(token_budget, (int, np.integer)) or token_budget < 1:
-        raise ValueError(f"token_budget must be an int >= 1, got {token_budget!r}")
+        raise ValueError(f"token_budget must be an integer >= 1, got {token_budget!r}")
     if len(trace) == 0:
         raise ValueError(f"trace {trace.name!r} is empty: nothing to batch")
     time_fn = iteration_time if callable(iteration_time) else (lambda _tokens, _s=float(iteration_time): _s)
