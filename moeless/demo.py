@@ -235,7 +235,8 @@ def run_comparison(ctx, model, requests, *, keep_alive_s: float = 5.0, extra_slo
                    repeats: int = 1) -> dict:
     """Serve `requests` with each policy through the same loop on this rank's process group; returns {policy:
     {summary, results, seconds, cpu_seconds, tokens_per_s, runs}} (the same on every rank; cpu_seconds: this
-    rank's). A warm-up (outside every measurement) first pays the one-time costs of the first calls. With
+    rank's). A warm-up of each policy (outside every measurement) first pays the one-time costs of the first calls
+    (torch's, and numba compiling the policy's loops on a fresh install). With
     repeats > 1 the policies alternate A B B A ... (a drift of the machine's load hits both alike) and each
     policy's summary pools its runs: per-iteration series concatenated, scalars averaged per run."""
     from moeless import serve
@@ -244,16 +245,21 @@ def run_comparison(ctx, model, requests, *, keep_alive_s: float = 5.0, extra_slo
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
     E = int(serve.find_moe_blocks(model)[0][1].experts.gate_up_proj.shape[0])
-    warm = serve.ExpertParallelServer(model, ctx, policy="ep", slots_per_gpu=default_slots_per_gpu(E, ctx.world_size, 0))
-    warm.generate([list(r.prompt[:16]) for r in requests[:2 * ctx.world_size]], 2)  # first calls: not measured
-    warm.close()
+
+    def server(policy):
+        slots = default_slots_per_gpu(E, ctx.world_size, 0 if policy == "ep" else extra_slots)
+        opts = dict(predictor=predictor) if policy == "moeless" else {}
+        return serve.ExpertParallelServer(model, ctx, policy=policy, slots_per_gpu=slots, keep_alive_s=keep_alive_s,
+                                          **opts)
+
+    for policy in policies:  # first calls, not measured: torch's, and the policy's loops compiled by numba (_jit)
+        warm = server(policy)
+        warm.generate([list(r.prompt[:16]) for r in requests[:2 * ctx.world_size]], 2)
+        warm.close()
     order = [p for i in range(repeats) for p in (policies if i % 2 == 0 else tuple(reversed(policies)))]
     runs: dict[str, list] = {p: [] for p in policies}
     for policy in order:
-        slots = default_slots_per_gpu(E, ctx.world_size, 0 if policy == "ep" else extra_slots)
-        opts = dict(predictor=predictor) if policy == "moeless" else {}
-        srv = serve.ExpertParallelServer(model, ctx, policy=policy, slots_per_gpu=slots, keep_alive_s=keep_alive_s,
-                                         **opts)
+        srv = server(policy)
         t, c = time.perf_counter(), time.process_time()
         results = srv.serve(requests, batch_window_s=batch_window_s)
         seconds, cpu = time.perf_counter() - t, time.process_time() - c
