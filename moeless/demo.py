@@ -91,8 +91,8 @@ def fit_predictor(model, *, seq_len: int = 128, train_sequences: int = 256, test
                   chunk_tokens: int = 1024, seed: int = 0):
     """Fit the tiny model's gate-replica predictor (distance 1) on its corpus, with layer-aware fine-tuning.
 
-    Sequences of `seq_len` bytes come from the first 95% of the corpus for fitting and from the last 5% (text the
-    model was not trained on) for the held-out metrics. Returns (predictor, metrics): per source layer l, the
+    Sequences of `seq_len` tokens (BOS, then bytes) come from the first 95% of the corpus for fitting and from
+    the last 5% (text the model was not trained on) for the held-out metrics. Returns (predictor, metrics): per source layer l, the
     top-k recall of layer l+1's routing and the Pearson correlation of per-expert loads over chunks of
     `chunk_tokens` tokens, for the raw copied gate and for the fitted replica."""
     import torch
@@ -102,12 +102,13 @@ def fit_predictor(model, *, seq_len: int = 128, train_sequences: int = 256, test
     from moeless.traces import capture_routing
 
     data = tiny_moe.corpus()
-    cut = len(data) * 19 // 20
+    cut = len(tiny_moe.split(data)[0])
     rng = np.random.default_rng(seed)
 
-    def sequences(lo, hi, n):
-        starts = np.sort(rng.choice((hi - lo) // seq_len, size=n, replace=False)) * seq_len + lo
-        return list(torch.stack([data[s:s + seq_len] for s in starts.tolist()]).split(32))
+    def sequences(lo, hi, n):  # BOS + seq_len - 1 bytes: a sequence as the model was trained on and is served
+        w = seq_len - 1
+        starts = np.sort(rng.choice((hi - lo) // w, size=n, replace=False)) * w + lo
+        return list(tiny_moe.with_bos(torch.stack([data[s:s + w] for s in starts.tolist()])).split(32))
 
     train = capture_routing(model, sequences(0, cut, train_sequences))
     test = capture_routing(model, sequences(cut, len(data), test_sequences))
