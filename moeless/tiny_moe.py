@@ -354,16 +354,26 @@ def main(argv=None) -> int:
                     help="torch CPU threads (default 1, as the shipped weights were made: another count sums in "
                          "another order, so the weights differ in their last bits)")
     args = ap.parse_args(argv)
+    out = Path(args.out)
     if args.evaluate:
-        print(json.dumps(evaluate(args.out), indent=2))
+        try:
+            result = evaluate(out)
+        except (ValueError, OSError) as err:  # no model there, or unreadable weights: one line, no traceback
+            ap.exit(2, f"{ap.prog}: error: --out: {err}\n")
+        print(json.dumps(result, indent=2))
         return 0
+    if out.exists() and not out.is_dir():
+        ap.error(f"--out must be a folder (or not exist yet), got the file {str(out)!r}")
     for name in ("steps", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.time_budget is not None and not args.time_budget > 0:
         ap.error(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
-    summary = train(args.out, steps=args.steps, time_budget=args.time_budget, seed=args.seed, threads=args.threads)
+    summary = train(out, steps=args.steps, time_budget=args.time_budget, seed=args.seed, threads=args.threads)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    if out.resolve() == MODEL_DIR.resolve():
+        print("the shipped predictor was fitted to the old gates: refit it with "
+              "`python -m moeless.demo --fit-predictor`")
     return 0
 
 

@@ -213,3 +213,19 @@ def test_train_rejects_bad_settings(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         tiny_moe.train(tmp_path, **{**dict(steps=3, warmup_steps=1, config=SMALL, threads=None), **kw})
     assert not any(tmp_path.iterdir())
+
+
+def test_cli_bad_folders_get_one_error_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        tiny_moe.main(["--evaluate", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"python -m moeless.tiny_moe: error: --out: no tiny MoE model at {tmp_path}: train one with "
+                   f"`python -m moeless.tiny_moe --out {tmp_path}`"]
+    afile = tmp_path / "weights.bin"
+    afile.write_bytes(b"x")
+    with pytest.raises(SystemExit) as exc:
+        tiny_moe.main(["--out", str(afile), "--steps", "1"])
+    assert exc.value.code == 2
+    assert "--out must be a folder (or not exist yet)" in capsys.readouterr().err
+    assert afile.read_bytes() == b"x"
