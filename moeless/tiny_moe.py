@@ -64,7 +64,7 @@ CONFIG = dict(
 
 # The settings that made the shipped weights (the defaults of `train` and of the command line).
 TRAINING = dict(steps=6000, seq_len=512, batch_size=8, lr=3e-3, min_lr_ratio=0.05, warmup_steps=100,
-                weight_decay=0.1, dropout=0.25, clip_norm=1.0, seed=0, threads=1)
+                weight_decay=0.3, dropout=0.25, clip_norm=1.0, seed=0, threads=1)
 
 HELD_OUT_FRACTION = 0.05
 
