@@ -92,9 +92,9 @@ def fit_predictor(model, *, seq_len: int = 128, train_sequences: int = 256, test
     """Fit the tiny model's gate-replica predictor (distance 1) on its corpus, with layer-aware fine-tuning.
 
     Sequences of `seq_len` tokens (BOS, then bytes) come from the first 95% of the corpus for fitting and from
-    the last 5% (text the model was not trained on) for the held-out metrics. Returns (predictor, metrics): per source layer l, the
-    top-k recall of layer l+1's routing and the Pearson correlation of per-expert loads over chunks of
-    `chunk_tokens` tokens, for the raw copied gate and for the fitted replica."""
+    the last 5% (text the model was not trained on) for the held-out metrics. Returns (predictor, metrics): per
+    source layer l, the top-k recall of layer l+1's routing and the Pearson correlation of per-expert loads over
+    chunks of `chunk_tokens` tokens, for the raw copied gate and for the fitted replica."""
     import torch
 
     from moeless import tiny_moe
@@ -237,9 +237,9 @@ def run_comparison(ctx, model, requests, *, keep_alive_s: float = 5.0, extra_slo
     """Serve `requests` with each policy through the same loop on this rank's process group; returns {policy:
     {summary, results, seconds, cpu_seconds, tokens_per_s, runs}} (the same on every rank; cpu_seconds: this
     rank's). A warm-up of each policy (outside every measurement) first pays the one-time costs of the first calls
-    (torch's, and numba compiling the policy's loops on a fresh install). With
-    repeats > 1 the policies alternate A B B A ... (a drift of the machine's load hits both alike) and each
-    policy's summary pools its runs: per-iteration series concatenated, scalars averaged per run."""
+    (torch's, and numba compiling the policy's loops on a fresh install). With repeats > 1 the policies alternate
+    A B B A ... (a drift of the machine's load hits both alike) and each policy's summary pools its runs:
+    per-iteration series concatenated, scalars averaged per run."""
     from moeless import serve
     from moeless.engine import default_slots_per_gpu
 
