@@ -240,3 +240,28 @@ def test_static_ep_is_the_homes():
     rt, t = pol.split(0, pol.homes[0], np.arange(8))
     np.testing.assert_array_equal(rt[:, 0], np.arange(8))
     assert t > 0
+
+
+@pytest.mark.parametrize("cost", [MIXTRAL, QWEN, LINEAR], ids=["mixtral", "qwen", "paper-linear"])
+def test_move_size_is_the_bisection_answer(cost):
+    """_best_x's interpolation search returns what a scan of every x gives: the smallest x where the source GPU
+    is no longer the slower one, or the one before it when that is at least as good."""
+    rng = np.random.default_rng(7)
+    E, G = 3, 2
+    p = cost.profile(G).as_array()
+    for _ in range(300):
+        n = np.zeros((E, G))
+        n[:, 0] = rng.integers(0, 3000, E) * rng.integers(0, 2, E)
+        n[:, 1] = rng.integers(0, 3000, E) * rng.integers(0, 2, E)
+        n[0, 0] = rng.integers(1, 4000)
+        has = n > 0
+        has[0, 1] = True
+        ig, cnt, gl, gcnt = _kernels._lists(has)
+        comp, pairs = np.zeros(G), np.zeros(G)
+        _kernels.gpu_times(n, ig, cnt, p, comp, pairs)
+        x, a, b = _kernels._best_x(n, gl, gcnt, 0, 0, 1, comp[0], comp[1], p)
+        top = int(n[0, 0])
+        ab = [_kernels._pair_times(n, gl, gcnt, 0, 0, 1, float(v), comp[0], comp[1], p) for v in range(1, top + 1)]
+        first = next((v for v in range(1, top + 1) if ab[v - 1][0] <= ab[v - 1][1]), top)
+        want = first - 1 if first > 1 and max(ab[first - 2]) <= max(ab[first - 1]) else first
+        assert x == want and (a, b) == ab[int(x) - 1]

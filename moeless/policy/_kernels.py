@@ -5,6 +5,7 @@ One MoE layer:
     W      float64 [E]     pairs per expert (true counts, or rounded predictions)
     has    bool    [E, G]  an instance of expert e on GPU g (replicas of e on one GPU share one weight copy)
     ig     int64   [E, G]  the GPUs of expert e's instances, the first cnt[e] entries (the sparse view of has)
+    gl     int64   [G, E]  the experts with an instance on GPU g, the first gcnt[g] entries, ascending
     n      float64 [E, G]  pairs expert e serves on GPU g (integers; 0 where has is False)
     p      float64 [7]     the cost profile (moeless.costmodel.CostProfile.as_array): flop_s, read_s, act_s,
                            launch_s, a2a_s, a2a_floor, per_gpu_sum
@@ -21,8 +22,10 @@ only falls and the other's only rises with x). A free move is taken when it lowe
 raising the layer time (so ties between busiest GPUs resolve one by one: the sorted GPU times fall
 lexicographically, hence it terminates); a move onto a new instance only when the layer time falls by more than
 the copy's per-iteration cost (its stall not hidden by the look-ahead, over the instance's expected warm life).
-Loops run over instances (the sparse lists), not over E x G. Deterministic: ties go to the lower expert, then
-the earlier instance.
+Loops run over instances (the sparse lists), not over E x G: a working n is zero outside the instances, and
+only the instances' entries are ever zeroed, copied or read (an array of E x G entries is touched whole at most
+once per call; at DeepSeek-V3's 256 experts x 64 GPUs a whole pass costs more than a search step).
+Deterministic: ties go to the lower expert, then the earlier instance.
 """
 from __future__ import annotations
 
@@ -62,6 +65,68 @@ def build_lists(has, ig, cnt):
 
 
 @njit
+def gpu_lists(ig, cnt, gl, gcnt):
+    """gl / gcnt: the experts with an instance on each GPU, ascending (the per-GPU view of ig / cnt)."""
+    gcnt[:] = 0
+    for e in range(ig.shape[0]):
+        for k in range(cnt[e]):
+            g = ig[e, k]
+            gl[g, gcnt[g]] = e
+            gcnt[g] += 1
+
+
+@njit
+def _lists(has):
+    """(ig, cnt, gl, gcnt) of the instances `has` [E, G]."""
+    E, G = has.shape
+    ig = np.empty((E, G), dtype=np.int64)
+    cnt = np.zeros(E, dtype=np.int64)
+    build_lists(has, ig, cnt)
+    gl = np.empty((G, E), dtype=np.int64)
+    gcnt = np.zeros(G, dtype=np.int64)
+    gpu_lists(ig, cnt, gl, gcnt)
+    return ig, cnt, gl, gcnt
+
+
+@njit
+def _sub_lists(ig, cnt, mask, ig2, cnt2):
+    """ig2 / cnt2: the instances of (ig, cnt) where mask [E, G] holds, each expert's GPUs ascending (the order a
+    scan of the mask gives). Returns how many."""
+    tot = 0
+    for e in range(ig.shape[0]):
+        c = 0
+        for k in range(cnt[e]):
+            g = ig[e, k]
+            if mask[e, g]:
+                j = c
+                while j > 0 and ig2[e, j - 1] > g:  # insertion: lists are short and nearly sorted
+                    ig2[e, j] = ig2[e, j - 1]
+                    j -= 1
+                ig2[e, j] = g
+                c += 1
+        cnt2[e] = c
+        tot += c
+    return tot
+
+
+@njit
+def _zero(n, ig, cnt):
+    """n = 0 on the instances."""
+    for e in range(ig.shape[0]):
+        for k in range(cnt[e]):
+            n[e, ig[e, k]] = 0.0
+
+
+@njit
+def _copy(dst, src, ig, cnt):
+    """dst = src on the instances."""
+    for e in range(ig.shape[0]):
+        for k in range(cnt[e]):
+            g = ig[e, k]
+            dst[e, g] = src[e, g]
+
+
+@njit
 def gpu_times(n, ig, cnt, p, comp, pairs):
     """Fill comp [G] (expert time per GPU) and pairs [G] (pairs per GPU) from n over the instances."""
     comp[:] = 0.0
@@ -81,17 +146,29 @@ def gpu_times(n, ig, cnt, p, comp, pairs):
 
 
 @njit
-def _gpu_time(n, g, p):
-    """Expert time of GPU g alone (the max-over-replicas model recomputes a GPU after a move)."""
+def _add_time(c, v, p):
+    """A GPU's expert time c with one more instance of v pairs (sum, or max in the paper's model)."""
+    if v <= 0.0:
+        return c
+    t = inst_time(v, p)
+    if p[_SUM] > 0.0:
+        return c + t
+    return t if t > c else c
+
+
+@njit
+def _gpu_time(n, gl, gcnt, g, e_extra, p):
+    """Expert time of GPU g alone (the max-over-replicas model recomputes a GPU after a move): its listed
+    instances, and expert e_extra's entry when it is not listed yet (a new instance being priced)."""
     c = 0.0
-    for e in range(n.shape[0]):
-        v = n[e, g]
-        if v > 0.0:
-            t = inst_time(v, p)
-            if p[_SUM] > 0.0:
-                c += t
-            elif t > c:
-                c = t
+    extra = e_extra >= 0
+    for j in range(gcnt[g]):
+        e = gl[g, j]
+        if e == e_extra:
+            extra = False
+        c = _add_time(c, n[e, g], p)
+    if extra:
+        c = _add_time(c, n[e_extra, g], p)
     return c
 
 
@@ -109,6 +186,23 @@ def layer_time(comp, pairs, total, p):
     if p[_FLOOR] > 0.0 and total / G > pmax:
         pmax = total / G
     return cmax + 2.0 * p[_A2A] * pmax
+
+
+@njit
+def _topk(v, out, at, k):
+    """out[at:at+k]: indices of the k largest entries of v, largest first (-1 where fewer), ties to the lower
+    index."""
+    for j in range(k):
+        out[at + j] = -1
+    for i in range(v.shape[0]):
+        x = v[i]
+        j = k
+        while j > 0 and (out[at + j - 1] < 0 or x > v[out[at + j - 1]]):
+            j -= 1
+        if j < k:
+            for m in range(k - 1, j, -1):
+                out[at + m] = out[at + m - 1]
+            out[at + j] = i
 
 
 @njit
@@ -144,7 +238,17 @@ def _max_except(v, tops, at, i, j):
 
 
 @njit
-def _pair_times(n, e, ga, gb, x, ca, cb, p):
+def _max_except3(v, tops, at, i, j, m):
+    """max of v over the indices other than i, j and m, from its top four (0 if none)."""
+    for k in range(at, at + 4):
+        t = tops[k]
+        if t >= 0 and t != i and t != j and t != m:
+            return v[t]
+    return 0.0
+
+
+@njit
+def _pair_times(n, gl, gcnt, e, ga, gb, x, ca, cb, p):
     """Expert times of GPUs ga and gb after moving x pairs of expert e from ga to gb."""
     n1 = n[e, ga]
     n2 = n[e, gb]
@@ -154,42 +258,80 @@ def _pair_times(n, e, ga, gb, x, ca, cb, p):
         return a, b
     n[e, ga] = n1 - x
     n[e, gb] = n2 + x
-    a = _gpu_time(n, ga, p)
-    b = _gpu_time(n, gb, p)
+    a = _gpu_time(n, gl, gcnt, ga, e, p)
+    b = _gpu_time(n, gl, gcnt, gb, e, p)
     n[e, ga] = n1
     n[e, gb] = n2
     return a, b
 
 
 @njit
-def _best_x(n, e, ga, gb, ca, cb, p):
+def _best_x(n, gl, gcnt, e, ga, gb, ca, cb, p):
     """The integer x in [1, n[e, ga]] minimising max(time of ga, time of gb) after the move: the smallest x
-    where ga's time no longer exceeds gb's, or the one before it."""
-    lo = 1.0
-    hi = np.floor(n[e, ga])
-    if hi < 1.0:
+    where ga's time no longer exceeds gb's (ga's falls and gb's rises with x), or the one before it.
+
+    The smallest such x is bracketed and found by interpolation on d(x) = time of ga - time of gb, which is
+    piecewise linear with at most a few kinks (the roofline's ridge on either side, an instance emptied or
+    created), so that two or three evaluations usually suffice; bisection takes over if they do not (the same
+    x as a plain bisection, in fewer evaluations)."""
+    top = np.floor(n[e, ga])
+    if top < 1.0:
         return 0.0, ca, cb
-    while lo < hi:
-        mid = np.floor((lo + hi) / 2.0)
-        a, b = _pair_times(n, e, ga, gb, mid, ca, cb, p)
-        if a <= b:
-            hi = mid
+    lo = 1.0
+    a_lo, b_lo = _pair_times(n, gl, gcnt, e, ga, gb, lo, ca, cb, p)
+    if a_lo <= b_lo:
+        return lo, a_lo, b_lo
+    hi = top
+    a_hi, b_hi = _pair_times(n, gl, gcnt, e, ga, gb, hi, ca, cb, p)
+    if a_hi > b_hi:  # ga stays the slower one: all pairs move, unless one fewer is at least as good
+        if hi > 1.0:
+            a2, b2 = _pair_times(n, gl, gcnt, e, ga, gb, hi - 1.0, ca, cb, p)
+            if max(a2, b2) <= max(a_hi, b_hi):
+                return hi - 1.0, a2, b2
+        return hi, a_hi, b_hi
+    # invariant: d(lo) > 0 >= d(hi)
+    rounds = 0
+    while hi - lo > 1.0:
+        d_lo = a_lo - b_lo
+        d_hi = a_hi - b_hi
+        if rounds < 6 and d_lo - d_hi > 0.0:
+            m = np.ceil(lo + (hi - lo) * (d_lo / (d_lo - d_hi)))
+            if m <= lo:
+                m = lo + 1.0
+            if m >= hi:
+                m = hi - 1.0
         else:
-            lo = mid + 1.0
-    a, b = _pair_times(n, e, ga, gb, lo, ca, cb, p)
-    best_x, best_a, best_b = lo, a, b
-    if lo > 1.0:
-        a2, b2 = _pair_times(n, e, ga, gb, lo - 1.0, ca, cb, p)
-        if max(a2, b2) <= max(a, b):
-            best_x, best_a, best_b = lo - 1.0, a2, b2
-    return best_x, best_a, best_b
+            m = np.floor((lo + hi) / 2.0)
+        rounds += 1
+        a, b = _pair_times(n, gl, gcnt, e, ga, gb, m, ca, cb, p)
+        if a <= b:
+            hi, a_hi, b_hi = m, a, b
+            if m - 1.0 > lo and rounds < 6:  # the crossing is usually just below: test it at once
+                a, b = _pair_times(n, gl, gcnt, e, ga, gb, m - 1.0, ca, cb, p)
+                if a <= b:
+                    hi, a_hi, b_hi = m - 1.0, a, b
+                else:
+                    lo, a_lo, b_lo = m - 1.0, a, b
+        else:
+            lo, a_lo, b_lo = m, a, b
+            if m + 1.0 < hi and rounds < 6:
+                a, b = _pair_times(n, gl, gcnt, e, ga, gb, m + 1.0, ca, cb, p)
+                if a <= b:
+                    hi, a_hi, b_hi = m + 1.0, a, b
+                else:
+                    lo, a_lo, b_lo = m + 1.0, a, b
+    # hi is the smallest x with d(x) <= 0 and lo = hi - 1 (>= 1) has d(lo) > 0
+    if max(a_lo, b_lo) <= max(a_hi, b_hi):
+        return lo, a_lo, b_lo
+    return hi, a_hi, b_hi
 
 
 @njit
-def _eval_move(n, e, gs, gb, new, comp, pairs, tops, F, cs, pfloor, tol, p, copy_src, link_wait, lookahead,
-               horizon, stall):
-    """Score of moving pairs of e from gs to gb (<= 0: not worth it), with x and the two GPUs' new times."""
-    x, a, b = _best_x(n, e, gs, gb, cs, comp[gb], p)
+def _eval_move(n, gl, gcnt, e, gs, gb, new, comp, pairs, tops, F, cs, pfloor, tol, p, copy_s, link_wait,
+               lookahead, horizon, stall):
+    """Score of moving pairs of e from gs to gb (<= 0: not worth it), with x and the two GPUs' new times.
+    copy_s: seconds of the copy a new instance of e on gb needs."""
+    x, a, b = _best_x(n, gl, gcnt, e, gs, gb, cs, comp[gb], p)
     if x <= 0.0:
         return -1.0, 0.0, 0.0, 0.0
     local = a if a > b else b
@@ -202,7 +344,7 @@ def _eval_move(n, e, gs, gb, new, comp, pairs, tops, F, cs, pfloor, tol, p, copy
     if new:
         # the copy's per-iteration cost: the stall it adds (beyond what the look-ahead hides and the layer
         # already waits), spread over the instance's expected warm life
-        s_g = link_wait[gb] + copy_src[e, gb] - lookahead
+        s_g = link_wait[gb] + copy_s - lookahead
         extra = s_g - stall[0] if s_g > stall[0] else 0.0
         score = F - newF - extra / horizon
         if F - newF <= tol or score <= tol:
@@ -215,17 +357,20 @@ def _eval_move(n, e, gs, gb, new, comp, pairs, tops, F, cs, pfloor, tol, p, copy
 
 
 @njit
-def _chain_move(n, ig, cnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p):
+def _chain_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p):
     """Apply the best chain gs -> gb -> gc of whole pair counts (see improve) that lowers the busiest GPU without
     raising the layer time; comp and pairs are updated. Returns whether one was applied. (A GPU's time is a sum
     of its instances' in the roofline only; the paper's max over replicas has no such trap.)"""
-    E, G = n.shape
     if p[_SUM] <= 0.0:
         return False
+    tops = np.empty(8, dtype=np.int64)
+    _topk(comp, tops, 0, 4)
+    _topk(pairs, tops, 4, 4)
     best = 0.0
     be, bf, bgb, bgc = -1, -1, -1, -1
     nb_a, nb_b, nb_c = 0.0, 0.0, 0.0
-    for e in range(E):
+    for i in range(gcnt[gs]):
+        e = gl[gs, i]
         x = n[e, gs]
         if x < 1.0:
             continue
@@ -233,10 +378,11 @@ def _chain_move(n, ig, cnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p):
             gb = ig[e, k]
             if gb == gs or (n[e, gb] < 1.0 and not home[e, gb] and room[gb] <= 0):
                 continue
-            a, b0 = _pair_times(n, e, gs, gb, x, comp[gs], comp[gb], p)
+            a, b0 = _pair_times(n, gl, gcnt, e, gs, gb, x, comp[gs], comp[gb], p)
             if a >= cs - tol:
                 continue
-            for f in range(E):
+            for jf in range(gcnt[gb]):
+                f = gl[gb, jf]
                 y = n[f, gb]
                 if f == e or y < 1.0:
                     continue
@@ -250,14 +396,9 @@ def _chain_move(n, ig, cnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p):
                     local = max(a, max(b, c))
                     if local >= cs - tol:
                         continue
-                    rest = 0.0
-                    for g in range(G):
-                        if g != gs and g != gb and g != gc and comp[g] > rest:
-                            rest = comp[g]
+                    rest = _max_except3(comp, tops, 0, gs, gb, gc)
                     pm = max(pairs[gs] - x, pairs[gb] + x - y, pairs[gc] + y, pfloor)
-                    for g in range(G):
-                        if g != gs and g != gb and g != gc and pairs[g] > pm:
-                            pm = pairs[g]
+                    pm = max(pm, _max_except3(pairs, tops, 4, gs, gb, gc))
                     newF = max(rest, local) + 2.0 * p[_A2A] * pm
                     if newF > F + tol:
                         continue
@@ -284,24 +425,51 @@ def _chain_move(n, ig, cnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p):
 
 
 @njit
-def improve(n, has, ig, cnt, home, p, total, max_moves, new_ok, room, copy_src, link_wait, lookahead, horizon,
-            stall, made):
+def _resort(order, comp):
+    """order: the GPUs by (comp, index) ascending again after a few entries of comp changed (insertion sort:
+    the same order a stable sort gives, in O(G) for few changes)."""
+    for i in range(1, order.shape[0]):
+        g = order[i]
+        c = comp[g]
+        j = i
+        while j > 0 and (comp[order[j - 1]] > c or (comp[order[j - 1]] == c and order[j - 1] > g)):
+            order[j] = order[j - 1]
+            j -= 1
+        order[j] = g
+
+
+@njit
+def _insert_sorted(gl, gcnt, g, e):
+    """Add expert e to GPU g's ascending list."""
+    j = gcnt[g]
+    while j > 0 and gl[g, j - 1] > e:
+        gl[g, j] = gl[g, j - 1]
+        j -= 1
+    gl[g, j] = e
+    gcnt[g] += 1
+
+
+@njit
+def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, copy_host, copy_peer, holder,
+            link_group, link_wait, lookahead, horizon, stall):
     """Local search on n [E, G] in place (see the module docstring). Returns the number of moves.
 
     home [E, G]: the instances that always stay in the plan; any other instance takes one of its GPU's room [G]
     slots while it carries pairs (a move onto an empty one needs room, a move that empties one gives it back).
-    new_ok: whether moves may create instances (on the _NEW_TARGETS least-busy GPUs with room; has, ig and cnt
-    are updated). Then copy_src [E, G] (seconds of the copy a new instance of e on g needs: peer or host),
-    link_wait [G] (seconds each GPU's links are already busy, this layer's copies included: updated),
-    lookahead (seconds the look-ahead hides), horizon (iterations a new instance is expected to serve),
-    stall [1] (the layer's stall so far: updated) and made [E, G] (marks the instances created: updated)."""
+    new_ok: whether moves may create instances (on the _NEW_TARGETS least-busy GPUs with room; has, ig, cnt, gl
+    and gcnt are updated). Then copy_host / copy_peer (seconds of a new instance's copy from the host, or from
+    a peer GPU of its link group: where holder [E, groups] marks a loaded instance of e in g's group of
+    link_group GPUs), link_wait [G] (seconds each GPU's links are already busy, this layer's copies included:
+    updated), lookahead (seconds the look-ahead hides), horizon (iterations a new instance is expected to
+    serve) and stall [1] (the layer's stall so far: updated)."""
     E, G = n.shape
     comp = np.zeros(G)
     pairs = np.zeros(G)
     gpu_times(n, ig, cnt, p, comp, pairs)
     tops = np.zeros(6, dtype=np.int64)
     pfloor = total / G if p[_FLOOR] > 0.0 else 0.0
-    order = np.zeros(G, dtype=np.int64)
+    peer = link_group > 1 and copy_peer < copy_host
+    order = np.argsort(comp, kind="mergesort") if new_ok else np.zeros(1, dtype=np.int64)
     moves = 0
     while moves < max_moves:
         F = layer_time(comp, pairs, total, p)
@@ -310,8 +478,6 @@ def improve(n, has, ig, cnt, home, p, total, max_moves, new_ok, room, copy_src, 
         gs = tops[0]
         cs = comp[gs]
         tol = 1e-12 * (F if F > 1e-300 else 1.0)
-        if new_ok:
-            order = np.argsort(comp, kind="mergesort")
         best_score = 0.0
         best_e = -1
         best_g = -1
@@ -319,7 +485,8 @@ def improve(n, has, ig, cnt, home, p, total, max_moves, new_ok, room, copy_src, 
         best_new = False
         best_a = 0.0
         best_b = 0.0
-        for e in range(E):
+        for i in range(gcnt[gs]):
+            e = gl[gs, i]
             if n[e, gs] < 1.0:
                 continue
             for k in range(cnt[e]):  # the expert's other instances: free moves
@@ -328,8 +495,10 @@ def improve(n, has, ig, cnt, home, p, total, max_moves, new_ok, room, copy_src, 
                     continue
                 if n[e, gb] < 1.0 and not home[e, gb] and room[gb] <= 0:
                     continue
-                s, x, a, b = _eval_move(n, e, gs, gb, False, comp, pairs, tops, F, cs, pfloor, tol, p, copy_src,
-                                        link_wait, lookahead, horizon, stall)
+                if comp[gb] >= cs - tol:  # gb's time only rises with x: the busiest GPU could not get lighter
+                    continue
+                s, x, a, b = _eval_move(n, gl, gcnt, e, gs, gb, False, comp, pairs, tops, F, cs, pfloor, tol, p,
+                                        0.0, link_wait, lookahead, horizon, stall)
                 if s > best_score + tol:
                     best_score, best_e, best_g, best_x, best_new, best_a, best_b = s, e, gb, x, False, a, b
             if not new_ok:
@@ -339,8 +508,11 @@ def improve(n, has, ig, cnt, home, p, total, max_moves, new_ok, room, copy_src, 
                 gb = order[k]
                 if gb == gs or has[e, gb] or room[gb] <= 0:
                     continue
-                s, x, a, b = _eval_move(n, e, gs, gb, True, comp, pairs, tops, F, cs, pfloor, tol, p, copy_src,
-                                        link_wait, lookahead, horizon, stall)
+                if comp[gb] >= cs - tol:  # (as above; the GPUs come least busy first, so no later one helps)
+                    break
+                cs_e = copy_peer if peer and holder[e, gb // link_group] else copy_host
+                s, x, a, b = _eval_move(n, gl, gcnt, e, gs, gb, True, comp, pairs, tops, F, cs, pfloor, tol, p,
+                                        cs_e, link_wait, lookahead, horizon, stall)
                 if s > best_score + tol:
                     best_score, best_e, best_g, best_x, best_new, best_a, best_b = s, e, gb, x, True, a, b
                 tried += 1
@@ -350,8 +522,10 @@ def improve(n, has, ig, cnt, home, p, total, max_moves, new_ok, room, copy_src, 
             # no single move helps: try a chain, all of e's pairs on the busiest GPU to its instance on gb while
             # all of f's pairs on gb go to f's instance on gc (gb would otherwise become the busiest: the
             # local search's trap in memory-bound layers, where a GPU's time counts its active experts)
-            if _chain_move(n, ig, cnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p):
+            if _chain_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p):
                 moves += 1
+                if new_ok:
+                    _resort(order, comp)
                 continue
             break
         if n[best_e, best_g] < 1.0 and not home[best_e, best_g]:
@@ -368,21 +542,24 @@ def improve(n, has, ig, cnt, home, p, total, max_moves, new_ok, room, copy_src, 
             has[best_e, best_g] = True
             ig[best_e, cnt[best_e]] = best_g
             cnt[best_e] += 1
-            made[best_e, best_g] = True
-            link_wait[best_g] += copy_src[best_e, best_g]
+            _insert_sorted(gl, gcnt, best_g, best_e)
+            cs_e = copy_peer if peer and holder[best_e, best_g // link_group] else copy_host
+            link_wait[best_g] += cs_e
             s_g = link_wait[best_g] - lookahead
             if s_g > stall[0]:
                 stall[0] = s_g
+        if new_ok:
+            _resort(order, comp)
         moves += 1
     return moves
 
 
 @njit
 def lpt_seed(W, ig, cnt, p, n):
-    """n [E, G] (zeroed here): each expert whole on one of its instances, largest first, onto the GPU that
-    then finishes earliest (ties: the earlier instance)."""
+    """n [E, G] (zeroed here on the instances): each expert whole on one of its instances, largest first, onto
+    the GPU that then finishes earliest (ties: the earlier instance)."""
     E, G = n.shape
-    n[:, :] = 0.0
+    _zero(n, ig, cnt)
     comp = np.zeros(G)
     order = np.argsort(-W, kind="mergesort")
     for k in range(E):
@@ -402,25 +579,27 @@ def lpt_seed(W, ig, cnt, p, n):
             if best < 0 or f < best_t:
                 best = g
                 best_t = f
-        n[e, best] = w
-        comp[best] = best_t
+        if best >= 0:  # (an expert without an instance has nowhere to go: a lossy plan, priced without it)
+            n[e, best] = w
+            comp[best] = best_t
 
 
 @njit
-def primary_seed(W, primary, n):
-    """n [E, G] (zeroed here): each expert whole on its primary GPU."""
-    n[:, :] = 0.0
+def primary_seed(W, primary, ig, cnt, n):
+    """n [E, G] (zeroed here on the instances): each expert whole on its primary GPU (one of its instances)."""
+    _zero(n, ig, cnt)
     for e in range(W.shape[0]):
-        n[e, primary[e]] = W[e]
+        if cnt[e] > 0:
+            n[e, primary[e]] = W[e]
 
 
 @njit
 def waterfill_seed(W, ig, cnt, n):
-    """n [E, G] (zeroed here): pairs balanced over GPUs, ignoring weight reads: experts, largest first, poured
-    onto their GPUs' lowest pair levels (integers; the remainder one pair each to the lowest); a second
-    sweep pours each expert again given all the others."""
+    """n [E, G] (zeroed here on the instances): pairs balanced over GPUs, ignoring weight reads: experts, largest
+    first, poured onto their GPUs' lowest pair levels (integers; the remainder one pair each to the lowest); a
+    second sweep pours each expert again given all the others."""
     E, G = n.shape
-    n[:, :] = 0.0
+    _zero(n, ig, cnt)
     level = np.zeros(G)
     order = np.argsort(-W, kind="mergesort")
     gs = np.zeros(G, dtype=np.int64)
@@ -472,9 +651,9 @@ def waterfill_seed(W, ig, cnt, n):
 
 @njit
 def even_seed(W, ig, cnt, n):
-    """n [E, G] (zeroed here): each expert's pairs evenly over its instances (the engines' split; integers, the
-    first instances take the remainder)."""
-    n[:, :] = 0.0
+    """n [E, G] (zeroed here on the instances): each expert's pairs evenly over its instances (the engines' split;
+    integers, the first instances take the remainder)."""
+    _zero(n, ig, cnt)
     for e in range(W.shape[0]):
         m = cnt[e]
         if m == 0:
@@ -486,8 +665,8 @@ def even_seed(W, ig, cnt, n):
 
 
 @njit
-def _split_lists(W, has, ig, cnt, primary, p, max_moves, n_out):
-    """time_split on prepared instance lists (see time_split)."""
+def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out):
+    """time_split on prepared instance lists (see time_split); n_out is written on the instances only."""
     E, G = has.shape
     total = 0.0
     single = True
@@ -497,7 +676,7 @@ def _split_lists(W, has, ig, cnt, primary, p, max_moves, n_out):
             single = False
     comp = np.zeros(G)
     pairs = np.zeros(G)
-    primary_seed(W, primary, n_out)
+    primary_seed(W, primary, ig, cnt, n_out)
     gpu_times(n_out, ig, cnt, p, comp, pairs)
     best = layer_time(comp, pairs, total, p)
     if single:
@@ -515,12 +694,11 @@ def _split_lists(W, has, ig, cnt, primary, p, max_moves, n_out):
             hi_w = max(hi_w, W[e])
     run1 = not (lo_w >= 4.0 * ridge)  # some replicated expert is not far above the ridge once spread
     run2 = not (hi_w <= ridge)  # some replicated expert is above it whole
-    cand = np.zeros((E, G))
+    cand = np.empty((E, G))  # (only the instances' entries are ever written or read)
     room = np.full(G, E + 1, dtype=np.int64)  # a fixed plan: its instances hold their slots already
-    src = np.zeros((1, 1))
+    holder = np.zeros((1, 1), dtype=np.bool_)
     wait = np.zeros(G)
     stall = np.zeros(1)
-    made = np.zeros((1, 1), dtype=np.bool_)
     # the engines' even split, as it is: the result is never slower than it (nor than the primary seed)
     even_seed(W, ig, cnt, cand)
     gpu_times(cand, ig, cnt, p, comp, pairs)
@@ -529,8 +707,9 @@ def _split_lists(W, has, ig, cnt, primary, p, max_moves, n_out):
         lpt_seed(W, ig, cnt, p, cand)
         gpu_times(cand, ig, cnt, p, comp, pairs)
         if layer_time(comp, pairs, total, p) < best * (1.0 - 1e-12):
-            n_out[:, :] = cand
-        improve(n_out, has, ig, cnt, has, p, total, max_moves, False, room, src, wait, 0.0, 1.0, stall, made)
+            _copy(n_out, cand, ig, cnt)
+        improve(n_out, has, ig, cnt, gl, gcnt, has, p, total, max_moves, False, room, 0.0, 0.0, holder, 1, wait,
+                0.0, 1.0, stall)
         gpu_times(n_out, ig, cnt, p, comp, pairs)
         best = layer_time(comp, pairs, total, p)
     if not run2:
@@ -541,17 +720,18 @@ def _split_lists(W, has, ig, cnt, primary, p, max_moves, n_out):
     waterfill_seed(W, ig, cnt, cand)
     gpu_times(cand, ig, cnt, p, comp, pairs)
     f_wf = layer_time(comp, pairs, total, p)
-    alt = np.zeros((E, G))
+    alt = np.empty((E, G))
     even_seed(W, ig, cnt, alt)
     gpu_times(alt, ig, cnt, p, comp, pairs)
     if layer_time(comp, pairs, total, p) < f_wf * (1.0 - 1e-12):
-        cand[:, :] = alt
-    improve(cand, has, ig, cnt, has, p, total, max_moves, False, room, src, wait, 0.0, 1.0, stall, made)
+        _copy(cand, alt, ig, cnt)
+    improve(cand, has, ig, cnt, gl, gcnt, has, p, total, max_moves, False, room, 0.0, 0.0, holder, 1, wait, 0.0,
+            1.0, stall)
     gpu_times(cand, ig, cnt, p, comp, pairs)
     f = layer_time(comp, pairs, total, p)
     if f < best * (1.0 - 1e-12) or not run1:
         best = f
-        n_out[:, :] = cand
+        _copy(n_out, cand, ig, cnt)
     return best
 
 
@@ -559,11 +739,9 @@ def _split_lists(W, has, ig, cnt, primary, p, max_moves, n_out):
 def time_split(W, has, primary, p, max_moves, n_out):
     """The time-aware split of W over the instances `has` into n_out; returns its layer time. Forced when every
     expert has one instance; else two local searches (in _split_lists) and the faster result."""
-    E, G = has.shape
-    ig = np.zeros((E, G), dtype=np.int64)
-    cnt = np.zeros(E, dtype=np.int64)
-    build_lists(has, ig, cnt)
-    return _split_lists(W, has, ig, cnt, primary, p, max_moves, n_out)
+    n_out[:, :] = 0.0
+    ig, cnt, gl, gcnt = _lists(has)
+    return _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out)
 
 
 @njit
@@ -595,14 +773,43 @@ def primary_of(has, home_gpu, out):
 
 
 @njit
+def _count(mask):
+    """Entries of the bool array mask [E, G] that hold."""
+    c = 0
+    for e in range(mask.shape[0]):
+        for g in range(mask.shape[1]):
+            if mask[e, g]:
+                c += 1
+    return c
+
+
+@njit
+def _split_of(W, mask, ig, cnt, primary, p, max_moves, total_mask):
+    """time_split of W over the instances mask [E, G] (total_mask of them), taken from the lists (ig, cnt) when
+    they hold them all, else from a scan of the mask."""
+    E, G = mask.shape
+    ig2 = np.empty((E, G), dtype=np.int64)
+    cnt2 = np.zeros(E, dtype=np.int64)
+    if _sub_lists(ig, cnt, mask, ig2, cnt2) != total_mask:
+        build_lists(mask, ig2, cnt2)
+    gl2 = np.empty((G, E), dtype=np.int64)
+    gcnt2 = np.zeros(G, dtype=np.int64)
+    gpu_lists(ig2, cnt2, gl2, gcnt2)
+    scratch = np.empty((E, G))
+    return _split_lists(W, mask, ig2, cnt2, gl2, gcnt2, primary, p, max_moves, scratch)
+
+
+@njit
 def decide_layer(W, live, loaded, pinned, S, cur_has, home, home_gpu, p, max_moves, copy_host, copy_peer,
                  link_group, link_wait, lookahead, horizon, has_out):
-    """moeless's decision for one layer (moeless.policy.serverless): has_out [E, G] gets the chosen instances.
+    """moeless's decision for one layer (moeless.policy.serverless): has_out [E, G] (all False on entry) gets the
+    chosen instances.
 
     live / loaded / pinned [G*S]: each slot's live instance (expert, -1 free), whether its weights are in, and
     whether the plan keeps it whatever its predicted pairs (used within its keep-alive: a hedge the split can
-    use for free); link_wait [G]: seconds until each GPU's copy links are free (read only). Returns 0 (the new
-    plan), 1 (keep the current plan) or 2 (the homes alone)."""
+    use for free); home [E, G]: the homes, home_gpu [E] (home[e, home_gpu[e]] holds); link_wait [G]: seconds
+    until each GPU's copy links are free (read only). Returns 0 (the new plan), 1 (keep the current plan) or 2
+    (the homes alone)."""
     E, G = home.shape
     total = 0.0
     for e in range(E):
@@ -614,58 +821,59 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, home, home_gpu, p, max_mov
             has[live[s], s // S] = True
             if pinned[s]:
                 keep[live[s], s // S] = True
-    ig = np.zeros((E, G), dtype=np.int64)
-    cnt = np.zeros(E, dtype=np.int64)
-    build_lists(has, ig, cnt)
-    n = np.zeros((E, G))
-    _split_lists(W, has, ig, cnt, home_gpu, p, max_moves, n)
+    ig, cnt, gl, gcnt = _lists(has)
+    n = np.zeros((E, G))  # (improve may add instances: n is zero wherever it may read)
+    _split_lists(W, has, ig, cnt, gl, gcnt, home_gpu, p, max_moves, n)
     room = np.full(G, S, dtype=np.int64)
     for e in range(E):
         for k in range(cnt[e]):
             g = ig[e, k]
             if keep[e, g] or n[e, g] >= 1.0:
                 room[g] -= 1
-    src = np.full((E, G), copy_host)
-    if link_group > 1 and copy_peer < copy_host:
-        ngrp = (G + link_group - 1) // link_group
-        holder = np.zeros((E, ngrp), dtype=np.bool_)
+    peer = link_group > 1 and copy_peer < copy_host
+    holder = np.zeros(((G + link_group - 1) // link_group if peer else 1, E), dtype=np.bool_).T
+    if peer:
         for s in range(live.shape[0]):
             if live[s] >= 0 and loaded[s]:
                 holder[live[s], (s // S) // link_group] = True
-        for e in range(E):
-            for g in range(G):
-                if holder[e, g // link_group]:
-                    src[e, g] = copy_peer
-    made = np.zeros((E, G), dtype=np.bool_)
     stall = np.zeros(1)
     wait = link_wait.copy()
-    improve(n, has, ig, cnt, keep, p, total, max_moves, True, room, src, wait, lookahead, horizon, stall, made)
+    improve(n, has, ig, cnt, gl, gcnt, keep, p, total, max_moves, True, room, copy_host, copy_peer, holder,
+            link_group, wait, lookahead, horizon, stall)
+    # the chosen instances (all among the lists), and whether they are the current plan's
+    n_out = 0
+    n_cur_in = 0
     same = True
     for e in range(E):
-        for g in range(G):
+        for k in range(cnt[e]):
+            g = ig[e, k]
             v = keep[e, g] or n[e, g] >= 1.0
-            has_out[e, g] = v
+            if v:
+                has_out[e, g] = True
+                n_out += 1
+            if cur_has[e, g]:
+                n_cur_in += 1
             if v != cur_has[e, g]:
                 same = False
-    if same:
+    n_cur = _count(cur_has)
+    if same and n_cur == n_cur_in:
         return 1
     # do no harm: the predicted time under the split the data plane will run, against the current plan and the
     # homes alone (ties keep the current plan, then the homes)
     prim = np.zeros(E, dtype=np.int64)
-    scratch = np.zeros((E, G))
     primary_of(has_out, home_gpu, prim)
-    t_new = time_split(W, has_out, prim, p, max_moves, scratch)
+    t_new = _split_of(W, has_out, ig, cnt, prim, p, max_moves, n_out)
     primary_of(cur_has, home_gpu, prim)
-    t_cur = time_split(W, cur_has, prim, p, max_moves, scratch)
+    t_cur = _split_of(W, cur_has, ig, cnt, prim, p, max_moves, n_cur)
     t_home = t_cur
-    for e in range(E):
-        for g in range(G):
-            if cur_has[e, g] != home[e, g]:
-                t_home = time_split(W, home, home_gpu, p, max_moves, scratch)
+    cur_is_home = n_cur == n_cur_in and n_cur == E  # the current plan holds no more than E instances ...
+    if cur_is_home:
+        for e in range(E):  # ... and they are the homes
+            if not cur_has[e, home_gpu[e]]:
+                cur_is_home = False
                 break
-        else:
-            continue
-        break
+    if not cur_is_home:
+        t_home = _split_of(W, home, ig, cnt, home_gpu, p, max_moves, E)
     tol = 1e-9 * max(t_cur, t_home, 1e-12)
     if t_new > min(t_cur, t_home) + tol:
         return 1 if t_cur <= t_home + tol else 2
@@ -713,15 +921,16 @@ def hedge_fill(keep, room, W, S, has_out):
 
 
 @njit
-def mean_time(scen, has, primary, p, max_moves):
-    """Mean layer time of the instances `has` over the load scenarios scen [K, E] (each split on its own)."""
+def mean_time(scen, has, primary, p, max_moves, bound=np.inf):
+    """Mean layer time of the instances `has` over the load scenarios scen [K, E] (each split on its own); inf
+    as soon as the sum so far exceeds `bound` (a candidate that can no longer win is not priced further)."""
     K, E = scen.shape
     G = has.shape[1]
-    ig = np.zeros((E, G), dtype=np.int64)
-    cnt = np.zeros(E, dtype=np.int64)
-    build_lists(has, ig, cnt)
-    n = np.zeros((E, G))
+    ig, cnt, gl, gcnt = _lists(has)
+    n = np.empty((E, G))
     tot = 0.0
     for k in range(K):
-        tot += _split_lists(scen[k], has, ig, cnt, primary, p, max_moves, n)
+        tot += _split_lists(scen[k], has, ig, cnt, gl, gcnt, primary, p, max_moves, n)
+        if tot > bound:
+            return np.inf
     return tot / K

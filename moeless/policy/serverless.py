@@ -133,8 +133,12 @@ class MoelessPolicy(Policy):
                 continue
             seen.add(key)
             _kernels.primary_of(has, self.home_gpu, prim)
-            cost = _kernels.mean_time(scen, has, prim, self.profile, self.max_moves)
-            cost += float(src[has & ~live_has].sum()) / horizon
+            copies = float(src[has & ~live_has].sum()) / horizon
+            # (pricing stops once the candidate cannot win; the slack keeps every possible winner priced whole)
+            bound = (best_cost * (1 - 1e-12) - copies) * len(scen) * (1 + 1e-9) if np.isfinite(best_cost) else np.inf
+            if bound < 0:
+                continue
+            cost = _kernels.mean_time(scen, has, prim, self.profile, self.max_moves, bound) + copies
             if cost < best_cost * (1 - 1e-12):
                 best, best_cost = i, cost
         if best == 0:
