@@ -220,6 +220,7 @@ class Engine:
         self.last_layer_s = 0.0
         self._tokens = 0.0
         self._prefill = False
+        self._misc_s = 0.0
         # warm life of the instances this engine cold-started: slots' expert if made here (-1 otherwise)
         self._made = np.full((self.L, self.G * self.S), -1, dtype=np.int64)
         self._last_use = np.full((self.L, self.G * self.S), -np.inf)  # when each slot's instance last served
@@ -261,6 +262,7 @@ class Engine:
         self._tokens = float(tokens)
         self._prefill = bool(prefill)
         self._weight = float(weight)
+        self._misc_s = float(self._misc(self._tokens))
 
     def wants_plan(self, batch_tokens: int, top_k: int = 1) -> bool:
         """Whether the policy decides per layer at all for a batch of `batch_tokens` tokens (a serverful policy
@@ -284,7 +286,7 @@ class Engine:
         self._last_use[layer, used] = self._now
         if self._n_made:  # warm life: this engine's instances that serve pairs now
             self._uses += self._weight * float((self._made[layer, used] == plan.phy2log[0, used]).sum())
-        self.last_layer_s = float(t) + self._misc(self._tokens)
+        self.last_layer_s = float(t) + self._misc_s
         self._layer_s = self.last_layer_s if self._layer_s is None else 0.9 * self._layer_s + 0.1 * self.last_layer_s
         self.model_t += self.last_layer_s
         self._weighted_t += self.last_layer_s * self._weight  # real iterations' seconds (thinned ones weighted)
@@ -436,6 +438,8 @@ class Engine:
         c = np.asarray(counts)
         if c.shape != (self.E,):
             raise ValueError(f"{name} must have shape [E={self.E}], got {c.shape}")
+        if c.dtype.kind in "iu" and c.size and c.min() >= 0:  # integer counts: only the sign to check
+            return c.astype(np.int64 if integral else np.float64, copy=False)
         if not np.issubdtype(c.dtype, np.number) or np.iscomplexobj(c) or (c < 0).any() \
                 or not np.all(np.isfinite(c)):
             raise ValueError(f"{name} must be finite non-negative counts")

@@ -162,6 +162,8 @@ class Policy:
         c = np.asarray(counts)
         if c.shape != (self.E,):
             raise ValueError(f"{name} must have shape [E={self.E}], got {c.shape}")
+        if c.dtype.kind in "iu" and c.size and c.min() >= 0:  # integer counts: only the sign to check
+            return c
         if not np.issubdtype(c.dtype, np.number) or np.iscomplexobj(c) or not np.all(np.isfinite(c)) \
                 or (c < 0).any():
             raise ValueError(f"{name} must be finite non-negative counts")

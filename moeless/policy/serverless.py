@@ -86,16 +86,21 @@ class MoelessPolicy(Policy):
 
     # -- the decision --------------------------------------------------------------------------------------
     def decide(self, ctx: LayerContext) -> Plan | None:
-        W = np.rint(np.clip(np.asarray(ctx.loads, dtype=np.float64), 0.0, None))
-        if W.sum() <= 0:
+        W = np.rint(np.maximum(np.asarray(ctx.loads, dtype=np.float64), 0.0))
+        if not W.sum() > 0:
             return None
-        no_pin = np.zeros(len(ctx.live), dtype=np.bool_)
-        pinned = no_pin if ctx.pinned is None or self.free_moves else np.asarray(ctx.pinned, dtype=np.bool_)
+        if ctx.pinned is None or self.free_moves:
+            pinned = np.zeros(len(ctx.live), dtype=np.bool_)
+        else:
+            pinned = np.asarray(ctx.pinned, dtype=np.bool_)
         horizon = max(float(ctx.horizon), 1e-9)
         code, inst = self._decide(W, ctx, pinned, horizon)
+        robust = ctx.refresh and ctx.scenarios is not None and len(ctx.scenarios) \
+            and max(W.max(), float(np.max(ctx.scenarios))) > self.ridge
+        if code == 1 and not robust:  # (the kernel found the current plan's instances again)
+            return None
         point = ctx.current if code == 1 else self._home_layer if code == 2 else self._plan_of(inst)
-        if ctx.refresh and ctx.scenarios is not None and len(ctx.scenarios) \
-                and max(W.max(), float(np.max(ctx.scenarios))) > self.ridge:
+        if robust:
             # (where no expert's load reaches the roofline's ridge a replica cannot shorten anything: every
             # instance reads its weights whatever its pairs, so the robust alternatives are not weighed)
             point = self._robust(W, ctx, pinned, horizon, point)
