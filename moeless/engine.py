@@ -11,7 +11,8 @@ In every iteration the data plane calls, for every MoE layer l in order:
                                       policy decides layer l+d, the pool realises it; returns (l+d, ApplyResult)
                                       whose cold starts the data plane must copy, or None
     prepare(l)                        layer l has run: the policy decides its plan for the next iteration (the
-                                      copies have an iteration to arrive); (l, ApplyResult) or None
+                                      copies have an iteration to arrive; see prepare_every in the class
+                                      docstring); (l, ApplyResult) or None
     end_iteration(now)                after the last layer: the policy's end-of-iteration plan (EPLB's rebuild),
                                       realised in the pool (ApplyResult or None)
 
@@ -43,6 +44,7 @@ import numpy as np
 from moeless.planner import Plan
 from moeless.planner.plan import _positive_int
 from moeless.policy import LayerContext, Policy
+from moeless.policy._kernels import context_arrays as _context_arrays
 from moeless.pool import ApplyResult, FunctionPool, Meter, SimulatedClock
 
 __all__ = ["Engine", "EngineStats", "GateReplicaLoads", "cost_pool", "default_slots_per_gpu"]
@@ -152,11 +154,15 @@ class Engine:
     policy's cost model's, else 0), which the look-ahead counts. horizon_prior: the expected warm life
     (iterations) counted as one more measured instance; None: the iterations that fit in the pool's keep-alive
     at the mean iteration time so far (an instance stays at least that long; the measurements correct it where
-    popularity moves faster), capped at 1,000. prewarm: after each layer runs, `prepare` decides its plan for
+    popularity moves faster), capped at 1,000. prewarm: after a layer runs, `prepare` decides its plan for
     the next iteration (copies then have an iteration to arrive); off: only the decision d layers ahead.
     refresh_every: `prepare` lets the policy weigh robust alternatives (LayerContext.refresh) for a layer once
     every this many iterations (staggered over the layers), the costlier decision; in between it decides
-    incrementally.
+    incrementally. prepare_every: `prepare` decides a layer only once every this many iterations (staggered
+    alike; the first d layers, which no decision d layers ahead covers, every iteration): its loads are
+    averaged over a keep-alive and move slowly, so where the control plane's CPU time is tight most of its
+    decisions can be skipped (bench/bench_policy.py measures what that saves, bench/results/regimes.md what it
+    costs); the decision d layers ahead, fed the batch's own prediction, always runs every iteration.
     """
 
     # recent true loads per layer kept as the scenarios of the decision well ahead (`prepare`)
@@ -165,7 +171,8 @@ class Engine:
     def __init__(self, policy: Policy, *, distance: int = 1, pool: FunctionPool | None = None,
                  expert_bytes: float | None = None, keep_alive_s: float = 60.0, link_bandwidth: float = 25e9,
                  peer_bandwidth: float | None = None, link_group: int = 1, copy_s=None, misc=None,
-                 horizon_prior: float | None = None, prewarm: bool = True, refresh_every: int = 4):
+                 horizon_prior: float | None = None, prewarm: bool = True, refresh_every: int = 4,
+                 prepare_every: int = 1):
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be a moeless.policy.Policy (see moeless.policy.make_policy), got "
                              f"{type(policy).__name__}")
@@ -202,6 +209,7 @@ class Engine:
         self.horizon_prior = None if horizon_prior is None else float(horizon_prior)
         self.prewarm = bool(prewarm)
         self.refresh_every = _positive_int("refresh_every", refresh_every)
+        self.prepare_every = _positive_int("prepare_every", prepare_every)
         self._iterations = 0.0  # real iterations seen (the weights of the simulated ones)
         self._weighted_t = 0.0
         initial = policy.initial_plan()
@@ -331,15 +339,19 @@ class Engine:
         """After layer `layer` ran (its instances are free again): decide its plan for the next iteration, so
         that the copies have an iteration to arrive instead of d layers (the decision d layers ahead then
         refines it with the prediction, the new instances already live). The loads it plans for are the layer's
-        shares averaged over time times
-        this iteration's pairs (an exponential average whose half-life is the iterations of one keep-alive: the
-        time an instance is committed for). It may re-plan the replicas from the homes alone (LayerContext.refresh).
-        Returns (layer, ApplyResult) or None; nothing with `prewarm` off."""
+        shares averaged over time times this iteration's pairs (an exponential average whose half-life is the
+        iterations of one keep-alive: the time an instance is committed for). It may re-plan the replicas from
+        the homes alone (LayerContext.refresh, every `refresh_every` iterations) and decides only every
+        `prepare_every` iterations (see the class docstring). Returns (layer, ApplyResult) or None; nothing with
+        `prewarm` off."""
         layer = self._layer(layer)
         if not self.prewarm or self._share[layer] is None:
             return None
+        n = int(self._n_recent[layer]) + layer
+        refresh = n % self.refresh_every == 0
+        if layer >= self.distance and n % self.prepare_every:
+            return None  # (see prepare_every)
         loads = self._share[layer] * float(self._last_counts[layer].sum())
-        refresh = (self._n_recent[layer] + layer) % self.refresh_every == 0
         return self._decide(layer, loads, now, self.L - self.distance, refresh=refresh)
 
     def decide(self, layer: int, loads, now: float | None = None, layers_ahead: int = 0):
@@ -359,14 +371,16 @@ class Engine:
         t = self.pool.advance_to(now)
         self._now = t
         live = self.pool.expert[target]
+        loaded = np.empty(live.shape, dtype=np.bool_)
+        pinned = np.empty(live.shape, dtype=np.bool_)
+        link_wait = np.empty(self.G)
+        _context_arrays(live, self._ready[target], self.model_t, self._link_free, self._last_use[target],
+                        t - self.pool.keep_alive_s, loaded, link_wait, pinned)
         ctx = LayerContext(
-            layer=target, loads=loads.astype(np.float64), tokens=self._tokens, current=self._plans[target],
-            live=live, loaded=self._ready[target] <= self.model_t,
-            link_wait=np.maximum(self._link_free - self.model_t, 0.0),
-            lookahead=layers_ahead * (self._layer_s or 0.0), horizon=self.horizon(),
-            link_group=self.pool.link_group,
-            pinned=(live >= 0) & (self._last_use[target] >= t - self.pool.keep_alive_s), refresh=refresh,
-            scenarios=scenarios)
+            layer=target, loads=loads.astype(np.float64, copy=False), tokens=self._tokens,
+            current=self._plans[target], live=live, loaded=loaded, link_wait=link_wait,
+            lookahead=layers_ahead * (self._layer_s or 0.0), horizon=self.horizon(), link_group=self.pool.link_group,
+            pinned=pinned, refresh=refresh, scenarios=scenarios)
         new = self.policy.decide(ctx)
         if new is None:
             self.stats.plans_kept += 1

@@ -164,3 +164,28 @@ def test_wants_plan_only_for_serverless_policies_and_real_batches():
     assert Engine(_moeless()).wants_plan(5, 2)
     assert not Engine(_moeless()).wants_plan(0, 2)
     assert not Engine(StaticEPPolicy(L, E, G, 2)).wants_plan(5, 2)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_prepare_every_skips_the_decisions_well_ahead_but_not_the_first_layers(every, monkeypatch):
+    """prepare decides a layer once every `prepare_every` iterations (staggered); the first d layers, which no
+    decision d layers ahead covers, and the decisions d layers ahead run every iteration."""
+    eng = Engine(_moeless(), keep_alive_s=60.0, prepare_every=every)
+    eng.start(0.0)
+    calls = []
+    inner = eng._decide
+    monkeypatch.setattr(eng, "_decide", lambda target, loads, now, ahead, **kw: (
+        calls.append((target, ahead)), inner(target, loads, now, ahead, **kw))[1])
+    rng = np.random.default_rng(5)
+    iterations = 6
+    for it in range(iterations):
+        loads = rng.integers(0, 3000, (L, E))
+        _drive(eng, loads, t0=it * 0.1, predictions=loads)
+    well_ahead = [t for t, ahead in calls if ahead == L - 1]  # prepare's (d = 1)
+    d_ahead = [t for t, ahead in calls if ahead == 1]
+    for layer in range(L):
+        want = iterations if layer == 0 or every == 1 else iterations // every
+        assert well_ahead.count(layer) == want
+    assert sorted(set(d_ahead)) == list(range(1, L)) and len(d_ahead) == iterations * (L - 1)
+    with pytest.raises(ValueError, match="prepare_every"):
+        Engine(_moeless(), prepare_every=0)

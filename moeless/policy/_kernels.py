@@ -555,14 +555,13 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
 
 
 @njit
-def lpt_seed(W, ig, cnt, p, n):
+def lpt_seed(W, order, ig, cnt, p, n):
     """n [E, G] (zeroed here on the instances): each expert whole on one of its instances, largest first, onto
     the GPU that then finishes earliest (ties: the earlier instance)."""
     E, G = n.shape
     _zero(n, ig, cnt)
     comp = np.zeros(G)
-    order = np.argsort(-W, kind="mergesort")
-    for k in range(E):
+    for k in range(E):  # order: the experts by load, largest first (ties: the lower expert)
         e = order[k]
         w = W[e]
         if w <= 0.0:
@@ -594,14 +593,13 @@ def primary_seed(W, primary, ig, cnt, n):
 
 
 @njit
-def waterfill_seed(W, ig, cnt, n):
+def waterfill_seed(W, order, ig, cnt, n):
     """n [E, G] (zeroed here on the instances): pairs balanced over GPUs, ignoring weight reads: experts, largest
     first, poured onto their GPUs' lowest pair levels (integers; the remainder one pair each to the lowest); a
     second sweep pours each expert again given all the others."""
     E, G = n.shape
     _zero(n, ig, cnt)
     level = np.zeros(G)
-    order = np.argsort(-W, kind="mergesort")
     gs = np.zeros(G, dtype=np.int64)
     lv = np.zeros(G)
     for sweep in range(2):
@@ -695,6 +693,7 @@ def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out):
     run1 = not (lo_w >= 4.0 * ridge)  # some replicated expert is not far above the ridge once spread
     run2 = not (hi_w <= ridge)  # some replicated expert is above it whole
     cand = np.empty((E, G))  # (only the instances' entries are ever written or read)
+    order = np.argsort(-W, kind="mergesort")  # the experts by load, largest first, for the LPT and pouring seeds
     room = np.full(G, E + 1, dtype=np.int64)  # a fixed plan: its instances hold their slots already
     holder = np.zeros((1, 1), dtype=np.bool_)
     wait = np.zeros(G)
@@ -704,7 +703,7 @@ def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out):
     gpu_times(cand, ig, cnt, p, comp, pairs)
     f_even = layer_time(comp, pairs, total, p)
     if run1:
-        lpt_seed(W, ig, cnt, p, cand)
+        lpt_seed(W, order, ig, cnt, p, cand)
         gpu_times(cand, ig, cnt, p, comp, pairs)
         if layer_time(comp, pairs, total, p) < best * (1.0 - 1e-12):
             _copy(n_out, cand, ig, cnt)
@@ -717,7 +716,7 @@ def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out):
             even_seed(W, ig, cnt, n_out)
             best = f_even
         return best
-    waterfill_seed(W, ig, cnt, cand)
+    waterfill_seed(W, order, ig, cnt, cand)
     gpu_times(cand, ig, cnt, p, comp, pairs)
     f_wf = layer_time(comp, pairs, total, p)
     alt = np.empty((E, G))
@@ -822,8 +821,12 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, home, home_gpu, p, max_mov
             if pinned[s]:
                 keep[live[s], s // S] = True
     ig, cnt, gl, gcnt = _lists(has)
+    cnt0 = cnt.copy()  # (improve appends the instances it creates after these)
     n = np.zeros((E, G))  # (improve may add instances: n is zero wherever it may read)
-    _split_lists(W, has, ig, cnt, gl, gcnt, home_gpu, p, max_moves, n)
+    t_first = _split_lists(W, has, ig, cnt, gl, gcnt, home_gpu, p, max_moves, n)
+    n_first = 0
+    for e in range(E):
+        n_first += cnt0[e]
     room = np.full(G, S, dtype=np.int64)
     for e in range(E):
         for k in range(cnt[e]):
@@ -842,7 +845,9 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, home, home_gpu, p, max_mov
             link_group, wait, lookahead, horizon, stall)
     # the chosen instances (all among the lists), and whether they are the current plan's
     n_out = 0
+    n_out_first = 0  # of them among the first split's instances
     n_cur_in = 0
+    n_cur_first = 0
     same = True
     for e in range(E):
         for k in range(cnt[e]):
@@ -851,8 +856,12 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, home, home_gpu, p, max_mov
             if v:
                 has_out[e, g] = True
                 n_out += 1
+                if k < cnt0[e]:
+                    n_out_first += 1
             if cur_has[e, g]:
                 n_cur_in += 1
+                if k < cnt0[e]:
+                    n_cur_first += 1
             if v != cur_has[e, g]:
                 same = False
     n_cur = _count(cur_has)
@@ -860,11 +869,19 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, home, home_gpu, p, max_mov
         return 1
     # do no harm: the predicted time under the split the data plane will run, against the current plan and the
     # homes alone (ties keep the current plan, then the homes)
+    # (a plan holding exactly the first split's instances, homes among them, is priced by that split already:
+    # the same loads, instance lists and primaries give the same search)
     prim = np.zeros(E, dtype=np.int64)
-    primary_of(has_out, home_gpu, prim)
-    t_new = _split_of(W, has_out, ig, cnt, prim, p, max_moves, n_out)
-    primary_of(cur_has, home_gpu, prim)
-    t_cur = _split_of(W, cur_has, ig, cnt, prim, p, max_moves, n_cur)
+    if n_out == n_first and n_out_first == n_first:
+        t_new = t_first
+    else:
+        primary_of(has_out, home_gpu, prim)
+        t_new = _split_of(W, has_out, ig, cnt, prim, p, max_moves, n_out)
+    if n_cur == n_first and n_cur_first == n_first:
+        t_cur = t_first
+    else:
+        primary_of(cur_has, home_gpu, prim)
+        t_cur = _split_of(W, cur_has, ig, cnt, prim, p, max_moves, n_cur)
     t_home = t_cur
     cur_is_home = n_cur == n_cur_in and n_cur == E  # the current plan holds no more than E instances ...
     if cur_is_home:
@@ -878,6 +895,33 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, home, home_gpu, p, max_mov
     if t_new > min(t_cur, t_home) + tol:
         return 1 if t_cur <= t_home + tol else 2
     return 0
+
+
+@njit
+def context_arrays(live, ready, model_t, link_free, last_use, since, loaded, link_wait, pinned):
+    """The engine's per-decision arrays in one pass: loaded [G*S] (a live slot's copy is in by model time
+    model_t), link_wait [G] (seconds until each GPU's links are free) and pinned [G*S] (a live instance used
+    since `since`)."""
+    for s in range(live.shape[0]):
+        loaded[s] = ready[s] <= model_t
+        pinned[s] = live[s] >= 0 and last_use[s] >= since
+    for g in range(link_free.shape[0]):
+        w = link_free[g] - model_t
+        link_wait[g] = w if w > 0.0 else 0.0
+
+
+@njit
+def round_loads(loads, W):
+    """W = loads rounded to whole pairs, negatives to 0; returns (sum, max) of W."""
+    tot = 0.0
+    mx = 0.0
+    for e in range(loads.shape[0]):
+        v = np.rint(loads[e]) if loads[e] > 0.0 else 0.0
+        W[e] = v
+        tot += v
+        if v > mx:
+            mx = v
+    return tot, mx
 
 
 @njit

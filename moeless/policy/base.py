@@ -46,7 +46,7 @@ def home_plan(num_layers: int, num_experts: int, gpus: int, slots_per_gpu: int) 
     return Plan.from_phy2log(np.tile(p2l, (L, 1)), E, G, S)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class LayerContext:
     """What the control plane knows when it decides layer `layer` (d layers ahead of the one running).
 
@@ -58,7 +58,8 @@ class LayerContext:
     pinned bool [G*S] (or None): the live instances the plan keeps whatever their predicted pairs (served
     pairs within their keep-alive: hedges the split can use for free; their slots are not taken); refresh:
     the policy may weigh robust alternatives (a decision well ahead), against `scenarios` float [K, E]: loads
-    the layer may see (its recent true loads)."""
+    the layer may see (its recent true loads). Treat it as read-only (a plain slotted class, not a frozen one:
+the engine builds one per decision, and a frozen dataclass costs microseconds to build)."""
 
     layer: int
     loads: np.ndarray

@@ -86,8 +86,12 @@ class MoelessPolicy(Policy):
 
     # -- the decision --------------------------------------------------------------------------------------
     def decide(self, ctx: LayerContext) -> Plan | None:
-        W = np.rint(np.maximum(np.asarray(ctx.loads, dtype=np.float64), 0.0))
-        if not W.sum() > 0:
+        loads = np.asarray(ctx.loads, dtype=np.float64)
+        if loads.shape != (self.E,):
+            raise ValueError(f"ctx.loads must have shape [E={self.E}], got {loads.shape}")
+        W = np.empty(self.E)
+        total, w_max = _kernels.round_loads(loads, W)
+        if not total > 0:
             return None
         if ctx.pinned is None or self.free_moves:
             pinned = np.zeros(len(ctx.live), dtype=np.bool_)
@@ -96,7 +100,7 @@ class MoelessPolicy(Policy):
         horizon = max(float(ctx.horizon), 1e-9)
         code, inst = self._decide(W, ctx, pinned, horizon)
         robust = ctx.refresh and ctx.scenarios is not None and len(ctx.scenarios) \
-            and max(W.max(), float(np.max(ctx.scenarios))) > self.ridge
+            and max(w_max, float(np.max(ctx.scenarios))) > self.ridge
         if code == 1 and not robust:  # (the kernel found the current plan's instances again)
             return None
         point = ctx.current if code == 1 else self._home_layer if code == 2 else self._plan_of(inst)
