@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moeless._jit import njit
 from moeless.planner import Plan
 from moeless.planner.plan import _positive_int
 from moeless.policy import LayerContext, Policy
@@ -65,6 +66,46 @@ def cost_pool(cost, num_layers: int, gpus: int, slots_per_gpu: int, *, keep_aliv
                         peer_bandwidth=nbytes / peer_s if peer_s > 0 else float("inf"),
                         link_group=int(getattr(hw, "link_group", 1)), keep_alive_s=keep_alive_s,
                         clock=SimulatedClock())
+
+
+@njit
+def _observe_counts(counts, layer, last_counts, iter_counts, recent, n_recent, share, has_share, w):
+    """Layer `layer`'s true counts into the engine's per-layer state (one pass; see Engine.observe): this
+    iteration's and the latest counts, the ring of recent counts, and the load shares averaged with weight w on
+    the old ones (the first loaded iteration sets them)."""
+    E = counts.shape[0]
+    total = 0.0
+    slot = n_recent[layer] % recent.shape[1]
+    for e in range(E):
+        c = counts[e]
+        iter_counts[layer, e] = c
+        last_counts[layer, e] = c
+        recent[layer, slot, e] = c
+        total += c
+    n_recent[layer] += 1
+    if total > 0:
+        if has_share[layer]:
+            for e in range(E):
+                share[layer, e] = w * share[layer, e] + (1 - w) * (counts[e] / total)
+        else:
+            for e in range(E):
+                share[layer, e] = counts[e] / total
+            has_share[layer] = True
+
+
+@njit
+def _mark_used(rt, l2p, p2l, made_row, last_use_row, now):
+    """The slots whose replicas serve pairs (rt > 0) were used at `now`; returns how many of them hold the
+    instance this engine cold-started there (made_row)."""
+    uses = 0
+    for e in range(rt.shape[0]):
+        for r in range(rt.shape[1]):
+            s = l2p[e, r]
+            if s >= 0 and rt[e, r] > 0:
+                last_use_row[s] = now
+                if made_row[s] == p2l[s]:
+                    uses += 1
+    return uses
 
 
 def default_slots_per_gpu(num_experts: int, gpus: int, extra: int = 1) -> int:
@@ -215,11 +256,13 @@ class Engine:
         initial = policy.initial_plan()
         self._plans = [initial[l] for l in range(self.L)]
         self._last_counts = np.zeros((self.L, self.E), dtype=np.int64)  # true counts, latest iteration
-        self._share: list = [None] * self.L  # per layer, load shares averaged over one keep-alive
+        self._share = np.zeros((self.L, self.E))  # per layer, load shares averaged over one keep-alive
+        self._has_share = np.zeros(self.L, dtype=np.bool_)
         self._recent = np.zeros((self.L, self.SCENARIOS, self.E))  # per layer, its last true counts (a ring)
         self._n_recent = np.zeros(self.L, dtype=np.int64)
         self._iter_counts = np.zeros((self.L, self.E), dtype=np.int64)
         self._iteration_replicas = np.zeros(self.L, dtype=np.int64)
+        self._plan_reps = np.array([int(p.logcnt.sum()) for p in self._plans], dtype=np.int64)  # replicas per plan
         # model time: the cost model's seconds of the layers served so far; each GPU's copy link is free at
         # link_free (model time); the recent mean layer seconds (moe + misc) give the look-ahead
         self.model_t = 0.0
@@ -289,11 +332,11 @@ class Engine:
         counts = self._counts(counts, "counts")
         plan = self._plans[layer]
         rt, t = self.policy.split(layer, plan, counts)
-        l2p = plan.log2phy[0]
-        used = l2p[(rt > 0) & (l2p >= 0)]
-        self._last_use[layer, used] = self._now
-        if self._n_made:  # warm life: this engine's instances that serve pairs now
-            self._uses += self._weight * float((self._made[layer, used] == plan.phy2log[0, used]).sum())
+        # the instances that serve pairs now were used now; warm life: how many of them this engine made
+        uses = _mark_used(rt, plan.log2phy[0], plan.phy2log[0], self._made[layer], self._last_use[layer],
+                          self._now)
+        if self._n_made:
+            self._uses += self._weight * float(uses)
         self.last_layer_s = float(t) + self._misc_s
         self._layer_s = self.last_layer_s if self._layer_s is None else 0.9 * self._layer_s + 0.1 * self.last_layer_s
         self.model_t += self.last_layer_s
@@ -308,8 +351,7 @@ class Engine:
         pool at `now`. Returns (target layer, ApplyResult), or None when the layer keeps its plan."""
         layer = self._layer(layer)
         counts = self._counts(counts, "counts")
-        self._iteration_replicas[layer] = int(self._plans[layer].logcnt.sum())
-        self._iter_counts[layer] = counts
+        self._iteration_replicas[layer] = self._plan_reps[layer]
         target = layer + self.distance
         if target >= self.L:
             target -= self.L
@@ -318,17 +360,10 @@ class Engine:
             loads = self._counts(predicted, "predicted", integral=False)
         else:
             loads = self._last_counts[target]  # the previous iteration's true counts of the target layer
-        self._last_counts[layer] = counts
-        total = float(counts.sum())
-        self._recent[layer, self._n_recent[layer] % self.SCENARIOS] = counts
-        self._n_recent[layer] += 1
-        if total > 0:  # the layer's load shares, averaged over one keep-alive
-            share = counts / total
-            if self._share[layer] is None:
-                self._share[layer] = share
-            else:
-                w = 0.5 ** (self._weight / self._keep_iterations())
-                self._share[layer] = w * self._share[layer] + (1 - w) * share
+        # the layer's counts, and its load shares averaged over one keep-alive
+        w = 0.5 ** (self._weight / self._keep_iterations()) if self._has_share[layer] else 0.0
+        _observe_counts(counts, layer, self._last_counts, self._iter_counts, self._recent, self._n_recent,
+                        self._share, self._has_share, w)
         if layer == self.L - 1:
             self.stats.replicas.append(self._iteration_replicas.copy())
         if not replan or (self.prewarm and layer + self.distance >= self.L):
@@ -345,7 +380,7 @@ class Engine:
         `prepare_every` iterations (see the class docstring). Returns (layer, ApplyResult) or None; nothing with
         `prewarm` off."""
         layer = self._layer(layer)
-        if not self.prewarm or self._share[layer] is None:
+        if not self.prewarm or not self._has_share[layer]:
             return None
         n = int(self._n_recent[layer]) + layer
         refresh = n % self.refresh_every == 0
@@ -390,6 +425,7 @@ class Engine:
         new = self.pool.align(new, layer=target)
         self.stats.plans_made += 1
         self._plans[target] = new
+        self._plan_reps[target] = int(new.logcnt.sum())
         res = self.pool.apply(new, t, layer=target)
         self.applied.append((t, target, new.phy2log[0].copy()))
         self._account_copies(res)
@@ -405,6 +441,7 @@ class Engine:
         t = self.pool.advance_to(now)
         self._now = t
         self._plans = [new[l] for l in range(self.L)]
+        self._plan_reps = new.logcnt.sum(1).astype(np.int64)
         res = self.pool.apply(new, t)
         for l in range(self.L):
             self.applied.append((t, l, new.phy2log[l].copy()))
