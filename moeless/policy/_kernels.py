@@ -663,8 +663,9 @@ def even_seed(W, ig, cnt, n):
 
 
 @njit
-def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out):
-    """time_split on prepared instance lists (see time_split); n_out is written on the instances only."""
+def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out, one_search=False):
+    """time_split on prepared instance lists (see time_split); n_out is written on the instances only. one_search:
+    where both searches would run, only the one from the faster seed does (an estimate at half the cost)."""
     E, G = has.shape
     total = 0.0
     single = True
@@ -694,6 +695,20 @@ def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out):
     run2 = not (hi_w <= ridge)  # some replicated expert is above it whole
     cand = np.empty((E, G))  # (only the instances' entries are ever written or read)
     order = np.argsort(-W, kind="mergesort")  # the experts by load, largest first, for the LPT and pouring seeds
+    if one_search and run1 and run2:
+        lpt_seed(W, order, ig, cnt, p, cand)
+        gpu_times(cand, ig, cnt, p, comp, pairs)
+        f1 = min(layer_time(comp, pairs, total, p), best)
+        waterfill_seed(W, order, ig, cnt, cand)
+        gpu_times(cand, ig, cnt, p, comp, pairs)
+        f2 = layer_time(comp, pairs, total, p)
+        even_seed(W, ig, cnt, cand)
+        gpu_times(cand, ig, cnt, p, comp, pairs)
+        f2 = min(f2, layer_time(comp, pairs, total, p))
+        if f1 <= f2:
+            run2 = False
+        else:
+            run1 = False
     room = np.full(G, E + 1, dtype=np.int64)  # a fixed plan: its instances hold their slots already
     holder = np.zeros((1, 1), dtype=np.bool_)
     wait = np.zeros(G)
@@ -965,16 +980,17 @@ def hedge_fill(keep, room, W, S, has_out):
 
 
 @njit
-def mean_time(scen, has, primary, p, max_moves, bound=np.inf):
-    """Mean layer time of the instances `has` over the load scenarios scen [K, E] (each split on its own); inf
-    as soon as the sum so far exceeds `bound` (a candidate that can no longer win is not priced further)."""
+def mean_time(scen, has, primary, p, max_moves, bound=np.inf, one_search=False):
+    """Mean layer time of the instances `has` over the load scenarios scen [K, E] (each split on its own, by
+    time_split, or by the faster seed's search alone with one_search: an estimate, never below it); inf as soon
+    as the sum so far exceeds `bound` (a candidate that can no longer win is not priced further)."""
     K, E = scen.shape
     G = has.shape[1]
     ig, cnt, gl, gcnt = _lists(has)
     n = np.empty((E, G))
     tot = 0.0
     for k in range(K):
-        tot += _split_lists(scen[k], has, ig, cnt, gl, gcnt, primary, p, max_moves, n)
+        tot += _split_lists(scen[k], has, ig, cnt, gl, gcnt, primary, p, max_moves, n, one_search)
         if tot > bound:
             return np.inf
     return tot / K

@@ -116,7 +116,12 @@ class MoelessPolicy(Policy):
         """The decision well ahead: candidates (the current plan, the homes alone, the point decision, and the
         hedged plans: homes, plus the pinned instances or not, plus ring hedges in every free slot) priced by
         their mean time over the load scenarios (the layer's recent true loads and the prediction), plus each
-        new instance's copy seconds over its expected warm life; the cheapest wins (ties: the earlier)."""
+        new instance's copy seconds over its expected warm life; the cheapest wins (ties: the earlier).
+
+        The candidates are first priced by an estimate (each scenario split by its faster seed's search alone,
+        never below the full split, at about half its cost); a winner other than the current plan is then
+        priced exactly (time_split on every scenario), with the current plan and the homes, and kept only if it
+        is still strictly the cheapest of the three (do no harm, as the point decision)."""
         E, G, S = self.E, self.G, self.S
         scen = np.vstack([np.asarray(ctx.scenarios, dtype=np.float64), W[None]])
         live = np.asarray(ctx.live, dtype=np.int64)
@@ -133,23 +138,37 @@ class MoelessPolicy(Policy):
             _kernels.hedge_fill(keep, room, W, S, hedged)
             cands.append(hedged)
         src = self._copy_seconds(live, np.asarray(ctx.loaded, dtype=np.bool_), max(1, int(ctx.link_group)))
-        best, best_cost = 0, np.inf
         prim = np.zeros(E, dtype=np.int64)
+
+        def price(i: int, best_cost: float, estimate: bool) -> float:
+            _kernels.primary_of(cands[i], self.home_gpu, prim)
+            copies = float(src[cands[i] & ~live_has].sum()) / horizon
+            # (pricing stops once the candidate cannot win; the slack keeps every possible winner priced whole)
+            bound = (best_cost * (1 - 1e-12) - copies) * len(scen) * (1 + 1e-9) if np.isfinite(best_cost) else np.inf
+            if bound < 0:
+                return np.inf
+            return _kernels.mean_time(scen, cands[i], prim, self.profile, self.max_moves, bound, estimate) + copies
+
+        best, best_cost = 0, np.inf
         seen = set()
         for i, has in enumerate(cands):
             key = has.tobytes()
             if key in seen:  # the same instances as an earlier candidate: the earlier wins a tie anyway
                 continue
             seen.add(key)
-            _kernels.primary_of(has, self.home_gpu, prim)
-            copies = float(src[has & ~live_has].sum()) / horizon
-            # (pricing stops once the candidate cannot win; the slack keeps every possible winner priced whole)
-            bound = (best_cost * (1 - 1e-12) - copies) * len(scen) * (1 + 1e-9) if np.isfinite(best_cost) else np.inf
-            if bound < 0:
-                continue
-            cost = _kernels.mean_time(scen, has, prim, self.profile, self.max_moves, bound) + copies
+            cost = price(i, best_cost, True)
             if cost < best_cost * (1 - 1e-12):
                 best, best_cost = i, cost
+        if best != 0:  # the winner, priced exactly against the current plan and the homes
+            exact = {0: price(0, np.inf, False)}
+            if not np.array_equal(cands[1], cands[0]):
+                exact[1] = price(1, np.inf, False)
+            if best != 1:
+                exact[best] = price(best, min(exact.values()), False)
+            best = 0
+            for i in sorted(exact):  # a later candidate wins only when strictly cheaper
+                if exact[i] < exact[best] * (1 - 1e-12):
+                    best = i
         if best == 0:
             return ctx.current
         if best == 1:
