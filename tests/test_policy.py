@@ -202,7 +202,7 @@ def test_compiled_loops_agree_with_their_python():
         outs = []
         for fn in (_kernels.decide_layer, _kernels.decide_layer.py_func):
             inst = np.zeros((16, 4), dtype=bool)
-            code = fn(np.rint(W), live, live >= 0, np.zeros(live.size, dtype=bool), 6, d.has, pol.home,
+            code = fn(np.rint(W), live, live >= 0, np.zeros(live.size, dtype=bool), 6, d.has, d.count, pol.home,
                       pol.home_gpu, p, 1000, QWEN.cold_start_s(False), QWEN.cold_start_s(True), 8, np.zeros(4),
                       0.01, 50.0, inst)
             outs.append((code, inst.tobytes()))

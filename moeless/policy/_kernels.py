@@ -88,6 +88,71 @@ def _lists(has):
     return ig, cnt, gl, gcnt
 
 
+def instance_lists(has):
+    """(ig, cnt, gl, gcnt) of the instances `has` [E, G], for time_split_on."""
+    return _lists(has)
+
+
+@njit
+def replica_tokens(n, rg, first, out):
+    """out [E, R] = n[e, rg[e, r]] where first[e, r] (the first replica of e on its GPU), else 0 (integers)."""
+    for e in range(rg.shape[0]):
+        for r in range(rg.shape[1]):
+            out[e, r] = np.int64(n[e, rg[e, r]]) if first[e, r] else 0
+
+
+@njit
+def _slot_lists(home_gpu, live, S, G):
+    """(ig, cnt, gl, gcnt) of the homes (one per expert, on home_gpu) plus the live slots' instances, built from
+    the G*S slots and E homes instead of a scan of E x G (the same lists: GPUs ascending per expert, experts
+    ascending per GPU)."""
+    E = home_gpu.shape[0]
+    hcnt = np.zeros(G, dtype=np.int64)
+    for e in range(E):
+        hcnt[home_gpu[e]] += 1
+    hstart = np.zeros(G + 1, dtype=np.int64)
+    for g in range(G):
+        hstart[g + 1] = hstart[g] + hcnt[g]
+    hl = np.empty(E, dtype=np.int64)
+    fill = hstart[:G].copy()
+    for e in range(E):  # (experts ascending within each GPU)
+        g = home_gpu[e]
+        hl[fill[g]] = e
+        fill[g] += 1
+    ig = np.empty((E, G), dtype=np.int64)
+    cnt = np.zeros(E, dtype=np.int64)
+    gl = np.empty((G, E), dtype=np.int64)
+    gcnt = np.zeros(G, dtype=np.int64)
+    for g in range(G):
+        c = 0
+        for j in range(hstart[g], hstart[g + 1]):
+            gl[g, c] = hl[j]
+            c += 1
+        for s in range(g * S, (g + 1) * S):
+            e = live[s]
+            if e < 0:
+                continue
+            dup = False
+            for j in range(c):
+                if gl[g, j] == e:
+                    dup = True
+                    break
+            if dup:
+                continue
+            j = c  # insertion: ascending experts
+            while j > 0 and gl[g, j - 1] > e:
+                gl[g, j] = gl[g, j - 1]
+                j -= 1
+            gl[g, j] = e
+            c += 1
+        gcnt[g] = c
+        for j in range(c):
+            e = gl[g, j]
+            ig[e, cnt[e]] = g
+            cnt[e] += 1
+    return ig, cnt, gl, gcnt
+
+
 @njit
 def _sub_lists(ig, cnt, mask, ig2, cnt2):
     """ig2 / cnt2: the instances of (ig, cnt) where mask [E, G] holds, each expert's GPUs ascending (the order a
@@ -750,6 +815,13 @@ def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out, one_se
 
 
 @njit
+def time_split_on(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out):
+    """time_split on the instance lists of `has` (instance_lists): n_out is written, and meaningful, on the
+    instances only."""
+    return _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out)
+
+
+@njit
 def time_split(W, has, primary, p, max_moves, n_out):
     """The time-aware split of W over the instances `has` into n_out; returns its layer time. Forced when every
     expert has one instance; else two local searches (in _split_lists) and the faster result."""
@@ -787,17 +859,6 @@ def primary_of(has, home_gpu, out):
 
 
 @njit
-def _count(mask):
-    """Entries of the bool array mask [E, G] that hold."""
-    c = 0
-    for e in range(mask.shape[0]):
-        for g in range(mask.shape[1]):
-            if mask[e, g]:
-                c += 1
-    return c
-
-
-@njit
 def _split_of(W, mask, ig, cnt, primary, p, max_moves, total_mask):
     """time_split of W over the instances mask [E, G] (total_mask of them), taken from the lists (ig, cnt) when
     they hold them all, else from a scan of the mask."""
@@ -814,14 +875,15 @@ def _split_of(W, mask, ig, cnt, primary, p, max_moves, total_mask):
 
 
 @njit
-def decide_layer(W, live, loaded, pinned, S, cur_has, home, home_gpu, p, max_moves, copy_host, copy_peer,
+def decide_layer(W, live, loaded, pinned, S, cur_has, n_cur, home, home_gpu, p, max_moves, copy_host, copy_peer,
                  link_group, link_wait, lookahead, horizon, has_out):
     """moeless's decision for one layer (moeless.policy.serverless): has_out [E, G] (all False on entry) gets the
     chosen instances.
 
     live / loaded / pinned [G*S]: each slot's live instance (expert, -1 free), whether its weights are in, and
     whether the plan keeps it whatever its predicted pairs (used within its keep-alive: a hedge the split can
-    use for free); home [E, G]: the homes, home_gpu [E] (home[e, home_gpu[e]] holds); link_wait [G]: seconds
+    use for free); home [E, G]: the homes, home_gpu [E] (home[e, g] holds exactly where g = home_gpu[e]);
+    n_cur: the instances of cur_has (its True entries); link_wait [G]: seconds
     until each GPU's copy links are free (read only). Returns 0 (the new plan), 1 (keep the current plan) or 2
     (the homes alone)."""
     E, G = home.shape
@@ -835,7 +897,7 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, home, home_gpu, p, max_mov
             has[live[s], s // S] = True
             if pinned[s]:
                 keep[live[s], s // S] = True
-    ig, cnt, gl, gcnt = _lists(has)
+    ig, cnt, gl, gcnt = _slot_lists(home_gpu, live, S, G)
     cnt0 = cnt.copy()  # (improve appends the instances it creates after these)
     n = np.zeros((E, G))  # (improve may add instances: n is zero wherever it may read)
     t_first = _split_lists(W, has, ig, cnt, gl, gcnt, home_gpu, p, max_moves, n)
@@ -879,7 +941,6 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, home, home_gpu, p, max_mov
                     n_cur_first += 1
             if v != cur_has[e, g]:
                 same = False
-    n_cur = _count(cur_has)
     if same and n_cur == n_cur_in:
         return 1
     # do no harm: the predicted time under the split the data plane will run, against the current plan and the

@@ -80,9 +80,10 @@ class DenseLayout:
     """One layer's plan as dense arrays for the compiled loops: has bool [E, G] (an instance of e on GPU g),
     primary int [E] (the GPU that serves an expert whole first: its home when the plan holds it, else its
     first replica's), and the map back to the plan's replicas (first replica of e on each GPU takes that GPU's
-    pairs; later duplicates 0)."""
+    pairs; later duplicates 0). `lists`: the compiled loops' instance lists of `has` (built once per plan), and
+    `count` its instances."""
 
-    __slots__ = ("has", "primary", "rg", "first", "valid", "E", "G")
+    __slots__ = ("has", "primary", "rg", "first", "valid", "E", "G", "_lists")
 
     def __init__(self, plan: Plan, home_gpu: np.ndarray | None = None):
         E, G, S = plan.num_experts, plan.gpus, plan.slots_per_gpu
@@ -101,10 +102,24 @@ class DenseLayout:
         first = valid.copy()
         first[:, 1:] &= rg[:, 1:] != rg[:, :-1]
         self.has, self.primary, self.rg, self.first, self.valid, self.E, self.G = has, primary, rg, first, valid, E, G
+        self._lists = None
+
+    @property
+    def lists(self) -> tuple:
+        """(ig, cnt, gl, gcnt) of `has` (moeless.policy._kernels' per-expert and per-GPU instance lists)."""
+        if self._lists is None:
+            self._lists = _kernels.instance_lists(self.has)
+        return self._lists
+
+    @property
+    def count(self) -> int:
+        return int(self.lists[1].sum())
 
     def replica_tokens(self, n: np.ndarray) -> np.ndarray:
-        """Dense pairs n [E, G] -> replica_tokens int64 [E, R]."""
-        return np.where(self.first, n[np.arange(self.E)[:, None], self.rg], 0.0).astype(np.int64)
+        """Dense pairs n [E, G] -> replica_tokens int64 [E, R] (n is read on the instances only)."""
+        out = np.empty(self.rg.shape, dtype=np.int64)
+        _kernels.replica_tokens(n, self.rg, self.first, out)
+        return out
 
 
 def price_dense(n: np.ndarray, profile: np.ndarray) -> float:

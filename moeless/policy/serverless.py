@@ -73,8 +73,8 @@ class MoelessPolicy(Policy):
         predicted layer seconds). Lossless: each expert's pairs go to its own replicas only."""
         c = self.check_counts(counts)
         d = self.dense(plan)
-        n = np.zeros((self.E, self.G))
-        t = _kernels.time_split(c.astype(np.float64), d.has, d.primary, self.profile, self.max_moves, n)
+        n = np.empty((self.E, self.G))  # (written and read on the plan's instances only)
+        t = _kernels.time_split_on(c.astype(np.float64), d.has, *d.lists, d.primary, self.profile, self.max_moves, n)
         return d.replica_tokens(n), float(t)
 
     def layer_time(self, plan: Plan, loads) -> float:
@@ -191,9 +191,10 @@ class MoelessPolicy(Policy):
     def _decide(self, W, ctx, pinned, horizon):
         """(code, instances bool [E, G]) of the compiled decision (see _kernels.decide_layer)."""
         inst = np.zeros((self.E, self.G), dtype=np.bool_)
+        cur = self.dense(ctx.current)
         code = _kernels.decide_layer(
             W, np.asarray(ctx.live, dtype=np.int64), np.asarray(ctx.loaded, dtype=np.bool_), pinned, self.S,
-            self.dense(ctx.current).has, self.home, self.home_gpu, self.profile, self.max_moves, self.copy_host,
+            cur.has, cur.count, self.home, self.home_gpu, self.profile, self.max_moves, self.copy_host,
             self.copy_peer, max(1, int(ctx.link_group)), np.asarray(ctx.link_wait, dtype=np.float64),
             float(ctx.lookahead), horizon, inst)
         return code, inst
