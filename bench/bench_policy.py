@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python -m pytest bench/bench_policy.py --benchmark-only   # pytest-benchmark
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_policy.py                           # table, process CPU time
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_policy.py --out bench/results/planning.md   # and a report
 
 Timed, after warming the engine on a few iterations of the same skewed popularity (Dirichlet(0.3) expert shares
 per layer, multinomial batches), so that its pool holds replicas:
@@ -21,6 +22,8 @@ assert a time.
 """
 from __future__ import annotations
 
+import argparse
+import datetime
 import os
 import platform
 import sys
@@ -47,12 +50,12 @@ TOKENS = {"mixtral": {"prefill": 4096, "decode": 64}, "deepseek_v3": {"prefill":
 class Driver:
     """An engine over the case's policy, fed batches of one skewed popularity, one iteration per call."""
 
-    def __init__(self, case: str, phase: str, seed: int = 0):
+    def __init__(self, case: str, phase: str, seed: int = 0, prepare_every: int = 1):
         name, hw, L, E, K, G, S = CASES[case]
         cost = RooflineCost(model_spec(name), hardware_spec(hw))
         self.L, self.E, self.K = L, E, K
         self.tokens = TOKENS[case][phase]
-        self.engine = Engine(MoelessPolicy(L, E, G, S, cost), keep_alive_s=60.0)
+        self.engine = Engine(MoelessPolicy(L, E, G, S, cost), keep_alive_s=60.0, prepare_every=prepare_every)
         self.engine.start(0.0)
         rng = np.random.default_rng(seed)
         pop = rng.dirichlet(np.full(E, 0.3), size=L)
@@ -136,25 +139,65 @@ def _iteration_parts(d: Driver, n: int) -> tuple[float, float]:
     return s, (d.split_s - before) / (n + 1)
 
 
-def main() -> int:
-    print(f"numba: {HAVE_NUMBA}; one core (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); "
-          "process CPU time per call")
-    print("| case | batch | planning per iteration (all layers) | per layer | target | + serve-time splits "
-          "| whole control plane |")
-    print("|---|---|---|---|---|---|---|")
+def _table(prepare_every: int, rounds: int) -> list[str]:
+    rows = ["| case | batch | planning per iteration (all layers) | per layer | target | + serve-time splits "
+            "| whole control plane |", "|---|---|---|---|---|---|---|"]
     for case in CASES:
         for phase in ("prefill", "decode"):
-            d = Driver(case, phase)
+            d = Driver(case, phase, prepare_every=prepare_every)
             for _ in range(6):
                 d.iteration()
-            whole, splits = _iteration_parts(d, 16)
+            whole, splits = _iteration_parts(d, rounds)
             plan = whole - splits
             target = "0.5 ms" if case == "mixtral" else "5 ms"
-            print(f"| {case} | {phase} ({d.tokens} tokens) | {plan * 1e3:.2f} ms | {plan / d.L * 1e6:.0f} us "
-                  f"| {target} | {splits * 1e3:.2f} ms ({splits / d.L * 1e6:.0f} us per layer) "
-                  f"| {whole * 1e3:.2f} ms |")
+            rows.append(f"| {case} | {phase} ({d.tokens} tokens) | {plan * 1e3:.2f} ms | {plan / d.L * 1e6:.0f} us "
+                        f"| {target} | {splits * 1e3:.2f} ms ({splits / d.L * 1e6:.0f} us per layer) "
+                        f"| {whole * 1e3:.2f} ms |")
+    return rows
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prepare-every", type=int, nargs="+", default=[1, 4],
+                    help="Engine(prepare_every=...) values to measure, one table each (default: 1 4)")
+    ap.add_argument("--rounds", type=int, default=16, help="iterations timed per case (default: %(default)s)")
+    ap.add_argument("--out", help="also write the tables to this Markdown file")
+    args = ap.parse_args(argv)
+    if any(k < 1 for k in args.prepare_every) or args.rounds < 1:
+        ap.error("--prepare-every and --rounds take integers >= 1")
+    import numba
+
+    head = (f"numba {numba.__version__ if HAVE_NUMBA else '(not installed: plain Python)'}, numpy {np.__version__}, "
+            f"Python {platform.python_version()}; {_cpu_name()}, one core (OMP_NUM_THREADS="
+            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}); {datetime.date.today().isoformat()}")
+    lines = [head, ""]
+    print(head)
+    for k in args.prepare_every:
+        title = (f"Engine(prepare_every={k})" + (" (the default)" if k == 1 else "")
+                 + ": process CPU time per iteration, mean of " + str(args.rounds))
+        rows = _table(k, args.rounds)
+        print("\n" + title + "\n" + "\n".join(rows))
+        lines += [f"### {title}", ""] + rows + [""]
     s = _cpu_per_call(_split_setup(), 200)
-    print(f"\nserve-time split, one layer, 64 experts on 8 GPUs x 9 slots: {s * 1e6:.1f} us (target 50 us)")
+    split = f"Serve-time split, one layer, 64 experts on 8 GPUs x 9 slots: {s * 1e6:.1f} us (target 50 us)."
+    print("\n" + split)
+    lines.append(split)
+    if args.out:
+        from moeless.outputs import write_text
+
+        write_text(args.out, "# Planning speed (bench/bench_policy.py)\n\n" + "\n".join(lines) + "\n")
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -728,9 +728,10 @@ def even_seed(W, ig, cnt, n):
 
 
 @njit
-def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out, one_search=False):
+def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out, one_search=False, estimated=None):
     """time_split on prepared instance lists (see time_split); n_out is written on the instances only. one_search:
-    where both searches would run, only the one from the faster seed does (an estimate at half the cost)."""
+    where both searches would run, only the one from the faster seed does (an estimate at half the cost, never
+    below the full split; estimated [1], if given, is set to whether it was one)."""
     E, G = has.shape
     total = 0.0
     single = True
@@ -774,6 +775,8 @@ def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out, one_se
             run2 = False
         else:
             run1 = False
+        if estimated is not None:
+            estimated[0] = True
     room = np.full(G, E + 1, dtype=np.int64)  # a fixed plan: its instances hold their slots already
     holder = np.zeros((1, 1), dtype=np.bool_)
     wait = np.zeros(G)
@@ -900,7 +903,8 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, n_cur, home, home_gpu, p, 
     ig, cnt, gl, gcnt = _slot_lists(home_gpu, live, S, G)
     cnt0 = cnt.copy()  # (improve appends the instances it creates after these)
     n = np.zeros((E, G))  # (improve may add instances: n is zero wherever it may read)
-    t_first = _split_lists(W, has, ig, cnt, gl, gcnt, home_gpu, p, max_moves, n)
+    first_est = np.zeros(1, dtype=np.bool_)
+    t_first = _split_lists(W, has, ig, cnt, gl, gcnt, home_gpu, p, max_moves, n, True, first_est)
     n_first = 0
     for e in range(E):
         n_first += cnt0[e]
@@ -948,12 +952,12 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, n_cur, home, home_gpu, p, 
     # (a plan holding exactly the first split's instances, homes among them, is priced by that split already:
     # the same loads, instance lists and primaries give the same search)
     prim = np.zeros(E, dtype=np.int64)
-    if n_out == n_first and n_out_first == n_first:
+    if n_out == n_first and n_out_first == n_first and not first_est[0]:
         t_new = t_first
     else:
         primary_of(has_out, home_gpu, prim)
         t_new = _split_of(W, has_out, ig, cnt, prim, p, max_moves, n_out)
-    if n_cur == n_first and n_cur_first == n_first:
+    if n_cur == n_first and n_cur_first == n_first and not first_est[0]:
         t_cur = t_first
     else:
         primary_of(cur_has, home_gpu, prim)
