@@ -62,9 +62,11 @@ REGIMES = {
 GAINS = {"R2": (0.10, 0.20), "R3": (0.10, 0.20), "R4": (0.10, 0.20)}
 
 
-def run_regime(name: str, esft: str = ESFT, progress: bool = True) -> dict | None:
+def run_regime(name: str, esft: str = ESFT, progress: bool = True, prepare_every: int = 1) -> dict | None:
     title, kw = REGIMES[name]
     kw = dict(kw)
+    if prepare_every != 1:  # (a sensitivity run; the report's default is the library's)
+        kw["prepare_every"] = prepare_every
     if "routing" in kw and "{esft}" in kw["routing"]:
         if not os.path.isdir(esft):
             print(f"{name}: skipped, no ESFT routing at {esft} (set MOELESS_ESFT)", file=sys.stderr)
@@ -119,7 +121,9 @@ def markdown(results: list[dict]) -> str:
                   f"{s['model']} on {s['gpus']}x {s['hardware']} ({s['slots_per_gpu']} slots per GPU per layer), "
                   f"{s['trace']}, {s['batching']} batching, {s['iterations']} iterations ({s['simulated_iterations']}"
                   f" simulated); routing: {s['routing']}; history: {s['history']}. "
-                  f"Simulated in {r['cpu_s']:.0f} s CPU ({r['wall_s']:.0f} s wall).", "",
+                  f"Simulated in {r['cpu_s']:.0f} s CPU ({r['wall_s']:.0f} s wall)."
+                  + (f" moeless with Engine(prepare_every={s['prepare_every']}), not the library's default."
+                     if s.get("prepare_every", 1) != 1 else ""), "",
                   "| policy | mean ms | p50 ms | p99 ms | memory x time GB-s | cold starts | GB copied |",
                   "|---|---|---|---|---|---|---|"]
         for name, p in r["policies"].items():
@@ -143,8 +147,12 @@ def main(argv=None) -> int:
     ap.add_argument("--regimes", default=",".join(REGIMES), help="comma-separated, of R1..R5 (default: all)")
     ap.add_argument("--esft", default=ESFT, help="ESFT expert_scores folder for R5 (default: %(default)s)")
     ap.add_argument("--out", default=str(HERE / "results" / "regimes.md"), help="report (a .json beside it)")
+    ap.add_argument("--prepare-every", type=int, default=1,
+                    help="moeless's Engine(prepare_every=...) for a sensitivity run (default: 1, the library's)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.prepare_every < 1:
+        ap.error("--prepare-every must be an integer >= 1")
     names = [n.strip() for n in args.regimes.split(",") if n.strip()]
     bad = [n for n in names if n not in REGIMES]
     if bad:
@@ -152,7 +160,7 @@ def main(argv=None) -> int:
     results = []
     for n in names:
         print(f"{n}: {REGIMES[n][0]} ...", file=sys.stderr, flush=True)
-        r = run_regime(n, args.esft, progress=not args.no_progress)
+        r = run_regime(n, args.esft, progress=not args.no_progress, prepare_every=args.prepare_every)
         if r is not None:
             results.append(r)
             for v in verdicts(r):

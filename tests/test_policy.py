@@ -265,3 +265,22 @@ def test_move_size_is_the_bisection_answer(cost):
         first = next((v for v in range(1, top + 1) if ab[v - 1][0] <= ab[v - 1][1]), top)
         want = first - 1 if first > 1 and max(ab[first - 2]) <= max(ab[first - 1]) else first
         assert x == want and (a, b) == ab[int(x) - 1]
+
+
+def test_policy_split_on_cached_lists_is_time_split():
+    """MoelessPolicy.split (instance lists cached per plan, a scratch array read on the instances only, compiled
+    replica_tokens) gives what time_split on the dense layout gives, mapped to replicas by numpy."""
+    rng = np.random.default_rng(11)
+    for cost in (QWEN, LINEAR):
+        pol = MoelessPolicy(1, 16, 4, 6, cost)
+        p = cost.profile(4).as_array()
+        for _ in range(25):
+            plan = _random_plan(rng, 16, 4, 6)
+            W = rng.multinomial(int(rng.integers(1, 5000)), rng.dirichlet(np.full(16, 0.5)))
+            for _ in range(2):  # the second call reuses the plan's cached lists
+                rt, t = pol.split(0, plan, W)
+                d = DenseLayout(plan, pol.home_gpu)
+                n = np.zeros((16, 4))
+                want_t = _kernels.time_split(W.astype(float), d.has, d.primary, p, pol.max_moves, n)
+                want = np.where(d.first, n[np.arange(16)[:, None], d.rg], 0.0).astype(np.int64)
+                assert t == want_t and np.array_equal(rt, want)

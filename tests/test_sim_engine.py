@@ -56,6 +56,7 @@ def test_report(small_result, tmp_path):
     (dict(routing="esft"), "needs a path"),
     (dict(model="phi-3.5-moe"), "routing"),  # Mixtral's popularity has 8 experts, Phi 16
     (dict(window_start_s=1e7), "holds no request"),
+    (dict(prepare_every=0), "prepare_every"),
 ])
 def test_bad_configs(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -17,14 +17,15 @@ pairs received (at least total / G with a2a_floor). An instance with n > 0 pairs
 costs a read instead of saving work.
 
 `improve` is a local search over integer moves of x pairs of one expert from the busiest GPU to another GPU
-holding (or, with a copy cost, given) an instance of it; x balances the two GPUs (bisection: one side's time
-only falls and the other's only rises with x). A free move is taken when it lowers the busiest GPU without
+holding (or, with a copy cost, given) an instance of it; x balances the two GPUs (one side's time only falls
+and the other's only rises with x: an interpolation search on their difference, `_best_x`). A free move is taken when it lowers the busiest GPU without
 raising the layer time (so ties between busiest GPUs resolve one by one: the sorted GPU times fall
 lexicographically, hence it terminates); a move onto a new instance only when the layer time falls by more than
 the copy's per-iteration cost (its stall not hidden by the look-ahead, over the instance's expected warm life).
-Loops run over instances (the sparse lists), not over E x G: a working n is zero outside the instances, and
-only the instances' entries are ever zeroed, copied or read (an array of E x G entries is touched whole at most
-once per call; at DeepSeek-V3's 256 experts x 64 GPUs a whole pass costs more than a search step).
+Loops run over instances (the sparse lists), not over E x G: only the instances' entries of a working n are
+ever zeroed, copied or read (an array of E x G entries is touched whole at most once per call; at DeepSeek-V3's
+256 experts x 64 GPUs a whole pass costs more than a search step). A GPU whose time is already at the busiest
+one's is never tried as a target (its time only rises with x).
 Deterministic: ties go to the lower expert, then the earlier instance.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ from moeless._jit import njit
 _FLOP, _READ, _ACT, _LAUNCH, _A2A, _FLOOR, _SUM = 0, 1, 2, 3, 4, 5, 6
 
 # new-instance targets tried per expert and move: the least-busy GPUs with room (a new instance's best GPU is
-# a light one; trying all G GPUs would cost G bisections per expert and move at DeepSeek-V3 scale)
+# a light one; trying all G GPUs would cost G searches for x per expert and move at DeepSeek-V3 scale)
 _NEW_TARGETS = 4
 
 

@@ -61,6 +61,7 @@ class SimConfig:
     history_s: float | None = None  # trace seconds before the window that warm EPLB and the predictors
     #                                 (a running deployment); None: max(eplb_interval_s, 600)
     keep_alive_s: float = 60.0
+    prepare_every: int = 1  # moeless: its decision for the next iteration every this many iterations per layer
     cost_model: str = "roofline"  # or "paper-linear"
     alpha: float = 1e-6  # paper-linear: seconds per pair of one replica
     beta: float = 1e-7  # paper-linear: seconds per pair a GPU receives in one all-to-all
@@ -87,7 +88,7 @@ class SimConfig:
             raise ValueError(f"decode_stride must be 'auto' or an int >= 1, got {self.decode_stride!r}")
         if self.eplb_interval_s <= 0 or self.keep_alive_s < 0:
             raise ValueError("eplb_interval_s must be > 0 and keep_alive_s >= 0")
-        for name in ("eplb_window_iterations", "eplb_step_iterations"):
+        for name in ("eplb_window_iterations", "eplb_step_iterations", "prepare_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -430,7 +431,7 @@ def _setup_dict(setup: Setup) -> dict:
         "iterations": setup.full_iterations, "simulated_iterations": len(setup.schedule),
         "decode_stride": setup.extra["decode_stride"], "routing": setup.routing.description or cfg.routing,
         "cost_model": setup.cost.describe(), "keep_alive_s": cfg.keep_alive_s, "eplb_interval_s": cfg.eplb_interval_s,
-        "distance": cfg.distance, "seed": cfg.seed, "history": setup.extra.get("history_note", ""),
+        "distance": cfg.distance, "prepare_every": cfg.prepare_every, "seed": cfg.seed, "history": setup.extra.get("history_note", ""),
         "eplb_cadences": {"eplb": f"every {cfg.eplb_interval_s:g} s from the loads since the last rebuild",
                           "eplb-vllm": f"every {cfg.eplb_step_iterations} iterations from the last "
                                        f"{cfg.eplb_window_iterations}"},

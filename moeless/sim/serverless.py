@@ -102,7 +102,7 @@ class ServerlessRunner:
         self.G, self.S, self.L, self.E = cfg.gpus, setup.slots_per_gpu, m.num_moe_layers, m.num_experts
         self.distance = cfg.distance
         self.pool = resident_pool(setup, keep_alive_s=float(cfg.keep_alive_s))
-        self.engine = Engine(policy, distance=self.distance, pool=self.pool)
+        self.engine = Engine(policy, distance=self.distance, pool=self.pool, prepare_every=cfg.prepare_every)
         self.engine.start(0.0)  # the homes, loaded before the first batch is ready, like the baselines' weights
         self.initial_loads = int(self.pool.meter.cold_starts)
         self.copy_s = (0.0, 0.0) if bound else (self.pool.cold_start_s, self.pool.peer_cold_start_s)
