@@ -29,6 +29,7 @@ def _rank(rank, world, port, args, requests, out):
     from moeless import serve
 
     ctx = serve.init_distributed(rank=rank, world_size=world, timeout_s=args["timeout"])
+    ok = False
     try:
         model = serve.load_model(None)
         # first calls, outside the measurement: torch's, and numba compiling the policy's loops on a fresh install
@@ -45,8 +46,9 @@ def _rank(rank, world, port, args, requests, out):
             report["moe_layer_ms"] = summary["moe_layer_ms"]["mean"]
             report["batches"] = len({r.batch for r in results if r.batch >= 0})
             Path(out).write_text(json.dumps(report))
+        ok = True
     finally:
-        serve.shutdown()
+        serve.shutdown(sync=ok)  # every rank waits for the others before tearing the group down
 
 
 def main(argv=None) -> int:

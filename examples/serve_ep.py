@@ -26,6 +26,7 @@ def main() -> int:
 
 def run(args) -> int:
     ctx = serve.init_distributed(timeout_s=args.timeout)
+    ok = False
     try:
         model = serve.load_model(args.model)
         if args.model is None:
@@ -51,9 +52,10 @@ def run(args) -> int:
                                   | {"tokens_per_s": res[p]["tokens_per_s"]} for p in ("ep", "moeless")}))
             else:
                 print(demo.format_table(res))
+        ok = True
         return 0
     finally:
-        serve.shutdown()
+        serve.shutdown(sync=ok)  # every rank waits for the others before tearing the group down
 
 
 if __name__ == "__main__":

@@ -337,7 +337,7 @@ def _worker(rank, world, port, opts, requests, out_dir):
         code = 2 if isinstance(err, ValueError) else 1
         (Path(out_dir) / f"failure-rank{rank}.json").write_text(json.dumps(
             {"rank": rank, "time": time.time(), "code": code, "error": _one_line(err)}))
-    serve.shutdown()  # leaves a group that a failed collective broke to the process's exit
+    serve.shutdown(sync=code == 0)  # leaves a group that a failed collective broke to the process's exit
     sys.exit(code)
 
 

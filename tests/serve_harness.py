@@ -76,7 +76,9 @@ def _entry(rank, world, port, fn, args, outdir, collective_timeout, threads):
     except Exception:  # reported to the test, which fails with it
         result = {"exception": traceback.format_exc()}
     torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
-    serve.shutdown()  # leaves a group a failed collective broke to the process's exit
+    # (a rank that ends normally waits for the others before tearing the group down; a broken group is left to
+    # the process's exit)
+    serve.shutdown(sync=not (isinstance(result, dict) and "exception" in result))
     os._exit(0)
 
 

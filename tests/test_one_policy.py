@@ -82,7 +82,8 @@ def test_serving_and_simulation_decide_the_same_plans(tmp_path):
     cost = RooflineCost(spec, hardware_for_device("cpu"))
     setup = types.SimpleNamespace(
         model=spec, cost=cost, hardware=cost.hardware, slots_per_gpu=S,
-        config=types.SimpleNamespace(gpus=2, distance=rec["distance"], keep_alive_s=float("inf")))
+        config=types.SimpleNamespace(gpus=2, distance=rec["distance"], keep_alive_s=float("inf"),
+                                     prepare_every=1))
     runner = ServerlessRunner("moeless", MoelessPolicy(L, E, 2, S, cost), _Recorded(rec["iterations"]), setup)
     for i, it in enumerate(rec["iterations"]):
         runner._step(it["loads"], None, it["tokens"], it["prefill"], float(i), 1.0)

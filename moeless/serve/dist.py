@@ -84,10 +84,18 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = 120.0, ra
     return DistContext(dist.get_rank(), dist.get_world_size(), device, backend, float(timeout_s))
 
 
-def shutdown() -> None:
+def shutdown(sync: bool = False) -> None:
     """Destroy the default process group if there is one (call it in a `finally`); a group that a failed
-    collective broke is left to the process's exit."""
+    collective broke is left to the process's exit. sync: first wait until every rank got here (a barrier,
+    under the group's timeout): call it so where every rank ends normally. A rank that tears its gloo pairs
+    down while a peer is still finishing its last collective can make the peer abort ("terminate called
+    without an active exception", SIGABRT) instead of exiting."""
     if dist.is_available() and dist.is_initialized() and not _BROKEN:
+        if sync:
+            try:
+                dist.barrier()
+            except Exception:  # noqa: BLE001 -- a peer that is gone: nothing left to wait for
+                pass
         dist.destroy_process_group()
 
 
