@@ -139,13 +139,13 @@ def _iteration_parts(d: Driver, n: int) -> tuple[float, float]:
     return s, (d.split_s - before) / (n + 1)
 
 
-def _table(prepare_every: int, rounds: int) -> list[str]:
+def _table(prepare_every: int, rounds: int, warmup: int = 6) -> list[str]:
     rows = ["| case | batch | planning per iteration (all layers) | per layer | target | + serve-time splits "
             "| whole control plane |", "|---|---|---|---|---|---|---|"]
     for case in CASES:
         for phase in ("prefill", "decode"):
             d = Driver(case, phase, prepare_every=prepare_every)
-            for _ in range(6):
+            for _ in range(warmup):
                 d.iteration()
             whole, splits = _iteration_parts(d, rounds)
             plan = whole - splits
@@ -172,10 +172,13 @@ def main(argv=None) -> int:
     ap.add_argument("--prepare-every", type=int, nargs="+", default=[1, 4],
                     help="Engine(prepare_every=...) values to measure, one table each (default: 1 4)")
     ap.add_argument("--rounds", type=int, default=16, help="iterations timed per case (default: %(default)s)")
+    ap.add_argument("--warmup", type=int, default=6,
+                    help="iterations run before the timed ones (default: %(default)s; the first iterations create "
+                         "most replicas, later ones decide mostly to keep)")
     ap.add_argument("--out", help="also write the tables to this Markdown file")
     args = ap.parse_args(argv)
-    if any(k < 1 for k in args.prepare_every) or args.rounds < 1:
-        ap.error("--prepare-every and --rounds take integers >= 1")
+    if any(k < 1 for k in args.prepare_every) or args.rounds < 1 or args.warmup < 1:
+        ap.error("--prepare-every, --rounds and --warmup take integers >= 1")
     import numba
 
     head = (f"numba {numba.__version__ if HAVE_NUMBA else '(not installed: plain Python)'}, numpy {np.__version__}, "
@@ -185,8 +188,8 @@ def main(argv=None) -> int:
     print(head)
     for k in args.prepare_every:
         title = (f"Engine(prepare_every={k})" + (" (the default)" if k == 1 else "")
-                 + ": process CPU time per iteration, mean of " + str(args.rounds))
-        rows = _table(k, args.rounds)
+                 + f": process CPU time per iteration, mean of {args.rounds} after {args.warmup} warm-up iterations")
+        rows = _table(k, args.rounds, args.warmup)
         print("\n" + title + "\n" + "\n".join(rows))
         lines += [f"### {title}", ""] + rows + [""]
     s = _cpu_per_call(_split_setup(), 200)

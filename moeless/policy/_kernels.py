@@ -577,6 +577,7 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
                 if comp[gb] >= cs - tol:  # (as above; the GPUs come least busy first, so no later one helps)
                     break
                 cs_e = copy_peer if peer and holder[e, gb // link_group] else copy_host
+                n[e, gb] = 0.0  # (not an instance of e yet: its entry may hold anything)
                 s, x, a, b = _eval_move(n, gl, gcnt, e, gs, gb, True, comp, pairs, tops, F, cs, pfloor, tol, p,
                                         cs_e, link_wait, lookahead, horizon, stall)
                 if s > best_score + tol:
@@ -903,7 +904,7 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, n_cur, home, home_gpu, p, 
                 keep[live[s], s // S] = True
     ig, cnt, gl, gcnt = _slot_lists(home_gpu, live, S, G)
     cnt0 = cnt.copy()  # (improve appends the instances it creates after these)
-    n = np.zeros((E, G))  # (improve may add instances: n is zero wherever it may read)
+    n = np.empty((E, G))  # (written on the instances; improve zeroes a new instance's entry before pricing it)
     first_est = np.zeros(1, dtype=np.bool_)
     t_first = _split_lists(W, has, ig, cnt, gl, gcnt, home_gpu, p, max_moves, n, True, first_est)
     n_first = 0
