@@ -17,6 +17,8 @@ per layer, multinomial batches), so that its pool holds replicas:
   otherwise idle core wall and CPU time agree);
 - the serve-time split of one layer (`Engine.split`: the policy's time-aware split), 64 experts on 8 GPUs x 9
   slots, 512 tokens top-6.
+The table is repeated for Engine(prepare_every=1, the default, and 4) and after 6 and 30 warm-up iterations
+(the first iterations create most replicas; by 30 the engines mostly keep their plans: the steady state).
 Targets (issue 8): planning 0.5 ms and 5 ms per iteration, 50 us per split. Benchmarks measure; they never
 assert a time.
 """
@@ -172,12 +174,12 @@ def main(argv=None) -> int:
     ap.add_argument("--prepare-every", type=int, nargs="+", default=[1, 4],
                     help="Engine(prepare_every=...) values to measure, one table each (default: 1 4)")
     ap.add_argument("--rounds", type=int, default=16, help="iterations timed per case (default: %(default)s)")
-    ap.add_argument("--warmup", type=int, default=6,
-                    help="iterations run before the timed ones (default: %(default)s; the first iterations create "
-                         "most replicas, later ones decide mostly to keep)")
+    ap.add_argument("--warmup", type=int, nargs="+", default=[6, 30],
+                    help="iterations run before the timed ones, one table each (default: 6 30; the first iterations "
+                         "create most replicas, later ones mostly keep their plans: the steady state)")
     ap.add_argument("--out", help="also write the tables to this Markdown file")
     args = ap.parse_args(argv)
-    if any(k < 1 for k in args.prepare_every) or args.rounds < 1 or args.warmup < 1:
+    if any(k < 1 for k in args.prepare_every + args.warmup) or args.rounds < 1:
         ap.error("--prepare-every, --rounds and --warmup take integers >= 1")
     import numba
 
@@ -186,12 +188,13 @@ def main(argv=None) -> int:
             f"{os.environ.get('OMP_NUM_THREADS', 'unset')}); {datetime.date.today().isoformat()}")
     lines = [head, ""]
     print(head)
-    for k in args.prepare_every:
-        title = (f"Engine(prepare_every={k})" + (" (the default)" if k == 1 else "")
-                 + f": process CPU time per iteration, mean of {args.rounds} after {args.warmup} warm-up iterations")
-        rows = _table(k, args.rounds, args.warmup)
-        print("\n" + title + "\n" + "\n".join(rows))
-        lines += [f"### {title}", ""] + rows + [""]
+    for w in args.warmup:
+        for k in args.prepare_every:
+            title = (f"Engine(prepare_every={k})" + (" (the default)" if k == 1 else "")
+                     + f", after {w} warm-up iterations: process CPU time per iteration, mean of {args.rounds}")
+            rows = _table(k, args.rounds, w)
+            print("\n" + title + "\n" + "\n".join(rows))
+            lines += [f"### {title}", ""] + rows + [""]
     s = _cpu_per_call(_split_setup(), 200)
     split = f"Serve-time split, one layer, 64 experts on 8 GPUs x 9 slots: {s * 1e6:.1f} us (target 50 us)."
     print("\n" + split)
