@@ -83,7 +83,7 @@ class DenseLayout:
     pairs; later duplicates 0). `lists`: the compiled loops' instance lists of `has` (built once per plan), and
     `count` its instances."""
 
-    __slots__ = ("has", "primary", "rg", "first", "valid", "E", "G", "_lists")
+    __slots__ = ("has", "primary", "rg", "first", "valid", "E", "G", "_lists", "_count")
 
     def __init__(self, plan: Plan, home_gpu: np.ndarray | None = None):
         E, G, S = plan.num_experts, plan.gpus, plan.slots_per_gpu
@@ -103,6 +103,7 @@ class DenseLayout:
         first[:, 1:] &= rg[:, 1:] != rg[:, :-1]
         self.has, self.primary, self.rg, self.first, self.valid, self.E, self.G = has, primary, rg, first, valid, E, G
         self._lists = None
+        self._count = -1
 
     @property
     def lists(self) -> tuple:
@@ -113,7 +114,9 @@ class DenseLayout:
 
     @property
     def count(self) -> int:
-        return int(self.lists[1].sum())
+        if self._count < 0:
+            self._count = int(self.lists[1].sum())
+        return self._count
 
     def replica_tokens(self, n: np.ndarray) -> np.ndarray:
         """Dense pairs n [E, G] -> replica_tokens int64 [E, R] (n is read on the instances only)."""
