@@ -202,8 +202,8 @@ class Engine:
     incrementally. prepare_every: `prepare` decides a layer only once every this many iterations (staggered
     alike; the first d layers, which no decision d layers ahead covers, every iteration): its loads are
     averaged over a keep-alive and move slowly, so where the control plane's CPU time is tight most of its
-    decisions can be skipped (bench/bench_policy.py measures what that saves, bench/results/regimes.md what it
-    costs); the decision d layers ahead, fed the batch's own prediction, always runs every iteration.
+    decisions can be skipped (bench/bench_policy.py measures what that saves, `bench/regimes.py --prepare-every`
+    what it costs); the decision d layers ahead, fed the batch's own prediction, always runs every iteration.
     """
 
     # recent true loads per layer kept as the scenarios of the decision well ahead (`prepare`)

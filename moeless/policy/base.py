@@ -59,7 +59,7 @@ class LayerContext:
     pairs within their keep-alive: hedges the split can use for free; their slots are not taken); refresh:
     the policy may weigh robust alternatives (a decision well ahead), against `scenarios` float [K, E]: loads
     the layer may see (its recent true loads). Treat it as read-only (a plain slotted class, not a frozen one:
-the engine builds one per decision, and a frozen dataclass costs microseconds to build)."""
+    the engine builds one per decision, and a frozen dataclass costs microseconds to build)."""
 
     layer: int
     loads: np.ndarray
@@ -114,6 +114,7 @@ class DenseLayout:
 
     @property
     def count(self) -> int:
+        """The plan's instances (entries of `has`)."""
         if self._count < 0:
             self._count = int(self.lists[1].sum())
         return self._count
