@@ -256,7 +256,7 @@ def test_move_size_is_the_bisection_answer(cost):
         n[0, 0] = rng.integers(1, 4000)
         has = n > 0
         has[0, 1] = True
-        ig, cnt, gl, gcnt = _kernels._lists(has)
+        ig, cnt, gl, gcnt = _kernels.instance_lists(has)
         comp, pairs = np.zeros(G), np.zeros(G)
         _kernels.gpu_times(n, ig, cnt, p, comp, pairs)
         x, a, b = _kernels._best_x(n, gl, gcnt, 0, 0, 1, comp[0], comp[1], p)

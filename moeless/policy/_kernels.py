@@ -77,8 +77,8 @@ def gpu_lists(ig, cnt, gl, gcnt):
 
 
 @njit
-def _lists(has):
-    """(ig, cnt, gl, gcnt) of the instances `has` [E, G]."""
+def instance_lists(has):
+    """(ig, cnt, gl, gcnt) of the instances `has` [E, G] (for time_split_on)."""
     E, G = has.shape
     ig = np.empty((E, G), dtype=np.int64)
     cnt = np.zeros(E, dtype=np.int64)
@@ -87,11 +87,6 @@ def _lists(has):
     gcnt = np.zeros(G, dtype=np.int64)
     gpu_lists(ig, cnt, gl, gcnt)
     return ig, cnt, gl, gcnt
-
-
-def instance_lists(has):
-    """(ig, cnt, gl, gcnt) of the instances `has` [E, G], for time_split_on."""
-    return _lists(has)
 
 
 @njit
@@ -761,19 +756,26 @@ def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out, one_se
             hi_w = max(hi_w, W[e])
     run1 = not (lo_w >= 4.0 * ridge)  # some replicated expert is not far above the ridge once spread
     run2 = not (hi_w <= ridge)  # some replicated expert is above it whole
-    cand = np.empty((E, G))  # (only the instances' entries are ever written or read)
+    # every seed once (only the instances' entries of these arrays are ever written or read)
     order = np.argsort(-W, kind="mergesort")  # the experts by load, largest first, for the LPT and pouring seeds
-    if one_search and run1 and run2:
+    even = np.empty((E, G))  # the engines' even split, as it is: the result is never slower than it
+    even_seed(W, ig, cnt, even)
+    gpu_times(even, ig, cnt, p, comp, pairs)
+    f_even = layer_time(comp, pairs, total, p)
+    cand = np.empty((E, G))
+    wf = np.empty((E, G))
+    f_lpt = np.inf
+    f_wf = np.inf
+    if run1:
         lpt_seed(W, order, ig, cnt, p, cand)
         gpu_times(cand, ig, cnt, p, comp, pairs)
-        f1 = min(layer_time(comp, pairs, total, p), best)
-        waterfill_seed(W, order, ig, cnt, cand)
-        gpu_times(cand, ig, cnt, p, comp, pairs)
-        f2 = layer_time(comp, pairs, total, p)
-        even_seed(W, ig, cnt, cand)
-        gpu_times(cand, ig, cnt, p, comp, pairs)
-        f2 = min(f2, layer_time(comp, pairs, total, p))
-        if f1 <= f2:
+        f_lpt = layer_time(comp, pairs, total, p)
+    if run2:
+        waterfill_seed(W, order, ig, cnt, wf)
+        gpu_times(wf, ig, cnt, p, comp, pairs)
+        f_wf = layer_time(comp, pairs, total, p)
+    if one_search and run1 and run2:  # the faster seed's search only
+        if min(f_lpt, best) <= min(f_wf, f_even):
             run2 = False
         else:
             run1 = False
@@ -783,14 +785,8 @@ def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out, one_se
     holder = np.zeros((1, 1), dtype=np.bool_)
     wait = np.zeros(G)
     stall = np.zeros(1)
-    # the engines' even split, as it is: the result is never slower than it (nor than the primary seed)
-    even_seed(W, ig, cnt, cand)
-    gpu_times(cand, ig, cnt, p, comp, pairs)
-    f_even = layer_time(comp, pairs, total, p)
-    if run1:
-        lpt_seed(W, order, ig, cnt, p, cand)
-        gpu_times(cand, ig, cnt, p, comp, pairs)
-        if layer_time(comp, pairs, total, p) < best * (1.0 - 1e-12):
+    if run1:  # from the faster of the primary seed (in n_out) and LPT
+        if f_lpt < best * (1.0 - 1e-12):
             _copy(n_out, cand, ig, cnt)
         improve(n_out, has, ig, cnt, gl, gcnt, has, p, total, max_moves, False, room, 0.0, 0.0, holder, 1, wait,
                 0.0, 1.0, stall)
@@ -798,24 +794,18 @@ def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out, one_se
         best = layer_time(comp, pairs, total, p)
     if not run2:
         if f_even < best * (1.0 - 1e-12):
-            even_seed(W, ig, cnt, n_out)
+            _copy(n_out, even, ig, cnt)
             best = f_even
         return best
-    waterfill_seed(W, order, ig, cnt, cand)
-    gpu_times(cand, ig, cnt, p, comp, pairs)
-    f_wf = layer_time(comp, pairs, total, p)
-    alt = np.empty((E, G))
-    even_seed(W, ig, cnt, alt)
-    gpu_times(alt, ig, cnt, p, comp, pairs)
-    if layer_time(comp, pairs, total, p) < f_wf * (1.0 - 1e-12):
-        _copy(cand, alt, ig, cnt)
-    improve(cand, has, ig, cnt, gl, gcnt, has, p, total, max_moves, False, room, 0.0, 0.0, holder, 1, wait, 0.0,
+    if f_even < f_wf * (1.0 - 1e-12):  # from the faster of water-filling and the even split
+        _copy(wf, even, ig, cnt)
+    improve(wf, has, ig, cnt, gl, gcnt, has, p, total, max_moves, False, room, 0.0, 0.0, holder, 1, wait, 0.0,
             1.0, stall)
-    gpu_times(cand, ig, cnt, p, comp, pairs)
+    gpu_times(wf, ig, cnt, p, comp, pairs)
     f = layer_time(comp, pairs, total, p)
     if f < best * (1.0 - 1e-12) or not run1:
         best = f
-        _copy(n_out, cand, ig, cnt)
+        _copy(n_out, wf, ig, cnt)
     return best
 
 
@@ -831,7 +821,7 @@ def time_split(W, has, primary, p, max_moves, n_out):
     """The time-aware split of W over the instances `has` into n_out; returns its layer time. Forced when every
     expert has one instance; else two local searches (in _split_lists) and the faster result."""
     n_out[:, :] = 0.0
-    ig, cnt, gl, gcnt = _lists(has)
+    ig, cnt, gl, gcnt = instance_lists(has)
     return _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out)
 
 
@@ -907,9 +897,7 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, n_cur, home, home_gpu, p, 
     n = np.empty((E, G))  # (written on the instances; improve zeroes a new instance's entry before pricing it)
     first_est = np.zeros(1, dtype=np.bool_)
     t_first = _split_lists(W, has, ig, cnt, gl, gcnt, home_gpu, p, max_moves, n, True, first_est)
-    n_first = 0
-    for e in range(E):
-        n_first += cnt0[e]
+    n_first = cnt0.sum()
     room = np.full(G, S, dtype=np.int64)
     for e in range(E):
         for k in range(cnt[e]):
@@ -1053,7 +1041,7 @@ def mean_time(scen, has, primary, p, max_moves, bound=np.inf, one_search=False):
     as the sum so far exceeds `bound` (a candidate that can no longer win is not priced further)."""
     K, E = scen.shape
     G = has.shape[1]
-    ig, cnt, gl, gcnt = _lists(has)
+    ig, cnt, gl, gcnt = instance_lists(has)
     n = np.empty((E, G))
     tot = 0.0
     for k in range(K):
