@@ -245,7 +245,8 @@ def test_static_ep_is_the_homes():
 @pytest.mark.parametrize("cost", [MIXTRAL, QWEN, LINEAR], ids=["mixtral", "qwen", "paper-linear"])
 def test_move_size_is_the_bisection_answer(cost):
     """_best_x's interpolation search returns what a scan of every x gives: the smallest x where the source GPU
-    is no longer the slower one, or the one before it when that is at least as good."""
+    is no longer the slower one, or the one before it when that is at least as good; the times it searches
+    (_pair_times) are those of the moved split priced whole."""
     rng = np.random.default_rng(7)
     E, G = 3, 2
     p = cost.profile(G).as_array()
@@ -259,12 +260,21 @@ def test_move_size_is_the_bisection_answer(cost):
         ig, cnt, gl, gcnt = _kernels.instance_lists(has)
         comp, pairs = np.zeros(G), np.zeros(G)
         _kernels.gpu_times(n, ig, cnt, p, comp, pairs)
-        x, a, b = _kernels._best_x(n, gl, gcnt, 0, 0, 1, comp[0], comp[1], p)
+        base = _kernels._base_times(n, gl, gcnt, 0, 0, 1, comp[0], comp[1], p)
+        x, a, b = _kernels._best_x(n[0, 0], n[0, 1], *base, p)
         top = int(n[0, 0])
-        ab = [_kernels._pair_times(n, gl, gcnt, 0, 0, 1, float(v), comp[0], comp[1], p) for v in range(1, top + 1)]
+        ab = [_kernels._pair_times(n[0, 0], n[0, 1], float(v), *base, p) for v in range(1, top + 1)]
         first = next((v for v in range(1, top + 1) if ab[v - 1][0] <= ab[v - 1][1]), top)
         want = first - 1 if first > 1 and max(ab[first - 2]) <= max(ab[first - 1]) else first
         assert x == want and (a, b) == ab[int(x) - 1]
+        # the times it searches are the GPUs' times after the move, priced whole (gpu_times on the moved split)
+        for v in {1, int(x), top}:
+            moved = n.copy()
+            moved[0, 0] -= v
+            moved[0, 1] += v
+            c2, p2 = np.zeros(G), np.zeros(G)
+            _kernels.gpu_times(moved, ig, cnt, p, c2, p2)
+            np.testing.assert_allclose(ab[v - 1], c2, rtol=1e-12, atol=1e-18)
 
 
 def test_policy_split_on_cached_lists_is_time_split():

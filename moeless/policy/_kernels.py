@@ -218,18 +218,14 @@ def _add_time(c, v, p):
 
 
 @njit
-def _gpu_time(n, gl, gcnt, g, e_extra, p):
-    """Expert time of GPU g alone (the max-over-replicas model recomputes a GPU after a move): its listed
-    instances, and expert e_extra's entry when it is not listed yet (a new instance being priced)."""
+def _gpu_time_without(n, gl, gcnt, g, e_out, p):
+    """Expert time of GPU g without expert e_out's instance (the max-over-replicas model recomputes a GPU after
+    a move): its other listed instances."""
     c = 0.0
-    extra = e_extra >= 0
     for j in range(gcnt[g]):
         e = gl[g, j]
-        if e == e_extra:
-            extra = False
-        c = _add_time(c, n[e, g], p)
-    if extra:
-        c = _add_time(c, n[e_extra, g], p)
+        if e != e_out:
+            c = _add_time(c, n[e, g], p)
     return c
 
 
@@ -289,67 +285,87 @@ def _top3(v, out, at):
 
 
 @njit
-def _max_except(v, tops, at, i, j):
-    """max of v over the indices other than i and j, from its top three (0 if none)."""
-    for k in range(at, at + 3):
-        t = tops[k]
-        if t >= 0 and t != i and t != j:
-            return v[t]
+def _max_except(i0, v0, i1, v1, i2, v2, i, j):
+    """The largest of a vector's entries other than i and j, from its top three (indices i0, i1, i2, largest
+    first, -1 where fewer; values v0, v1, v2); 0 if none. (On scalars: see _pair_times.)"""
+    if i0 >= 0 and i0 != i and i0 != j:
+        return v0
+    if i1 >= 0 and i1 != i and i1 != j:
+        return v1
+    if i2 >= 0 and i2 != i and i2 != j:
+        return v2
     return 0.0
 
 
 @njit
-def _max_except3(v, tops, at, i, j, m):
-    """max of v over the indices other than i, j and m, from its top four (0 if none)."""
-    for k in range(at, at + 4):
-        t = tops[k]
-        if t >= 0 and t != i and t != j and t != m:
-            return v[t]
+def _max_except3(i0, v0, i1, v1, i2, v2, i3, v3, i, j, m):
+    """The largest of a vector's entries other than i, j and m, from its top four (as _max_except); 0 if none."""
+    if i0 >= 0 and i0 != i and i0 != j and i0 != m:
+        return v0
+    if i1 >= 0 and i1 != i and i1 != j and i1 != m:
+        return v1
+    if i2 >= 0 and i2 != i and i2 != j and i2 != m:
+        return v2
+    if i3 >= 0 and i3 != i and i3 != j and i3 != m:
+        return v3
     return 0.0
 
 
 @njit
-def _pair_times(n, gl, gcnt, e, ga, gb, x, ca, cb, p):
-    """Expert times of GPUs ga and gb after moving x pairs of expert e from ga to gb."""
-    n1 = n[e, ga]
-    n2 = n[e, gb]
+def _base_times(n, gl, gcnt, e, ga, gb, ca, cb, p):
+    """The expert times of GPUs ga and gb (ca, cb) without expert e's instances on them: what _pair_times adds
+    e's new pairs to."""
     if p[_SUM] > 0.0:
-        a = ca - inst_time(n1, p) + inst_time(n1 - x, p)
-        b = cb - inst_time(n2, p) + inst_time(n2 + x, p)
-        return a, b
-    n[e, ga] = n1 - x
-    n[e, gb] = n2 + x
-    a = _gpu_time(n, gl, gcnt, ga, e, p)
-    b = _gpu_time(n, gl, gcnt, gb, e, p)
-    n[e, ga] = n1
-    n[e, gb] = n2
-    return a, b
+        return ca - inst_time(n[e, ga], p), cb - inst_time(n[e, gb], p)
+    return _gpu_time_without(n, gl, gcnt, ga, e, p), _gpu_time_without(n, gl, gcnt, gb, e, p)
 
 
 @njit
-def _best_x(n, gl, gcnt, e, ga, gb, ca, cb, p):
-    """The integer x in [1, n[e, ga]] minimising max(time of ga, time of gb) after the move: the smallest x
+def _pair_times(n1, n2, x, base_a, base_b, p):
+    """Expert times of GPUs ga and gb after moving x pairs of an expert with n1 pairs on ga and n2 on gb from ga
+    to gb, given their times without that expert (_base_times). On scalars only: the searches call it millions
+    of times, and a compiled call that passes arrays pays two atomic reference-count updates per array, about
+    ten times this arithmetic."""
+    ta = inst_time(n1 - x, p)
+    tb = inst_time(n2 + x, p)
+    if p[_SUM] > 0.0:
+        return base_a + ta, base_b + tb
+    return (ta if ta > base_a else base_a), (tb if tb > base_b else base_b)
+
+
+@njit
+def _best_x(n1, n2, base_a, base_b, p):
+    """The integer x in [1, n1] minimising max(time of ga, time of gb) after moving x of an expert's n1 pairs on
+    ga to gb (n2 there; base_a / base_b: the two GPUs' times without it, _base_times): the smallest x
     where ga's time no longer exceeds gb's (ga's falls and gb's rises with x), or the one before it.
 
     The smallest such x is bracketed and found by interpolation on d(x) = time of ga - time of gb, which is
     piecewise linear with at most a few kinks (the roofline's ridge on either side, an instance emptied or
     created), so that two or three evaluations usually suffice; bisection takes over if they do not (the same
     x as a plain bisection, in fewer evaluations)."""
-    top = np.floor(n[e, ga])
+    top = np.floor(n1)
     if top < 1.0:
-        return 0.0, ca, cb
+        return 0.0, base_a, base_b  # (no move)
     lo = 1.0
-    a_lo, b_lo = _pair_times(n, gl, gcnt, e, ga, gb, lo, ca, cb, p)
+    a_lo, b_lo = _pair_times(n1, n2, lo, base_a, base_b, p)
     if a_lo <= b_lo:
         return lo, a_lo, b_lo
     hi = top
-    a_hi, b_hi = _pair_times(n, gl, gcnt, e, ga, gb, hi, ca, cb, p)
+    a_hi, b_hi = _pair_times(n1, n2, hi, base_a, base_b, p)
     if a_hi > b_hi:  # ga stays the slower one: all pairs move, unless one fewer is at least as good
         if hi > 1.0:
-            a2, b2 = _pair_times(n, gl, gcnt, e, ga, gb, hi - 1.0, ca, cb, p)
+            a2, b2 = _pair_times(n1, n2, hi - 1.0, base_a, base_b, p)
             if max(a2, b2) <= max(a_hi, b_hi):
                 return hi - 1.0, a2, b2
         return hi, a_hi, b_hi
+    if hi - 1.0 > lo:
+        # ga's instance empties at x = top (its time drops by a whole instance there): a kink that would make
+        # the interpolation creep from lo one or two pairs at a time; bracket below it
+        a2, b2 = _pair_times(n1, n2, hi - 1.0, base_a, base_b, p)
+        if a2 <= b2:
+            hi, a_hi, b_hi = hi - 1.0, a2, b2
+        else:
+            lo, a_lo, b_lo = hi - 1.0, a2, b2
     # invariant: d(lo) > 0 >= d(hi)
     rounds = 0
     while hi - lo > 1.0:
@@ -364,11 +380,11 @@ def _best_x(n, gl, gcnt, e, ga, gb, ca, cb, p):
         else:
             m = np.floor((lo + hi) / 2.0)
         rounds += 1
-        a, b = _pair_times(n, gl, gcnt, e, ga, gb, m, ca, cb, p)
+        a, b = _pair_times(n1, n2, m, base_a, base_b, p)
         if a <= b:
             hi, a_hi, b_hi = m, a, b
             if m - 1.0 > lo and rounds < 6:  # the crossing is usually just below: test it at once
-                a, b = _pair_times(n, gl, gcnt, e, ga, gb, m - 1.0, ca, cb, p)
+                a, b = _pair_times(n1, n2, m - 1.0, base_a, base_b, p)
                 if a <= b:
                     hi, a_hi, b_hi = m - 1.0, a, b
                 else:
@@ -376,7 +392,7 @@ def _best_x(n, gl, gcnt, e, ga, gb, ca, cb, p):
         else:
             lo, a_lo, b_lo = m, a, b
             if m + 1.0 < hi and rounds < 6:
-                a, b = _pair_times(n, gl, gcnt, e, ga, gb, m + 1.0, ca, cb, p)
+                a, b = _pair_times(n1, n2, m + 1.0, base_a, base_b, p)
                 if a <= b:
                     hi, a_hi, b_hi = m + 1.0, a, b
                 else:
@@ -388,25 +404,23 @@ def _best_x(n, gl, gcnt, e, ga, gb, ca, cb, p):
 
 
 @njit
-def _eval_move(n, gl, gcnt, e, gs, gb, new, comp, pairs, tops, F, cs, pfloor, tol, p, copy_s, link_wait,
-               lookahead, horizon, stall):
-    """Score of moving pairs of e from gs to gb (<= 0: not worth it), with x and the two GPUs' new times.
-    copy_s: seconds of the copy a new instance of e on gb needs."""
-    x, a, b = _best_x(n, gl, gcnt, e, gs, gb, cs, comp[gb], p)
+def _eval_move(n1, n2, base_a, base_b, new, F, cs, rest_c, rest_p, pairs_s, pairs_b, pfloor, tol, p, extra,
+               horizon):
+    """Score of moving pairs of an expert from the busiest GPU gs (n1 of its pairs there, n2 on gb) to gb (<= 0:
+    not worth it), with x and the two GPUs' new times; on scalars (see _pair_times): base_a / base_b
+    (_base_times), rest_c / rest_p the largest expert time and pairs of the other GPUs, pairs_s / pairs_b the two
+    GPUs' pairs; for a new instance, `extra` seconds of stall its copy adds (beyond what the look-ahead hides
+    and the layer already waits), spread over its expected warm life `horizon`."""
+    x, a, b = _best_x(n1, n2, base_a, base_b, p)
     if x <= 0.0:
         return -1.0, 0.0, 0.0, 0.0
     local = a if a > b else b
     if local >= cs - tol:
         return -1.0, 0.0, 0.0, 0.0  # the busiest GPU would not get lighter
-    cmax = max(_max_except(comp, tops, 0, gs, gb), local)
-    pr = _max_except(pairs, tops, 3, gs, gb)
-    pmax = max(pr, max(pairs[gs] - x, pairs[gb] + x), pfloor)
+    cmax = max(rest_c, local)
+    pmax = max(rest_p, max(pairs_s - x, pairs_b + x), pfloor)
     newF = cmax + 2.0 * p[_A2A] * pmax
     if new:
-        # the copy's per-iteration cost: the stall it adds (beyond what the look-ahead hides and the layer
-        # already waits), spread over the instance's expected warm life
-        s_g = link_wait[gb] + copy_s - lookahead
-        extra = s_g - stall[0] if s_g > stall[0] else 0.0
         score = F - newF - extra / horizon
         if F - newF <= tol or score <= tol:
             return -1.0, 0.0, 0.0, 0.0
@@ -427,6 +441,12 @@ def _chain_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor
     tops = np.empty(8, dtype=np.int64)
     _topk(comp, tops, 0, 4)
     _topk(pairs, tops, 4, 4)
+    tv = np.zeros(8)  # their values (0 where fewer), read as scalars in the loops (see _pair_times)
+    for k in range(8):
+        if tops[k] >= 0:
+            tv[k] = comp[tops[k]] if k < 4 else pairs[tops[k]]
+    c0, c1, c2, c3, q0, q1, q2, q3 = tops[0], tops[1], tops[2], tops[3], tops[4], tops[5], tops[6], tops[7]
+    cv0, cv1, cv2, cv3, qv0, qv1, qv2, qv3 = tv[0], tv[1], tv[2], tv[3], tv[4], tv[5], tv[6], tv[7]
     best = 0.0
     be, bf, bgb, bgc = -1, -1, -1, -1
     nb_a, nb_b, nb_c = 0.0, 0.0, 0.0
@@ -439,7 +459,7 @@ def _chain_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor
             gb = ig[e, k]
             if gb == gs or (n[e, gb] < 1.0 and not home[e, gb] and room[gb] <= 0):
                 continue
-            a, b0 = _pair_times(n, gl, gcnt, e, gs, gb, x, comp[gs], comp[gb], p)
+            a, b0 = _pair_times(x, n[e, gb], x, comp[gs] - inst_time(x, p), comp[gb] - inst_time(n[e, gb], p), p)
             if a >= cs - tol:
                 continue
             for jf in range(gcnt[gb]):
@@ -457,9 +477,9 @@ def _chain_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor
                     local = max(a, max(b, c))
                     if local >= cs - tol:
                         continue
-                    rest = _max_except3(comp, tops, 0, gs, gb, gc)
+                    rest = _max_except3(c0, cv0, c1, cv1, c2, cv2, c3, cv3, gs, gb, gc)
                     pm = max(pairs[gs] - x, pairs[gb] + x - y, pairs[gc] + y, pfloor)
-                    pm = max(pm, _max_except3(pairs, tops, 4, gs, gb, gc))
+                    pm = max(pm, _max_except3(q0, qv0, q1, qv1, q2, qv2, q3, qv3, gs, gb, gc))
                     newF = max(rest, local) + 2.0 * p[_A2A] * pm
                     if newF > F + tol:
                         continue
@@ -530,6 +550,7 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
     tops = np.zeros(6, dtype=np.int64)
     pfloor = total / G if p[_FLOOR] > 0.0 else 0.0
     peer = link_group > 1 and copy_peer < copy_host
+    sum_mode = p[_SUM] > 0.0
     order = np.argsort(comp, kind="mergesort") if new_ok else np.zeros(1, dtype=np.int64)
     moves = 0
     while moves < max_moves:
@@ -539,6 +560,14 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
         gs = tops[0]
         cs = comp[gs]
         tol = 1e-12 * (F if F > 1e-300 else 1.0)
+        # the top three GPUs by expert time and by pairs, as scalars (the candidates below read them)
+        c1, c2 = tops[1], tops[2]
+        cv1 = comp[c1] if c1 >= 0 else 0.0
+        cv2 = comp[c2] if c2 >= 0 else 0.0
+        q0, q1, q2 = tops[3], tops[4], tops[5]
+        qv0 = pairs[q0] if q0 >= 0 else 0.0
+        qv1 = pairs[q1] if q1 >= 0 else 0.0
+        qv2 = pairs[q2] if q2 >= 0 else 0.0
         best_score = 0.0
         best_e = -1
         best_g = -1
@@ -558,8 +587,14 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
                     continue
                 if comp[gb] >= cs - tol:  # gb's time only rises with x: the busiest GPU could not get lighter
                     continue
-                s, x, a, b = _eval_move(n, gl, gcnt, e, gs, gb, False, comp, pairs, tops, F, cs, pfloor, tol, p,
-                                        0.0, link_wait, lookahead, horizon, stall)
+                if sum_mode:
+                    ba, bb = cs - inst_time(n[e, gs], p), comp[gb] - inst_time(n[e, gb], p)  # (_base_times)
+                else:
+                    ba, bb = _base_times(n, gl, gcnt, e, gs, gb, cs, comp[gb], p)
+                s, x, a, b = _eval_move(n[e, gs], n[e, gb], ba, bb, False, F, cs,
+                                        _max_except(gs, cs, c1, cv1, c2, cv2, gs, gb),
+                                        _max_except(q0, qv0, q1, qv1, q2, qv2, gs, gb), pairs[gs], pairs[gb],
+                                        pfloor, tol, p, 0.0, horizon)
                 if s > best_score + tol:
                     best_score, best_e, best_g, best_x, best_new, best_a, best_b = s, e, gb, x, False, a, b
             if not new_ok:
@@ -573,8 +608,18 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
                     break
                 cs_e = copy_peer if peer and holder[e, gb // link_group] else copy_host
                 n[e, gb] = 0.0  # (not an instance of e yet: its entry may hold anything)
-                s, x, a, b = _eval_move(n, gl, gcnt, e, gs, gb, True, comp, pairs, tops, F, cs, pfloor, tol, p,
-                                        cs_e, link_wait, lookahead, horizon, stall)
+                if sum_mode:
+                    ba, bb = cs - inst_time(n[e, gs], p), comp[gb]  # (_base_times: no instance of e on gb yet)
+                else:
+                    ba, bb = _base_times(n, gl, gcnt, e, gs, gb, cs, comp[gb], p)
+                # the copy's per-iteration cost: the stall it adds (beyond what the look-ahead hides and the layer
+                # already waits), spread over the instance's expected warm life
+                s_g = link_wait[gb] + cs_e - lookahead
+                extra = s_g - stall[0] if s_g > stall[0] else 0.0
+                s, x, a, b = _eval_move(n[e, gs], 0.0, ba, bb, True, F, cs,
+                                        _max_except(gs, cs, c1, cv1, c2, cv2, gs, gb),
+                                        _max_except(q0, qv0, q1, qv1, q2, qv2, gs, gb), pairs[gs], pairs[gb],
+                                        pfloor, tol, p, extra, horizon)
                 if s > best_score + tol:
                     best_score, best_e, best_g, best_x, best_new, best_a, best_b = s, e, gb, x, True, a, b
                 tried += 1
