@@ -45,7 +45,9 @@ from moeless._jit import njit
 from moeless.planner import Plan
 from moeless.planner.plan import _positive_int
 from moeless.policy import LayerContext, Policy
+from moeless.policy.base import check_count_values
 from moeless.policy._kernels import context_arrays as _context_arrays
+from moeless.policy._kernels import total as _total
 from moeless.pool import ApplyResult, FunctionPool, Meter, SimulatedClock
 
 __all__ = ["Engine", "EngineStats", "GateReplicaLoads", "cost_pool", "default_slots_per_gpu"]
@@ -106,6 +108,18 @@ def _mark_used(rt, l2p, p2l, made_row, last_use_row, now):
                 if made_row[s] == p2l[s]:
                     uses += 1
     return uses
+
+
+@njit
+def _scaled_share(share, counts):
+    """share [E] times the pairs of counts [E] (prepare's loads), in one pass."""
+    pairs = 0
+    for e in range(counts.shape[0]):
+        pairs += counts[e]
+    out = np.empty(share.shape[0])
+    for e in range(share.shape[0]):
+        out[e] = share[e] * float(pairs)
+    return out
 
 
 def default_slots_per_gpu(num_experts: int, gpus: int, extra: int = 1) -> int:
@@ -386,7 +400,7 @@ class Engine:
         refresh = n % self.refresh_every == 0
         if layer >= self.distance and n % self.prepare_every:
             return None  # (see prepare_every)
-        loads = self._share[layer] * float(self._last_counts[layer].sum())
+        loads = _scaled_share(self._share[layer], self._last_counts[layer])
         return self._decide(layer, loads, now, self.L - self.distance, refresh=refresh)
 
     def decide(self, layer: int, loads, now: float | None = None, layers_ahead: int = 0):
@@ -397,7 +411,7 @@ class Engine:
 
     def _decide(self, target: int, loads: np.ndarray, now, layers_ahead: int, refresh: bool = False):
         """The policy's decision for `target` given its predicted loads; `layers_ahead` layers hide its copies."""
-        if not self.policy.serverless or not loads.sum() > 0:
+        if not self.policy.serverless or not _total(loads) > 0:
             return None
         scenarios = None
         if refresh:
@@ -486,16 +500,9 @@ class Engine:
         return int(layer)
 
     def _counts(self, counts, name, integral: bool = True) -> np.ndarray:
+        """counts as int64 [E] (float64 if not `integral`), checked (ValueError naming `name`)."""
         c = np.asarray(counts)
         if c.shape != (self.E,):
             raise ValueError(f"{name} must have shape [E={self.E}], got {c.shape}")
-        if c.dtype.kind in "iu" and c.size and c.min() >= 0:  # integer counts: only the sign to check
-            return c.astype(np.int64 if integral else np.float64, copy=False)
-        if not np.issubdtype(c.dtype, np.number) or np.iscomplexobj(c) or (c < 0).any() \
-                or not np.all(np.isfinite(c)):
-            raise ValueError(f"{name} must be finite non-negative counts")
-        if not integral:
-            return c.astype(np.float64)
-        if c.dtype.kind not in "iu" and (c != np.round(c)).any():
-            raise ValueError(f"{name} must hold integer counts")
-        return c.astype(np.int64)
+        check_count_values(c, name, integral)
+        return c.astype(np.int64 if integral else np.float64, copy=False)

@@ -189,3 +189,35 @@ def test_prepare_every_skips_the_decisions_well_ahead_but_not_the_first_layers(e
     assert sorted(set(d_ahead)) == list(range(1, L)) and len(d_ahead) == iterations * (L - 1)
     with pytest.raises(ValueError, match="prepare_every"):
         Engine(_moeless(), prepare_every=0)
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.float64, np.int32, np.float32, np.uint8])
+def test_counts_are_checked_like_numpy_says(dtype):
+    """Every call's counts are checked (one compiled pass for int64 / float64, numpy for the other dtypes): the
+    engine accepts exactly what a plain numpy reference calls finite, non-negative (and whole where counts
+    must be), and its errors name the argument."""
+    rng = np.random.default_rng(3)
+    specials = [0.0, 1.0, 7.0, 2.5, -1.0, np.nan, np.inf, -np.inf]
+    for _ in range(60):
+        c = rng.choice(specials, size=E, p=[0.3, 0.3, 0.25, 0.05, 0.03, 0.03, 0.02, 0.02])
+        if np.dtype(dtype).kind in "iu":
+            c = np.where(np.isfinite(c), np.abs(np.round(c)) * np.sign(c), 0).astype(dtype)
+        else:
+            c = c.astype(dtype)
+        cf = c.astype(np.float64)
+        ok = bool(np.all(np.isfinite(cf)) and np.all(cf >= 0))
+        whole = ok and bool(np.all(cf == np.round(cf)))
+        eng = Engine(_moeless(), keep_alive_s=60.0)
+        eng.start(0.0)
+        eng.begin_iteration(8.0)
+        if whole:
+            np.testing.assert_array_equal(eng.split(0, c).sum(1), cf.astype(np.int64))
+        else:
+            with pytest.raises(ValueError, match="counts" if not ok else "integer counts"):
+                eng.split(0, c)
+        good = np.full(E, 2, dtype=np.int64)
+        if ok:
+            eng.observe(0, good, c, 0.0)  # predicted counts may be fractional
+        else:
+            with pytest.raises(ValueError, match="predicted must be finite non-negative"):
+                eng.observe(0, good, c, 0.0)

@@ -24,7 +24,7 @@ from moeless.planner import Plan
 from moeless.planner.plan import _positive_int
 from moeless.policy import _kernels
 
-__all__ = ["DenseLayout", "LayerContext", "Policy", "home_plan", "price_dense"]
+__all__ = ["DenseLayout", "LayerContext", "Policy", "check_count_values", "home_plan", "price_dense"]
 
 
 def home_plan(num_layers: int, num_experts: int, gpus: int, slots_per_gpu: int) -> Plan:
@@ -126,6 +126,25 @@ class DenseLayout:
         return out
 
 
+_SCANNED = (np.dtype(np.int64), np.dtype(np.float64))
+
+
+def check_count_values(c: np.ndarray, name: str, integral: bool) -> None:
+    """ValueError naming `name` unless the array c holds finite non-negative numbers (whole ones if `integral`).
+    The engine's and the policies' checks of every call's counts: one compiled pass for int64 and float64."""
+    if c.dtype in _SCANNED:
+        status = _kernels.count_status(c.reshape(-1), integral)
+    elif not np.issubdtype(c.dtype, np.number) or np.iscomplexobj(c) or not np.all(np.isfinite(c)) \
+            or (c < 0).any():
+        status = 1
+    else:
+        status = 2 if integral and c.dtype.kind not in "iu" and (c != np.round(c)).any() else 0
+    if status == 1:
+        raise ValueError(f"{name} must be finite non-negative counts")
+    if status == 2:
+        raise ValueError(f"{name} must hold integer counts")
+
+
 def price_dense(n: np.ndarray, profile: np.ndarray) -> float:
     """Predicted layer seconds (expert time + 2 x all-to-all) of a dense split n [E, G]."""
     return float(_kernels.dense_times(n, profile, float(n.sum())))
@@ -179,12 +198,9 @@ class Policy:
         return d
 
     def check_counts(self, counts, name: str = "counts") -> np.ndarray:
+        """counts as an array [E] of finite non-negative numbers (not converted); ValueError naming `name`."""
         c = np.asarray(counts)
         if c.shape != (self.E,):
             raise ValueError(f"{name} must have shape [E={self.E}], got {c.shape}")
-        if c.dtype.kind in "iu" and c.size and c.min() >= 0:  # integer counts: only the sign to check
-            return c
-        if not np.issubdtype(c.dtype, np.number) or np.iscomplexobj(c) or not np.all(np.isfinite(c)) \
-                or (c < 0).any():
-            raise ValueError(f"{name} must be finite non-negative counts")
+        check_count_values(c, name, integral=False)
         return c
