@@ -263,11 +263,15 @@ def _topk(v, out, at, k):
 
 
 @njit
-def _top3(v, out, at):
-    """out[at:at+3]: indices of the three largest entries of v (-1 where fewer), ties to the lower index."""
+def _top3(v, w, out):
+    """out[0:3] and out[3:6]: indices of the three largest entries of v and of w (-1 where fewer), ties to the
+    lower index; one pass over both."""
     a = -1
     b = -1
     c = -1
+    d = -1
+    f = -1
+    h = -1
     for i in range(v.shape[0]):
         x = v[i]
         if a < 0 or x > v[a]:
@@ -279,9 +283,22 @@ def _top3(v, out, at):
             b = i
         elif c < 0 or x > v[c]:
             c = i
-    out[at] = a
-    out[at + 1] = b
-    out[at + 2] = c
+        y = w[i]
+        if d < 0 or y > w[d]:
+            h = f
+            f = d
+            d = i
+        elif f < 0 or y > w[f]:
+            h = f
+            f = i
+        elif h < 0 or y > w[h]:
+            h = i
+    out[0] = a
+    out[1] = b
+    out[2] = c
+    out[3] = d
+    out[4] = f
+    out[5] = h
 
 
 @njit
@@ -554,11 +571,14 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
     order = np.argsort(comp, kind="mergesort") if new_ok else np.zeros(1, dtype=np.int64)
     moves = 0
     while moves < max_moves:
-        F = layer_time(comp, pairs, total, p)
-        _top3(comp, tops, 0)
-        _top3(pairs, tops, 3)
+        _top3(comp, pairs, tops)
         gs = tops[0]
         cs = comp[gs]
+        # the layer time (layer_time) from the maxima
+        pm = pairs[tops[3]] if pairs[tops[3]] > 0.0 else 0.0
+        if pfloor > pm:
+            pm = pfloor
+        F = (cs if cs > 0.0 else 0.0) + 2.0 * p[_A2A] * pm
         tol = 1e-12 * (F if F > 1e-300 else 1.0)
         # the top three GPUs by expert time and by pairs, as scalars (the candidates below read them)
         c1, c2 = tops[1], tops[2]
