@@ -1093,10 +1093,15 @@ def hedge_fill(keep, room, W, S, has_out):
     E, G = keep.shape
     has_out[:, :] = keep
     count = np.zeros(E)
+    kl = np.empty((G, E), dtype=np.int64)  # the experts kept on each GPU, ascending, with load (the candidates)
+    kcnt = np.zeros(G, dtype=np.int64)
     for e in range(E):
         for g in range(G):
             if keep[e, g]:
                 count[e] += 1.0
+                if W[e] > 0.0:
+                    kl[g, kcnt[g]] = e
+                    kcnt[g] += 1
     added = 0
     for j in range(G - 1):
         any_room = False
@@ -1107,8 +1112,9 @@ def hedge_fill(keep, room, W, S, has_out):
             src = (g - 1 - j) % G
             best = -1
             best_v = 0.0
-            for e in range(E):
-                if keep[e, src] and not has_out[e, g] and W[e] > 0.0:
+            for i in range(kcnt[src]):
+                e = kl[src, i]
+                if not has_out[e, g]:
                     v = W[e] / count[e]
                     if best < 0 or v > best_v:
                         best = e
