@@ -294,3 +294,21 @@ def test_policy_split_on_cached_lists_is_time_split():
                 want_t = _kernels.time_split(W.astype(float), d.has, d.primary, p, pol.max_moves, n)
                 want = np.where(d.first, n[np.arange(16)[:, None], d.rg], 0.0).astype(np.int64)
                 assert t == want_t and np.array_equal(rt, want)
+
+
+def test_order_desc_is_the_stable_argsort():
+    """order_desc (a counting sort for whole counts, merge sort otherwise) orders like numpy's stable argsort of
+    -W: decode-sized and prefill-sized counts, ties, zeros, fractions, and counts past the counting range."""
+    rng = np.random.default_rng(5)
+    for trial in range(400):
+        E = int(rng.integers(1, 300))
+        kind = trial % 4
+        if kind == 0:
+            W = rng.integers(0, 5, E).astype(np.float64)
+        elif kind == 1:
+            W = np.floor(rng.dirichlet(np.full(E, 0.3)) * int(rng.integers(1, 100)) * E)
+        elif kind == 2:
+            W = rng.random(E) * 10
+        else:
+            W = rng.integers(0, 10**6, E).astype(np.float64)
+        np.testing.assert_array_equal(_kernels.order_desc(W), np.argsort(-W, kind="stable"))

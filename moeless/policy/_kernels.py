@@ -682,6 +682,33 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
 
 
 @njit
+def order_desc(W):
+    """The indices of W [E] by value, largest first, ties to the lower index (np.argsort(-W, kind="stable")).
+    Whole, non-negative counts of at most 4 E + 64 (decode's, and most prefill's): a counting sort, O(E + max),
+    several times faster than numba's merge sort at DeepSeek-V3's 256 experts; else that merge sort."""
+    E = W.shape[0]
+    mx = 0.0
+    for e in range(E):
+        w = W[e]
+        if not w >= 0.0 or w != np.floor(w) or w > 4.0 * E + 64.0:
+            return np.argsort(-W, kind="mergesort")
+        if w > mx:
+            mx = w
+    M = int(mx)
+    start = np.zeros(M + 2, dtype=np.int64)  # start[M - w + 1] counts the experts of load w, then positions
+    for e in range(E):
+        start[M - int(W[e]) + 1] += 1
+    for v in range(1, M + 2):
+        start[v] += start[v - 1]
+    out = np.empty(E, dtype=np.int64)
+    for e in range(E):
+        key = M - int(W[e])
+        out[start[key]] = e
+        start[key] += 1
+    return out
+
+
+@njit
 def lpt_seed(W, order, ig, cnt, p, n):
     """n [E, G] (zeroed here on the instances): each expert whole on one of its instances, largest first, onto
     the GPU that then finishes earliest (ties: the earlier instance)."""
@@ -822,7 +849,7 @@ def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out, one_se
     run1 = not (lo_w >= 4.0 * ridge)  # some replicated expert is not far above the ridge once spread
     run2 = not (hi_w <= ridge)  # some replicated expert is above it whole
     # every seed once (only the instances' entries of these arrays are ever written or read)
-    order = np.argsort(-W, kind="mergesort")  # the experts by load, largest first, for the LPT and pouring seeds
+    order = order_desc(W)  # the experts by load, largest first, for the LPT and pouring seeds
     even = np.empty((E, G))  # the engines' even split, as it is: the result is never slower than it
     even_seed(W, ig, cnt, even)
     gpu_times(even, ig, cnt, p, comp, pairs)
