@@ -177,9 +177,12 @@ def test_do_no_harm(seed, T, skew, refresh):
         mean = lambda plan: np.mean([pol.layer_time(plan, s) for s in allscen])  # noqa: E731
         live = np.zeros((8, 4), dtype=bool)
         live[ctx.live[ctx.live >= 0], np.flatnonzero(ctx.live >= 0) // 4] = True
-        new = pol.dense(chosen).has & ~live
-        src = pol._copy_seconds(np.asarray(ctx.live), np.asarray(ctx.loaded), 2)
-        cost = mean(chosen) + src[new].sum() / ctx.horizon
+        # each new instance's copy: from a GPU of its link group (pairs of GPUs) holding a loaded instance, else
+        # from the host
+        held = {(int(e), int(s) // 4 // 2) for s, e in enumerate(ctx.live) if e >= 0 and ctx.loaded[s]}
+        copy_s = [pol.copy_peer if (e, g // 2) in held and pol.copy_peer < pol.copy_host else pol.copy_host
+                  for e, g in zip(*np.nonzero(pol.dense(chosen).has & ~live))]
+        cost = mean(chosen) + sum(copy_s) / ctx.horizon
         assert cost <= mean(ctx.current) * (1 + 1e-9) and cost <= mean(pol.homes[0]) * (1 + 1e-9)
     # lossless plans: every expert keeps its home
     assert (pol.dense(chosen).has[np.arange(8), pol.home_gpu]).all()

@@ -1161,6 +1161,56 @@ def hedge_fill(keep, room, W, S, has_out):
 
 
 @njit
+def hedged_candidates(live, pinned, S, home, W, out_pinned, out_free):
+    """The robust step's two hedged candidates (moeless.policy.serverless), into out_pinned / out_free [E, G] (any
+    content on entry): the homes plus the pinned live instances (live / pinned [G*S]), or the homes alone, each
+    plus hedge replicas in every free slot (hedge_fill)."""
+    E, G = home.shape
+    keep = home.copy()
+    for s in range(live.shape[0]):
+        if live[s] >= 0 and pinned[s]:
+            keep[live[s], s // S] = True
+    for has, out in ((keep, out_pinned), (home, out_free)):
+        room = np.full(G, S, dtype=np.int64)
+        for e in range(E):
+            for g in range(G):
+                if has[e, g]:
+                    room[g] -= 1
+        hedge_fill(has, room, W, S, out)
+
+
+@njit
+def live_instances(live, loaded, S, link_group, peer, live_has, holder):
+    """live_has [E, G] (all False on entry): the live instances of the slots' experts live [G*S]; with `peer`,
+    holder [E, groups] (all False on entry): a loaded one (loaded [G*S]) in each group of link_group GPUs."""
+    for s in range(live.shape[0]):
+        e = live[s]
+        if e >= 0:
+            g = s // S
+            live_has[e, g] = True
+            if peer and loaded[s]:
+                holder[e, g // link_group] = True
+
+
+@njit
+def copy_seconds(has, live_has, holder, link_group, peer, copy_host, copy_peer):
+    """Seconds of the copies the instances `has` [E, G] need (those not live: live_has): from a peer GPU of the
+    link group where one holds a loaded instance (with `peer`: holder, see live_instances), else from the
+    host."""
+    E, G = has.shape
+    n_host = 0
+    n_peer = 0
+    for e in range(E):
+        for g in range(G):
+            if has[e, g] and not live_has[e, g]:
+                if peer and holder[e, g // link_group]:
+                    n_peer += 1
+                else:
+                    n_host += 1
+    return n_host * copy_host + n_peer * copy_peer
+
+
+@njit
 def mean_time(scen, has, primary, p, max_moves, bound=np.inf, one_search=False):
     """Mean layer time of the instances `has` over the load scenarios scen [K, E] (each split on its own, by
     time_split, or by the faster seed's search alone with one_search: an estimate, never below it); inf as soon

@@ -125,24 +125,23 @@ class MoelessPolicy(Policy):
         E, G, S = self.E, self.G, self.S
         scen = np.vstack([np.asarray(ctx.scenarios, dtype=np.float64), W[None]])
         live = np.asarray(ctx.live, dtype=np.int64)
-        occ = live >= 0
+        hedged_pinned = np.empty((E, G), dtype=np.bool_)
+        hedged_free = np.empty((E, G), dtype=np.bool_)
+        _kernels.hedged_candidates(live, pinned, S, self.home, W, hedged_pinned, hedged_free)
+        cands = [self.dense(ctx.current).has, self.home, self.dense(point).has, hedged_pinned, hedged_free]
+        # the copies a candidate needs: its instances that are not live, each from a peer GPU of its link group
+        # holding a loaded instance, else from the host
+        group = max(1, int(ctx.link_group))
+        peer = group > 1 and self.copy_peer < self.copy_host
         live_has = np.zeros((E, G), dtype=np.bool_)
-        live_has[live[occ], np.flatnonzero(occ) // S] = True
-        cands = [self.dense(ctx.current).has, self.home, self.dense(point).has]
-        for keep_pinned in (True, False):
-            keep = self.home.copy()
-            if keep_pinned:
-                keep[live[occ & pinned], np.flatnonzero(occ & pinned) // S] = True
-            room = (S - keep.sum(0)).astype(np.int64)
-            hedged = np.zeros((E, G), dtype=np.bool_)
-            _kernels.hedge_fill(keep, room, W, S, hedged)
-            cands.append(hedged)
-        src = self._copy_seconds(live, np.asarray(ctx.loaded, dtype=np.bool_), max(1, int(ctx.link_group)))
+        holder = np.zeros((E, -(-G // group) if peer else 1), dtype=np.bool_)
+        _kernels.live_instances(live, np.asarray(ctx.loaded, dtype=np.bool_), S, group, peer, live_has, holder)
         prim = np.zeros(E, dtype=np.int64)
 
         def price(i: int, best_cost: float, estimate: bool) -> float:
             _kernels.primary_of(cands[i], self.home_gpu, prim)
-            copies = float(src[cands[i] & ~live_has].sum()) / horizon
+            copies = _kernels.copy_seconds(cands[i], live_has, holder, group, peer, self.copy_host,
+                                           self.copy_peer) / horizon
             # (pricing stops once the candidate cannot win; the slack keeps every possible winner priced whole)
             bound = (best_cost * (1 - 1e-12) - copies) * len(scen) * (1 + 1e-9) if np.isfinite(best_cost) else np.inf
             if bound < 0:
@@ -176,17 +175,6 @@ class MoelessPolicy(Policy):
         if best == 2:
             return point
         return self._plan_of(cands[best])
-
-    def _copy_seconds(self, live, loaded, link_group: int) -> np.ndarray:
-        """[E, G] seconds of the copy a new instance of e on GPU g needs: from a peer GPU of g's link group that
-        holds a loaded instance of e, else from the host."""
-        src = np.full((self.E, self.G), self.copy_host)
-        if link_group > 1 and self.copy_peer < self.copy_host:
-            ok = (live >= 0) & loaded
-            holder = np.zeros((self.E, -(-self.G // link_group)), dtype=bool)
-            holder[live[ok], (np.flatnonzero(ok) // self.S) // link_group] = True
-            src = np.where(holder[:, np.arange(self.G) // link_group], self.copy_peer, src)
-        return src
 
     def _decide(self, W, ctx, pinned, horizon):
         """(code, instances bool [E, G]) of the compiled decision (see _kernels.decide_layer)."""
