@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moeless._jit import njit
+
 # ----------------------------------------------------------------------------------------------------------
 # Argument checks (the public boundary)
 # ----------------------------------------------------------------------------------------------------------
@@ -212,52 +214,106 @@ def _pad_last(a: np.ndarray, width: int) -> np.ndarray:
 
 
 def _derive_log2phy(p2l: np.ndarray, E: int) -> tuple[np.ndarray, np.ndarray]:
-    """log2phy [L, E, R_max] (ascending slot order) and logcnt [L, E] from phy2log [L, P]."""
+    """log2phy [L, E, R_max] (ascending slot order) and logcnt [L, E] from phy2log [L, P] (entries in [-1, E))."""
     L, P = p2l.shape
-    key = np.where(p2l >= 0, p2l, E)
-    # a stable sort per layer keeps one expert's slots in slot order; int16 keys get numpy's radix sort
-    order = np.argsort(key.astype(np.int16) if E < 1 << 15 else key, axis=1, kind="stable")
-    counts = np.bincount((key + np.arange(L)[:, None] * (E + 1)).ravel(), minlength=L * (E + 1)).reshape(L, E + 1)
-    logcnt = counts[:, :E].astype(np.int64)
+    p2l = np.ascontiguousarray(p2l, dtype=np.int64)
+    logcnt = np.zeros((L, E), dtype=np.int64)
+    _count_replicas(p2l, logcnt)
     R = max(1, int(logcnt.max(initial=0)))
-    ks = _take_rows(key, order)
-    rank = np.arange(P) - _take_rows(np.cumsum(counts, 1) - counts, ks)
-    occ = ks < E
-    log2phy = np.full(L * E * R, -1, dtype=np.int64)
-    log2phy[((np.arange(L)[:, None] * E + ks) * R + rank)[occ]] = order[occ]
-    return log2phy.reshape(L, E, R), logcnt
+    log2phy = np.full((L, E, R), -1, dtype=np.int64)
+    _fill_log2phy(p2l, log2phy)
+    return log2phy, logcnt
+
+
+@njit
+def _count_replicas(p2l, logcnt):
+    for l in range(p2l.shape[0]):
+        for s in range(p2l.shape[1]):
+            if p2l[l, s] >= 0:
+                logcnt[l, p2l[l, s]] += 1
+
+
+@njit
+def _fill_log2phy(p2l, log2phy):
+    """Each expert's slots in ascending order (log2phy -1 on entry)."""
+    L, P = p2l.shape
+    fill = np.zeros(log2phy.shape[1], dtype=np.int64)
+    for l in range(L):
+        fill[:] = 0
+        for s in range(P):
+            e = p2l[l, s]
+            if e >= 0:
+                log2phy[l, e, fill[e]] = s
+                fill[e] += 1
 
 
 def align_slots(new: np.ndarray, current: np.ndarray, preference: np.ndarray | None = None) -> np.ndarray:
     """Renumber the slots inside each GPU of `new` [L, G, S] (experts, -1 = free) to fit `current` [L, G, S]
     (what the slots hold now): the k-th instance of expert e on a GPU in `new` takes the slot of the k-th
     instance of e there in `current`; the other instances of `new` take the remaining slots in ascending
-    `preference` [L, G, S] order (lower = taken first; default: empty slots of `current` first, then slot
-    order). Only the slot order inside each GPU changes: the experts per GPU (hence any balance) do not.
-    This is the one slot renumbering of the project (the planner's relabelling and the pool's alignment)."""
-    L, G, S = new.shape
-    earlier = np.tril(np.ones((S, S), dtype=bool), -1)  # earlier[s, t]: t < s
-
-    def occurrence(a):  # how many earlier slots of the same GPU hold the same expert
-        return ((a[..., :, None] == a[..., None, :]) & earlier).sum(-1)
-
-    match = ((new[..., :, None] == current[..., None, :]) & (new >= 0)[..., :, None]
-             & (occurrence(new)[..., :, None] == occurrence(current)[..., None, :]))  # [L, G, S(new), S(cur)]
-    has = match.any(-1)
-    want = match.argmax(-1)
-    taken = np.zeros((L, G, S), dtype=bool)
-    li, gi, si = np.nonzero(has)
-    taken[li, gi, want[li, gi, si]] = True
+    `preference` [L, G, S] order (lower = taken first, ties to the lower slot; default: empty slots of
+    `current` first, then slot order). Only the slot order inside each GPU changes: the experts per GPU (hence
+    any balance) do not. This is the one slot renumbering of the project (the planner's relabelling and the
+    pool's alignment). Returns int64 [L, G, S]."""
+    new = np.ascontiguousarray(new, dtype=np.int64)
+    current = np.ascontiguousarray(current, dtype=np.int64)
     if preference is None:
         preference = np.where(current < 0, -1.0, 0.0)
-    key = np.where(taken, np.nan, preference)  # nan sorts last
-    pref = np.argsort(key, axis=-1, kind="stable")
-    # entries without a match, occupied ones first (they need a slot; free entries fill the rest)
-    need = ~has
-    order_new = np.argsort(np.where(need & (new >= 0), 0, np.where(need, 1, 2)), axis=-1, kind="stable")
-    rank = np.empty_like(order_new)
-    np.put_along_axis(rank, order_new, np.broadcast_to(np.arange(S), (L, G, S)).copy(), -1)
-    pos = np.where(has, want, np.take_along_axis(pref, np.minimum(rank, S - 1), -1))
-    out = np.full((L, G, S), -1, dtype=np.int64)
-    np.put_along_axis(out, pos, new, -1)
+    preference = np.ascontiguousarray(preference, dtype=np.float64)
+    if new.ndim != 3 or current.shape != new.shape or preference.shape != new.shape:
+        raise ValueError(f"new, current and preference must have one shape [L, G, S], got {new.shape}, "
+                         f"{current.shape} and {preference.shape}")
+    out = np.full(new.shape, -1, dtype=np.int64)
+    _align_slots(new, current, preference, out)
     return out
+
+
+@njit
+def _align_slots(new, current, preference, out):
+    """align_slots, one GPU at a time (S x S comparisons per GPU; out -1 on entry)."""
+    L, G, S = new.shape
+    occ_new = np.empty(S, dtype=np.int64)
+    occ_cur = np.empty(S, dtype=np.int64)
+    want = np.empty(S, dtype=np.int64)
+    taken = np.empty(S, dtype=np.bool_)
+    free = np.empty(S, dtype=np.int64)
+    for l in range(L):
+        for g in range(G):
+            a = new[l, g]
+            c = current[l, g]
+            for s in range(S):  # how many earlier slots of the GPU hold the same expert
+                occ_new[s] = 0
+                occ_cur[s] = 0
+                for t in range(s):
+                    if a[t] == a[s]:
+                        occ_new[s] += 1
+                    if c[t] == c[s]:
+                        occ_cur[s] += 1
+                taken[s] = False
+            for s in range(S):  # the k-th instance of e keeps the slot of the k-th one there now
+                want[s] = -1
+                if a[s] >= 0:
+                    for t in range(S):
+                        if c[t] == a[s] and occ_cur[t] == occ_new[s]:
+                            want[s] = t
+                            taken[t] = True
+                            break
+            nf = 0  # the untaken slots by preference (insertion sort: ties keep slot order; NaN last)
+            for t in range(S):
+                if taken[t]:
+                    continue
+                v = preference[l, g, t]
+                j = nf
+                while j > 0 and (preference[l, g, free[j - 1]] > v or (v == v and preference[l, g, free[j - 1]]
+                                                                         != preference[l, g, free[j - 1]])):
+                    free[j] = free[j - 1]
+                    j -= 1
+                free[j] = t
+                nf += 1
+            k = 0  # the unmatched instances take them in slot order, then the free entries
+            for s in range(S):
+                if want[s] >= 0:
+                    out[l, g, want[s]] = a[s]
+                elif a[s] >= 0:
+                    out[l, g, free[k]] = a[s]
+                    k += 1

@@ -1161,6 +1161,25 @@ def hedge_fill(keep, room, W, S, has_out):
 
 
 @njit
+def place_replicas(inst, home, S, p2l):
+    """The replicas of the instance set inst [E, G] (those not in home) into the free slots (-1) of the slot row
+    p2l [G*S] that holds the homes: per GPU, experts ascending into the free slots ascending. False (p2l
+    partly written) if a GPU has more replicas than free slots."""
+    E, G = inst.shape
+    for g in range(G):
+        j = g * S
+        for e in range(E):
+            if inst[e, g] and not home[e, g]:
+                while j < (g + 1) * S and p2l[j] >= 0:
+                    j += 1
+                if j == (g + 1) * S:
+                    return False
+                p2l[j] = e
+                j += 1
+    return True
+
+
+@njit
 def hedged_candidates(live, pinned, S, home, W, out_pinned, out_free):
     """The robust step's two hedged candidates (moeless.policy.serverless), into out_pinned / out_free [E, G] (any
     content on entry): the homes plus the pinned live instances (live / pinned [G*S]), or the homes alone, each

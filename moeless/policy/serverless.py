@@ -191,14 +191,9 @@ class MoelessPolicy(Policy):
         """One-layer plan of the instance set inst bool [E, G]: homes in their slots, replicas in the next free
         slots of their GPU (the engine aligns slots to the pool's live instances)."""
         p2l = self._home_row.copy()
-        extra = inst & ~self.home
-        g_idx, e_idx = np.nonzero(extra.T)  # GPU-major order
-        if e_idx.size:
-            free = p2l.reshape(self.G, self.S) < 0
-            rank = np.arange(g_idx.size) - np.searchsorted(g_idx, g_idx)  # the k-th replica on its GPU
-            slot_of = np.argsort(~free, axis=1, kind="stable")  # free slots of each GPU first
-            p2l[g_idx * self.S + slot_of[g_idx, rank]] = e_idx
-        return Plan.from_phy2log(p2l[None], self.E, self.G, self.S)
+        if not _kernels.place_replicas(inst, self.home, self.S, p2l):
+            raise RuntimeError("a decision chose more instances on a GPU than it has slots")
+        return Plan._derived(p2l[None], self.E, self.G, self.S)
 
     def _same_instances(self, a: Plan, b: Plan) -> bool:
         return bool(np.array_equal(self.dense(a).has, self.dense(b).has))
