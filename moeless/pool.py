@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moeless._jit import njit
 from moeless.planner import Plan, align_slots
 
 __all__ = ["ApplyResult", "FunctionPool", "Meter", "RealClock", "SimulatedClock"]
@@ -96,6 +97,54 @@ class ApplyResult:
     def stall_s(self) -> float:
         """The critical-path wait for cold starts: the slowest GPU's ready time."""
         return float(self.ready_in_s.max(initial=0.0))
+
+
+@njit
+def _copy_sources(layers, p2l, expert, ready_at, t, S, grp, peer, out):
+    """FunctionPool.copy_sources into out int8 (0 on entry): 1 where a slot of p2l [n, G*S] (rows of `layers`)
+    needs a copy, 2 where a slot of another GPU of its link group of grp GPUs holds a loaded instance of the
+    expert (with `peer`)."""
+    n, P = p2l.shape
+    for i in range(n):
+        row = layers[i]
+        for s in range(P):
+            e = p2l[i, s]
+            if e < 0 or expert[row, s] == e:
+                continue
+            out[i, s] = 1
+            if not peer:
+                continue
+            g = s // S
+            first = (g // grp) * grp
+            end = min((first + grp) * S, P)
+            for q in range(first * S, end):
+                if q // S != g and expert[row, q] == e and ready_at[row, q] <= t:
+                    out[i, s] = 2
+                    break
+
+
+@njit
+def _queue_copies(gpu, from_peer, t, link_free, peer_free, host_s, peer_s, ready):
+    """Ready times of copies onto GPUs gpu [n] (from a peer link where from_peer, else the host link), queued in
+    order on each GPU's link: the k-th copy on a link finishes k+1 copy times after the link is free (or at t);
+    link_free / peer_free [G] become each link's last finish."""
+    G = link_free.shape[0]
+    for peer in (False, True):
+        free = peer_free if peer else link_free
+        copy_s = peer_s if peer else host_s
+        start = np.empty(G)
+        for g in range(G):
+            start[g] = free[g] if free[g] > t else t
+        k = np.zeros(G, dtype=np.int64)
+        for i in range(gpu.shape[0]):
+            if from_peer[i] != peer:
+                continue
+            g = gpu[i]
+            r = start[g] + (k[g] + 1) * copy_s
+            k[g] += 1
+            ready[i] = r
+            if r > free[g]:
+                free[g] = r
 
 
 class FunctionPool:
@@ -203,25 +252,12 @@ class FunctionPool:
         """int8 [len(layers), G*S] for a plan's rows `phy2log` of `layers`: 0 = no copy (free slot, or the slot
         already holds a live instance of that expert), 1 = a cold start from the host, 2 = one from a peer GPU
         of the same link group holding a loaded instance of that expert in that layer. Changes nothing."""
-        layers = np.asarray(layers, dtype=np.int64)
-        p2l = np.asarray(phy2log, dtype=np.int64)
+        layers = np.ascontiguousarray(layers, dtype=np.int64)
+        p2l = np.ascontiguousarray(phy2log, dtype=np.int64)
         t = self._t if now is None else float(now)
         out = np.zeros(p2l.shape, dtype=np.int8)
-        cold = (p2l >= 0) & (self.expert[layers] != p2l)
-        out[cold] = 1
-        if self.peer_bandwidth is None or self.link_group < 2 or not cold.any():
-            return out
-        li, si = np.nonzero(cold)
-        S, grp = self.slots_per_gpu, self.link_group
-        gpu = si // S
-        first = (gpu // grp) * grp  # the group's first GPU
-        span = np.arange(grp * S)
-        slots = np.minimum(first[:, None] * S + span[None, :], self.gpus * S - 1)  # [n, grp*S] the group's slots
-        in_group = (first[:, None] * S + span[None, :]) < self.gpus * S
-        rows = layers[li][:, None]
-        holds = (self.expert[rows, slots] == p2l[li, si][:, None]) & (self.ready_at[rows, slots] <= t)
-        peer = (holds & in_group & (slots // S != gpu[:, None])).any(1)
-        out[li[peer], si[peer]] = 2
+        peer = self.peer_bandwidth is not None and self.link_group >= 2
+        _copy_sources(layers, p2l, self.expert, self.ready_at, t, self.slots_per_gpu, self.link_group, peer, out)
         return out
 
     def _start(self, layer: np.ndarray, slot: np.ndarray, expert: np.ndarray, t: float,
@@ -232,23 +268,8 @@ class FunctionPool:
         ready = np.empty(layer.size)
         if from_peer is None:
             from_peer = np.zeros(layer.size, dtype=bool)
-        for peer, free, copy_s in ((False, self._link_free, self.cold_start_s),
-                                   (True, self._peer_free, self.peer_cold_start_s)):
-            sel = np.flatnonzero(from_peer == peer)
-            if not sel.size:
-                continue
-            g = gpu[sel]
-            start = np.maximum(free, t)
-            # the k-th copy on a GPU's link finishes k+1 copy times after the link is free
-            order = np.argsort(g, kind="stable")
-            g_sorted = g[order]
-            first = np.r_[True, g_sorted[1:] != g_sorted[:-1]]
-            idx = np.arange(g_sorted.size)
-            k = idx - np.maximum.accumulate(np.where(first, idx, 0))
-            r = np.empty(sel.size)
-            r[order] = start[g_sorted] + (k + 1) * copy_s
-            ready[sel] = r
-            np.maximum.at(free, g, r)
+        _queue_copies(np.ascontiguousarray(gpu, dtype=np.int64), np.ascontiguousarray(from_peer, dtype=np.bool_),
+                      t, self._link_free, self._peer_free, self.cold_start_s, self.peer_cold_start_s, ready)
         evict = (self.expert[layer, slot] >= 0) & (self.expert[layer, slot] != expert)
         self.meter.evictions += int(evict.sum())
         self.expert[layer, slot] = expert

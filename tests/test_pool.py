@@ -173,3 +173,31 @@ def test_bad_peer_link():
         _pool(peer_bandwidth=0.0)
     with pytest.raises(ValueError, match="link_group"):
         _pool(link_group=0)
+
+
+def test_copies_queue_per_link_like_a_simulation():
+    """Random plans applied over time (several layers, peer links in groups of 2): every cold start's source is
+    a peer exactly when another GPU of its group holds a loaded instance of the expert, and its ready time is
+    what a first-come-first-served simulation of each GPU's host and peer links gives."""
+    rng = np.random.default_rng(21)
+    L, G, S, E = 2, 4, 3, 5
+    pool = FunctionPool(L, G, S, expert_bytes=4.0, link_bandwidth=1.0, keep_alive_s=2.0, peer_bandwidth=4.0,
+                        link_group=2)
+    free = {(g, peer): -math.inf for g in range(G) for peer in (False, True)}
+    t = 0.0
+    for _ in range(40):
+        t += float(rng.choice([0.0, 0.5, 3.0]))
+        layer = int(rng.integers(L))
+        p2l = rng.integers(-1, E, G * S)
+        pool.advance_to(t)
+        expert, ready_at = pool.expert.copy(), pool.ready_at.copy()
+        r = pool.apply(Plan.from_phy2log(p2l[None], E, G, S), now=t, layer=layer)
+        want_cold = [s for s in range(G * S) if p2l[s] >= 0 and expert[layer, s] != p2l[s]]
+        assert r.cold[:, 1].tolist() == want_cold
+        for (l, s), peer, done in zip(r.cold, r.from_peer, pool.ready_at[layer, r.cold[:, 1]]):
+            g = s // S
+            group = range((g // 2) * 2 * S, min((g // 2 + 1) * 2 * S, G * S))
+            assert peer == any(q // S != g and expert[layer, q] == p2l[s] and ready_at[layer, q] <= t for q in group)
+            finish = max(free[g, bool(peer)], t) + (1.0 if peer else 4.0)
+            free[g, bool(peer)] = finish
+            assert done == pytest.approx(finish, rel=1e-12)
