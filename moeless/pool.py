@@ -147,6 +147,82 @@ def _queue_copies(gpu, from_peer, t, link_free, peer_free, host_s, peer_s, ready
                 free[g] = r
 
 
+@njit
+def _apply_rows(layers, p2l, expert, ready_at, last_used, in_plan, t, S, grp, peer, link_free, peer_free, host_s,
+                peer_s):
+    """FunctionPool.apply on the pool's arrays (updated in place) for the rows p2l [n, G*S] of `layers`: the
+    instances of the same expert already in a slot are reused (last used now), the others cold-start (their
+    copies queued on their GPU's host or peer link, see _copy_sources and _queue_copies; whatever lived there
+    is evicted), the instances the plan leaves out become idle now. Returns (cold [c, 2], from_peer [c],
+    warm [w, 2], evicted [v, 2], ready_in [G]) as ApplyResult holds them, in slot order."""
+    n, P = p2l.shape
+    G = link_free.shape[0]
+    src = np.zeros((n, P), dtype=np.int8)
+    _copy_sources(layers, p2l, expert, ready_at, t, S, grp, peer, src)  # (on the state before this apply)
+    nc = 0
+    nw = 0
+    nv = 0
+    for i in range(n):
+        for s in range(P):
+            if src[i, s] > 0:
+                nc += 1
+                if expert[layers[i], s] >= 0:
+                    nv += 1
+            elif p2l[i, s] >= 0:
+                nw += 1
+    cold = np.empty((nc, 2), dtype=np.int64)
+    cold_i = np.empty(nc, dtype=np.int64)  # (its row of p2l)
+    from_peer = np.empty(nc, dtype=np.bool_)
+    warm = np.empty((nw, 2), dtype=np.int64)
+    evicted = np.empty((nv, 2), dtype=np.int64)
+    c = 0
+    w = 0
+    v = 0
+    for i in range(n):
+        row = layers[i]
+        for s in range(P):
+            if src[i, s] > 0:
+                cold[c, 0] = row
+                cold[c, 1] = s
+                cold_i[c] = i
+                from_peer[c] = src[i, s] == 2
+                c += 1
+                if expert[row, s] >= 0:
+                    evicted[v, 0] = row
+                    evicted[v, 1] = s
+                    v += 1
+            elif p2l[i, s] >= 0:
+                warm[w, 0] = row
+                warm[w, 1] = s
+                w += 1
+    gpu = np.empty(nc, dtype=np.int64)
+    for k in range(nc):
+        gpu[k] = cold[k, 1] // S
+    ready = np.empty(nc)
+    _queue_copies(gpu, from_peer, t, link_free, peer_free, host_s, peer_s, ready)
+    ready_in = np.zeros(G)
+    for k in range(nc):
+        row, s = cold[k, 0], cold[k, 1]
+        expert[row, s] = p2l[cold_i[k], s]
+        ready_at[row, s] = ready[k]
+        last_used[row, s] = t
+        if ready[k] - t > ready_in[gpu[k]]:
+            ready_in[gpu[k]] = ready[k] - t
+    for k in range(nw):
+        row, s = warm[k, 0], warm[k, 1]
+        last_used[row, s] = t
+        if ready_at[row, s] > t and ready_at[row, s] - t > ready_in[s // S]:
+            ready_in[s // S] = ready_at[row, s] - t  # (a prewarm still loading also makes its GPU wait)
+    for i in range(n):
+        row = layers[i]
+        for s in range(P):
+            want = p2l[i, s] >= 0
+            if in_plan[row, s] and not want:
+                last_used[row, s] = t  # leaving the plan: idle from now (keep-alive counts from its last use)
+            in_plan[row, s] = want
+    return cold, from_peer, warm, evicted, ready_in
+
+
 class FunctionPool:
     """Instances of `num_layers` x `gpus` x `slots_per_gpu` slots.
 
@@ -306,37 +382,17 @@ class FunctionPool:
         instances the plan leaves out as idle (released after keep-alive)."""
         layers, p2l = self._targets(plan, layer)
         t = self.advance_to(now)
-        cur = self.expert[layers]
-        want = p2l >= 0
-        reuse = want & (cur == p2l)
-        cold = want & ~reuse
-        li, si = np.nonzero(cold)
-        from_peer = self.copy_sources(layers, p2l, t)[li, si] == 2 if li.size else np.zeros(0, dtype=bool)
-        ready = self._start(layers[li], si, p2l[li, si], t, from_peer)
-        wl, ws = np.nonzero(reuse)
-        self.last_used[layers[wl], ws] = t
-        self.meter.warm_starts += int(wl.size)
-        # leaving the plan: idle from now (keep-alive counts from the last use, which is now)
-        leaving = self.in_plan[layers] & ~want
-        ll, ls_ = np.nonzero(leaving)
-        self.last_used[layers[ll], ls_] = t
-        self.in_plan[layers] = want
-        el = np.nonzero(cold & (cur >= 0))
-        ready_in = np.zeros(self.gpus)
-        if li.size:
-            np.maximum.at(ready_in, si // self.slots_per_gpu, ready - t)
-        # warm instances that a prewarm is still loading also make the GPU wait
-        pending = reuse & (self.ready_at[layers] > t)
-        pl, ps = np.nonzero(pending)
-        if pl.size:
-            np.maximum.at(ready_in, ps // self.slots_per_gpu, self.ready_at[layers[pl], ps] - t)
-        return ApplyResult(
-            cold=np.stack([layers[li], si], 1),
-            warm=np.stack([layers[wl], ws], 1),
-            evicted=np.stack([layers[el[0]], el[1]], 1),
-            ready_in_s=ready_in,
-            from_peer=from_peer,
-        )
+        peer = self.peer_bandwidth is not None and self.link_group >= 2
+        cold, from_peer, warm, evicted, ready_in = _apply_rows(
+            np.ascontiguousarray(layers, dtype=np.int64), np.ascontiguousarray(p2l, dtype=np.int64), self.expert,
+            self.ready_at, self.last_used, self.in_plan, t, self.slots_per_gpu, self.link_group, peer,
+            self._link_free, self._peer_free, self.cold_start_s, self.peer_cold_start_s)
+        self.meter.evictions += len(evicted)
+        self.meter.cold_starts += len(cold)
+        self.meter.bytes_copied += int(round(len(cold) * self.expert_bytes))
+        self.meter.copy_seconds += float(np.where(from_peer, self.peer_cold_start_s, self.cold_start_s).sum())
+        self.meter.warm_starts += len(warm)
+        return ApplyResult(cold=cold, warm=warm, evicted=evicted, ready_in_s=ready_in, from_peer=from_peer)
 
     def align(self, plan: Plan, *, layer=None) -> Plan:
         """`plan` with its slots renumbered inside each GPU to fit this pool (warm identity: an instance is
@@ -353,7 +409,8 @@ class FunctionPool:
         idle = (cur >= 0) & ~self.in_plan[layers].reshape(L, G, S)
         key = np.where(cur < 0, -np.inf, np.where(idle, deadline, np.inf))
         out = align_slots(p2l.reshape(L, G, S), cur, key)
-        return Plan.from_phy2log(out.reshape(L, G * S), plan.num_experts, self.gpus, self.slots_per_gpu)
+        # (the plan's own instances, renumbered inside each GPU: a valid plan already)
+        return Plan._derived(out.reshape(L, G * S), plan.num_experts, self.gpus, self.slots_per_gpu)
 
     def live_phy2log(self) -> np.ndarray:
         """int64 [L, G*S]: the expert of each slot's live instance (warm, loading or idle), -1 where free."""
