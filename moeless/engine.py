@@ -505,4 +505,5 @@ class Engine:
         if c.shape != (self.E,):
             raise ValueError(f"{name} must have shape [E={self.E}], got {c.shape}")
         check_count_values(c, name, integral)
-        return c.astype(np.int64 if integral else np.float64, copy=False)
+        # (loads are copied: they reach the policy's context, which must not alias the caller's array)
+        return c.astype(np.int64, copy=False) if integral else c.astype(np.float64)

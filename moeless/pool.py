@@ -334,6 +334,13 @@ class FunctionPool:
         of the same link group holding a loaded instance of that expert in that layer. Changes nothing."""
         layers = np.ascontiguousarray(layers, dtype=np.int64)
         p2l = np.ascontiguousarray(phy2log, dtype=np.int64)
+        P = self.gpus * self.slots_per_gpu
+        if layers.ndim != 1 or ((layers < 0) | (layers >= self.num_layers)).any():
+            raise ValueError(f"layers must be a list of layer indices in [0, {self.num_layers}), got {layers!r}")
+        if p2l.shape != (layers.size, P):
+            raise ValueError(f"phy2log must have shape [len(layers)={layers.size}, G*S={P}], got {p2l.shape}")
+        if ((p2l < -1)).any():
+            raise ValueError("phy2log entries must be -1 (free) or expert ids")
         t = self._t if now is None else float(now)
         out = np.zeros(p2l.shape, dtype=np.int8)
         peer = self.peer_bandwidth is not None and self.link_group >= 2

@@ -176,28 +176,41 @@ def test_bad_peer_link():
 
 
 def test_copies_queue_per_link_like_a_simulation():
-    """Random plans applied over time (several layers, peer links in groups of 2): every cold start's source is
-    a peer exactly when another GPU of its group holds a loaded instance of the expert, and its ready time is
-    what a first-come-first-served simulation of each GPU's host and peer links gives."""
+    """Random plans applied over time (one layer, or every layer at once as an engine's start and EPLB's rebuilds
+    do; peer links in groups of 2): every cold start's source is a peer exactly when another GPU of its group
+    holds a loaded instance of the expert in that layer, and its ready time is what a first-come-first-served
+    simulation of each GPU's host and peer links gives, the copies queued in (layer, slot) order."""
     rng = np.random.default_rng(21)
     L, G, S, E = 2, 4, 3, 5
     pool = FunctionPool(L, G, S, expert_bytes=4.0, link_bandwidth=1.0, keep_alive_s=2.0, peer_bandwidth=4.0,
                         link_group=2)
     free = {(g, peer): -math.inf for g in range(G) for peer in (False, True)}
     t = 0.0
-    for _ in range(40):
+    for step in range(60):
         t += float(rng.choice([0.0, 0.5, 3.0]))
-        layer = int(rng.integers(L))
-        p2l = rng.integers(-1, E, G * S)
+        whole = step % 3 == 0
+        layers = list(range(L)) if whole else [int(rng.integers(L))]
+        p2l = rng.integers(-1, E, (len(layers), G * S))
         pool.advance_to(t)
         expert, ready_at = pool.expert.copy(), pool.ready_at.copy()
-        r = pool.apply(Plan.from_phy2log(p2l[None], E, G, S), now=t, layer=layer)
-        want_cold = [s for s in range(G * S) if p2l[s] >= 0 and expert[layer, s] != p2l[s]]
-        assert r.cold[:, 1].tolist() == want_cold
-        for (l, s), peer, done in zip(r.cold, r.from_peer, pool.ready_at[layer, r.cold[:, 1]]):
-            g = s // S
+        plan = Plan.from_phy2log(p2l, E, G, S)
+        r = pool.apply(plan, now=t) if whole else pool.apply(plan, now=t, layer=layers[0])
+        want_cold = [[l, s] for i, l in enumerate(layers) for s in range(G * S)
+                     if p2l[i, s] >= 0 and expert[l, s] != p2l[i, s]]
+        assert r.cold.tolist() == want_cold
+        for (l, s), peer in zip(r.cold.tolist(), r.from_peer):
+            e, g = p2l[layers.index(l), s], s // S
             group = range((g // 2) * 2 * S, min((g // 2 + 1) * 2 * S, G * S))
-            assert peer == any(q // S != g and expert[layer, q] == p2l[s] and ready_at[layer, q] <= t for q in group)
+            assert peer == any(q // S != g and expert[l, q] == e and ready_at[l, q] <= t for q in group)
             finish = max(free[g, bool(peer)], t) + (1.0 if peer else 4.0)
             free[g, bool(peer)] = finish
-            assert done == pytest.approx(finish, rel=1e-12)
+            assert pool.ready_at[l, s] == pytest.approx(finish, rel=1e-12)
+
+
+def test_copy_sources_rejects_bad_rows():
+    pool = FunctionPool(2, 4, 2, expert_bytes=1.0, link_bandwidth=1.0, peer_bandwidth=4.0, link_group=2)
+    for layers, rows, match in (([5], np.zeros((1, 8)), "layers"), ([0], np.zeros((3, 8)), "shape"),
+                                ([0], np.zeros((1, 12)), "shape"), ([0], np.zeros(8), "shape"),
+                                ([0], np.full((1, 8), -2), "entries")):
+        with pytest.raises(ValueError, match=match):
+            pool.copy_sources(layers, rows)

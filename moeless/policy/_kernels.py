@@ -1120,7 +1120,7 @@ def hedge_fill(keep, room, W, S, has_out):
     with room one replica of an expert kept on GPU g - 1 - j (mod G) that g does not hold yet, the one with the
     largest load per instance (W / instances so far, EPLB's rule): a ring at distance 1, then 2, ... (an
     expander over GPUs, so that the split can move a GPU's excess along it when the true loads differ from the
-    prediction). Returns the replicas added."""
+    prediction). Returns the replicas added. (has_out must be another array than keep.)"""
     E, G = keep.shape
     has_out[:, :] = keep
     count = np.zeros(E)
@@ -1213,20 +1213,23 @@ def live_instances(live, loaded, S, link_group, peer, live_has, holder):
 
 @njit
 def copy_seconds(has, live_has, holder, link_group, peer, copy_host, copy_peer):
-    """Seconds of the copies the instances `has` [E, G] need (those not live: live_has): from a peer GPU of the
-    link group where one holds a loaded instance (with `peer`: holder, see live_instances), else from the
-    host."""
+    """Seconds of each copy the instances `has` [E, G] need (those not live: live_has), in row-major order: from
+    a peer GPU of the link group where one holds a loaded instance (with `peer`: holder, see live_instances),
+    else from the host. (The caller sums them with numpy, as the pricing always has.)"""
     E, G = has.shape
-    n_host = 0
-    n_peer = 0
+    n = 0
     for e in range(E):
         for g in range(G):
             if has[e, g] and not live_has[e, g]:
-                if peer and holder[e, g // link_group]:
-                    n_peer += 1
-                else:
-                    n_host += 1
-    return n_host * copy_host + n_peer * copy_peer
+                n += 1
+    out = np.empty(n)
+    i = 0
+    for e in range(E):
+        for g in range(G):
+            if has[e, g] and not live_has[e, g]:
+                out[i] = copy_peer if peer and holder[e, g // link_group] else copy_host
+                i += 1
+    return out
 
 
 @njit

@@ -140,8 +140,8 @@ class MoelessPolicy(Policy):
 
         def price(i: int, best_cost: float, estimate: bool) -> float:
             _kernels.primary_of(cands[i], self.home_gpu, prim)
-            copies = _kernels.copy_seconds(cands[i], live_has, holder, group, peer, self.copy_host,
-                                           self.copy_peer) / horizon
+            copies = float(_kernels.copy_seconds(cands[i], live_has, holder, group, peer, self.copy_host,
+                                                 self.copy_peer).sum()) / horizon
             # (pricing stops once the candidate cannot win; the slack keeps every possible winner priced whole)
             bound = (best_cost * (1 - 1e-12) - copies) * len(scen) * (1 + 1e-9) if np.isfinite(best_cost) else np.inf
             if bound < 0:
