@@ -315,3 +315,22 @@ def test_order_desc_is_the_stable_argsort():
         else:
             W = rng.integers(0, 10**6, E).astype(np.float64)
         np.testing.assert_array_equal(_kernels.order_desc(W), np.argsort(-W, kind="stable"))
+
+
+def test_malformed_context_is_refused():
+    """The decision's compiled loops index the context without bounds checks: a context of the wrong shape, a
+    live slot holding an expert that does not exist, or a current plan of another shape is a ValueError."""
+    rng = np.random.default_rng(9)
+    pol = MoelessPolicy(1, 8, 4, 4, MIXTRAL)
+    W = rng.multinomial(4096, rng.dirichlet(np.full(8, 0.5))).astype(float)
+    good = _ctx(rng, pol, W)
+    pol.decide(good)  # (well formed: no error)
+    bad_live = good.live.copy()
+    bad_live[0] = 8
+    other = MoelessPolicy(1, 8, 4, 3, MIXTRAL).homes[0]
+    for change in (dict(live=bad_live), dict(live=good.live[:-1]), dict(loaded=good.loaded[:-1]),
+                   dict(pinned=good.pinned[:3]), dict(link_wait=np.zeros(5)), dict(live=good.live.reshape(4, 4)),
+                   dict(current=other), dict(current=MoelessPolicy(2, 8, 4, 4, MIXTRAL).homes)):
+        ctx = LayerContext(**{f: getattr(good, f) for f in LayerContext.__slots__} | change)
+        with pytest.raises(ValueError, match="ctx"):
+            pol.decide(ctx)

@@ -1101,6 +1101,19 @@ def total(v):
 
 
 @njit
+def context_ok(live, loaded, pinned, link_wait, E, G, S):
+    """Whether a decision's context arrays have the shapes the loops index ([G*S] slots, [G] links) and every
+    live slot's expert lies in [-1, E)."""
+    P = G * S
+    if live.shape[0] != P or loaded.shape[0] != P or pinned.shape[0] != P or link_wait.shape[0] != G:
+        return False
+    for s in range(P):
+        if live[s] < -1 or live[s] >= E:
+            return False
+    return True
+
+
+@njit
 def round_loads(loads, W):
     """W = loads rounded to whole pairs, negatives to 0; returns (sum, max) of W."""
     tot = 0.0

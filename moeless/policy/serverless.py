@@ -93,12 +93,25 @@ class MoelessPolicy(Policy):
         total, w_max = _kernels.round_loads(loads, W)
         if not total > 0:
             return None
+        live = np.asarray(ctx.live, dtype=np.int64)
+        loaded = np.asarray(ctx.loaded, dtype=np.bool_)
+        link_wait = np.asarray(ctx.link_wait, dtype=np.float64)
         if ctx.pinned is None or self.free_moves:
-            pinned = np.zeros(len(ctx.live), dtype=np.bool_)
+            pinned = np.zeros(len(live), dtype=np.bool_)
         else:
             pinned = np.asarray(ctx.pinned, dtype=np.bool_)
+        # (the compiled loops index these without bounds checks: a malformed context must not reach them)
+        cur = ctx.current
+        if not isinstance(cur, Plan) or cur.num_layers != 1 or \
+                (cur.num_experts, cur.gpus, cur.slots_per_gpu) != (self.E, self.G, self.S):
+            raise ValueError(f"ctx.current must be a one-layer Plan of {self.E} experts on {self.G} GPUs x {self.S} "
+                             f"slots")
+        if not (live.ndim == loaded.ndim == pinned.ndim == link_wait.ndim == 1) or \
+                not _kernels.context_ok(live, loaded, pinned, link_wait, self.E, self.G, self.S):
+            raise ValueError(f"ctx.live, ctx.loaded and ctx.pinned must have shape [G*S={self.G * self.S}] (live: "
+                             f"experts in [-1, {self.E})) and ctx.link_wait [G={self.G}]")
         horizon = max(float(ctx.horizon), 1e-9)
-        code, inst = self._decide(W, ctx, pinned, horizon)
+        code, inst = self._decide(W, ctx, live, loaded, pinned, link_wait, horizon)
         robust = ctx.refresh and ctx.scenarios is not None and len(ctx.scenarios) \
             and max(w_max, float(np.max(ctx.scenarios))) > self.ridge
         if code == 1 and not robust:  # (the kernel found the current plan's instances again)
@@ -107,12 +120,12 @@ class MoelessPolicy(Policy):
         if robust:
             # (where no expert's load reaches the roofline's ridge a replica cannot shorten anything: every
             # instance reads its weights whatever its pairs, so the robust alternatives are not weighed)
-            point = self._robust(W, ctx, pinned, horizon, point)
+            point = self._robust(W, ctx, live, loaded, pinned, horizon, point)
         if self._same_instances(point, ctx.current):
             return None
         return point
 
-    def _robust(self, W, ctx, pinned, horizon, point: Plan) -> Plan:
+    def _robust(self, W, ctx, live, loaded, pinned, horizon, point: Plan) -> Plan:
         """The decision well ahead: candidates (the current plan, the homes alone, the point decision, and the
         hedged plans: homes, plus the pinned instances or not, plus ring hedges in every free slot) priced by
         their mean time over the load scenarios (the layer's recent true loads and the prediction), plus each
@@ -123,8 +136,7 @@ class MoelessPolicy(Policy):
         priced exactly (time_split on every scenario), with the current plan and the homes, and kept only if it
         is still strictly the cheapest of the three (do no harm, as the point decision)."""
         E, G, S = self.E, self.G, self.S
-        scen = np.vstack([np.asarray(ctx.scenarios, dtype=np.float64), W[None]])
-        live = np.asarray(ctx.live, dtype=np.int64)
+        scen = np.vstack([np.asarray(ctx.scenarios, dtype=np.float64).reshape(-1, E), W[None]])
         hedged_pinned = np.empty((E, G), dtype=np.bool_)
         hedged_free = np.empty((E, G), dtype=np.bool_)
         _kernels.hedged_candidates(live, pinned, S, self.home, W, hedged_pinned, hedged_free)
@@ -135,7 +147,7 @@ class MoelessPolicy(Policy):
         peer = group > 1 and self.copy_peer < self.copy_host
         live_has = np.zeros((E, G), dtype=np.bool_)
         holder = np.zeros((E, -(-G // group) if peer else 1), dtype=np.bool_)
-        _kernels.live_instances(live, np.asarray(ctx.loaded, dtype=np.bool_), S, group, peer, live_has, holder)
+        _kernels.live_instances(live, loaded, S, group, peer, live_has, holder)
         prim = np.zeros(E, dtype=np.int64)
 
         def price(i: int, best_cost: float, estimate: bool) -> float:
@@ -176,14 +188,13 @@ class MoelessPolicy(Policy):
             return point
         return self._plan_of(cands[best])
 
-    def _decide(self, W, ctx, pinned, horizon):
+    def _decide(self, W, ctx, live, loaded, pinned, link_wait, horizon):
         """(code, instances bool [E, G]) of the compiled decision (see _kernels.decide_layer)."""
         inst = np.zeros((self.E, self.G), dtype=np.bool_)
         cur = self.dense(ctx.current)
         code = _kernels.decide_layer(
-            W, np.asarray(ctx.live, dtype=np.int64), np.asarray(ctx.loaded, dtype=np.bool_), pinned, self.S,
-            cur.has, cur.count, self.home, self.home_gpu, self.profile, self.max_moves, self.copy_host,
-            self.copy_peer, max(1, int(ctx.link_group)), np.asarray(ctx.link_wait, dtype=np.float64),
+            W, live, loaded, pinned, self.S, cur.has, cur.count, self.home, self.home_gpu, self.profile,
+            self.max_moves, self.copy_host, self.copy_peer, max(1, int(ctx.link_group)), link_wait,
             float(ctx.lookahead), horizon, inst)
         return code, inst
 
