@@ -319,7 +319,8 @@ def test_order_desc_is_the_stable_argsort():
 
 def test_malformed_context_is_refused():
     """The decision's compiled loops index the context without bounds checks: a context of the wrong shape, a
-    live slot holding an expert that does not exist, or a current plan of another shape is a ValueError."""
+    live slot holding an expert that does not exist, or a current plan of another shape is a ValueError (and a
+    plan of another shape for the split)."""
     rng = np.random.default_rng(9)
     pol = MoelessPolicy(1, 8, 4, 4, MIXTRAL)
     W = rng.multinomial(4096, rng.dirichlet(np.full(8, 0.5))).astype(float)
@@ -332,5 +333,7 @@ def test_malformed_context_is_refused():
                    dict(pinned=good.pinned[:3]), dict(link_wait=np.zeros(5)), dict(live=good.live.reshape(4, 4)),
                    dict(current=other), dict(current=MoelessPolicy(2, 8, 4, 4, MIXTRAL).homes)):
         ctx = LayerContext(**{f: getattr(good, f) for f in LayerContext.__slots__} | change)
-        with pytest.raises(ValueError, match="ctx"):
+        with pytest.raises(ValueError, match="ctx|plan must be"):
             pol.decide(ctx)
+    with pytest.raises(ValueError, match="plan must be"):
+        pol.split(0, MoelessPolicy(1, 8, 4, 3, MIXTRAL).homes[0], np.ones(8, dtype=np.int64))

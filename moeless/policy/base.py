@@ -187,10 +187,15 @@ class Policy:
 
     # -- shared helpers ------------------------------------------------------------------------------------
     def dense(self, plan: Plan) -> DenseLayout:
-        """The dense layout of a one-layer plan, cached per plan object (plans are immutable)."""
+        """The dense layout of a one-layer plan of this policy's shape (else ValueError), cached per plan object
+        (plans are immutable)."""
         hit = self._dense.get(id(plan))
         if hit is not None and hit[0] is plan:
             return hit[1]
+        if not isinstance(plan, Plan) or plan.num_layers != 1 or \
+                (plan.num_experts, plan.gpus, plan.slots_per_gpu) != (self.E, self.G, self.S):
+            raise ValueError(f"the plan must be a one-layer Plan of {self.E} experts on {self.G} GPUs x {self.S} "
+                             f"slots (the compiled loops index it without bounds checks)")
         if len(self._dense) > 4 * self.L + 64:
             self._dense.clear()
         d = DenseLayout(plan, self.home_gpu)

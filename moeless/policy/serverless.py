@@ -100,12 +100,8 @@ class MoelessPolicy(Policy):
             pinned = np.zeros(len(live), dtype=np.bool_)
         else:
             pinned = np.asarray(ctx.pinned, dtype=np.bool_)
-        # (the compiled loops index these without bounds checks: a malformed context must not reach them)
-        cur = ctx.current
-        if not isinstance(cur, Plan) or cur.num_layers != 1 or \
-                (cur.num_experts, cur.gpus, cur.slots_per_gpu) != (self.E, self.G, self.S):
-            raise ValueError(f"ctx.current must be a one-layer Plan of {self.E} experts on {self.G} GPUs x {self.S} "
-                             f"slots")
+        # (the compiled loops index these without bounds checks: a malformed context must not reach them; the
+        # current plan is checked by self.dense)
         if not (live.ndim == loaded.ndim == pinned.ndim == link_wait.ndim == 1) or \
                 not _kernels.context_ok(live, loaded, pinned, link_wait, self.E, self.G, self.S):
             raise ValueError(f"ctx.live, ctx.loaded and ctx.pinned must have shape [G*S={self.G * self.S}] (live: "
