@@ -358,14 +358,19 @@ class FunctionPool:
         _queue_copies(np.ascontiguousarray(gpu, dtype=np.int64), np.ascontiguousarray(from_peer, dtype=np.bool_),
                       t, self._link_free, self._peer_free, self.cold_start_s, self.peer_cold_start_s, ready)
         evict = (self.expert[layer, slot] >= 0) & (self.expert[layer, slot] != expert)
-        self.meter.evictions += int(evict.sum())
         self.expert[layer, slot] = expert
         self.ready_at[layer, slot] = ready
         self.last_used[layer, slot] = t
-        self.meter.cold_starts += int(layer.size)
-        self.meter.bytes_copied += int(round(layer.size * self.expert_bytes))
-        self.meter.copy_seconds += float(np.where(from_peer, self.peer_cold_start_s, self.cold_start_s).sum())
+        self._charge_copies(from_peer, int(evict.sum()))
         return ready
+
+    def _charge_copies(self, from_peer: np.ndarray, evictions: int) -> None:
+        """The meter's share of cold starts (one per entry of from_peer, from a peer where it is set) that evicted
+        `evictions` instances."""
+        self.meter.evictions += evictions
+        self.meter.cold_starts += int(from_peer.size)
+        self.meter.bytes_copied += int(round(from_peer.size * self.expert_bytes))
+        self.meter.copy_seconds += float(np.where(from_peer, self.peer_cold_start_s, self.cold_start_s).sum())
 
     def _targets(self, plan: Plan, layer) -> tuple[np.ndarray, np.ndarray]:
         if not isinstance(plan, Plan):
@@ -398,10 +403,7 @@ class FunctionPool:
             np.ascontiguousarray(layers, dtype=np.int64), np.ascontiguousarray(p2l, dtype=np.int64), self.expert,
             self.ready_at, self.last_used, self.in_plan, t, self.slots_per_gpu, self.link_group, peer,
             self._link_free, self._peer_free, self.cold_start_s, self.peer_cold_start_s)
-        self.meter.evictions += len(evicted)
-        self.meter.cold_starts += len(cold)
-        self.meter.bytes_copied += int(round(len(cold) * self.expert_bytes))
-        self.meter.copy_seconds += float(np.where(from_peer, self.peer_cold_start_s, self.cold_start_s).sum())
+        self._charge_copies(from_peer, len(evicted))
         self.meter.warm_starts += len(warm)
         return ApplyResult(cold=cold, warm=warm, evicted=evicted, ready_in_s=ready_in, from_peer=from_peer)
 

@@ -267,36 +267,27 @@ def _topk(v, out, at, k):
 
 
 @njit
+def _push3(i, x, a, va, b, vb, c, vc):
+    """A top three (indices a, b, c, largest first, -1 where empty; values va, vb, vc) after offering entry i of
+    value x (ties keep the earlier entry). On scalars (see _pair_times)."""
+    if a < 0 or x > va:
+        return i, x, a, va, b, vb
+    if b < 0 or x > vb:
+        return a, va, i, x, b, vb
+    if c < 0 or x > vc:
+        return a, va, b, vb, i, x
+    return a, va, b, vb, c, vc
+
+
+@njit
 def _top3(v, w, out):
     """out[0:3] and out[3:6]: indices of the three largest entries of v and of w (-1 where fewer), ties to the
     lower index; one pass over both."""
-    a = -1
-    b = -1
-    c = -1
-    d = -1
-    f = -1
-    h = -1
+    a, va, b, vb, c, vc = -1, 0.0, -1, 0.0, -1, 0.0
+    d, vd, f, vf, h, vh = -1, 0.0, -1, 0.0, -1, 0.0
     for i in range(v.shape[0]):
-        x = v[i]
-        if a < 0 or x > v[a]:
-            c = b
-            b = a
-            a = i
-        elif b < 0 or x > v[b]:
-            c = b
-            b = i
-        elif c < 0 or x > v[c]:
-            c = i
-        y = w[i]
-        if d < 0 or y > w[d]:
-            h = f
-            f = d
-            d = i
-        elif f < 0 or y > w[f]:
-            h = f
-            f = i
-        elif h < 0 or y > w[h]:
-            h = i
+        a, va, b, vb, c, vc = _push3(i, v[i], a, va, b, vb, c, vc)
+        d, vd, f, vf, h, vh = _push3(i, w[i], d, vd, f, vf, h, vh)
     out[0] = a
     out[1] = b
     out[2] = c
