@@ -337,3 +337,8 @@ def test_malformed_context_is_refused():
             pol.decide(ctx)
     with pytest.raises(ValueError, match="plan must be"):
         pol.split(0, MoelessPolicy(1, 8, 4, 3, MIXTRAL).homes[0], np.ones(8, dtype=np.int64))
+    scen = np.stack([rng.multinomial(4096, rng.dirichlet(np.full(8, 0.5))) for _ in range(2)]).astype(float)
+    ctx = LayerContext(**{f: getattr(good, f) for f in LayerContext.__slots__} | dict(
+        refresh=True, scenarios=np.concatenate([scen, scen], 1)))  # [2, 16]: not 4 scenarios of 8 experts
+    with pytest.raises(ValueError, match="scenarios"):
+        pol.decide(ctx)

@@ -132,7 +132,11 @@ class MoelessPolicy(Policy):
         priced exactly (time_split on every scenario), with the current plan and the homes, and kept only if it
         is still strictly the cheapest of the three (do no harm, as the point decision)."""
         E, G, S = self.E, self.G, self.S
-        scen = np.vstack([np.asarray(ctx.scenarios, dtype=np.float64).reshape(-1, E), W[None]])
+        given = np.asarray(ctx.scenarios, dtype=np.float64)
+        given = given[None] if given.ndim == 1 else given
+        if given.ndim != 2 or given.shape[1] != E:
+            raise ValueError(f"ctx.scenarios must have shape [K, E={E}], got {np.shape(ctx.scenarios)}")
+        scen = np.vstack([given, W[None]])
         hedged_pinned = np.empty((E, G), dtype=np.bool_)
         hedged_free = np.empty((E, G), dtype=np.bool_)
         _kernels.hedged_candidates(live, pinned, S, self.home, W, hedged_pinned, hedged_free)
