@@ -994,9 +994,7 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, n_cur, home, home_gpu, p, 
     peer = link_group > 1 and copy_peer < copy_host
     holder = np.zeros(((G + link_group - 1) // link_group if peer else 1, E), dtype=np.bool_).T
     if peer:
-        for s in range(live.shape[0]):
-            if live[s] >= 0 and loaded[s]:
-                holder[live[s], (s // S) // link_group] = True
+        mark_holders(live, loaded, S, link_group, holder)
     stall = np.zeros(1)
     wait = link_wait.copy()
     improve(n, has, ig, cnt, gl, gcnt, keep, p, total, max_moves, True, room, copy_host, copy_peer, holder,
@@ -1203,16 +1201,23 @@ def hedged_candidates(live, pinned, S, home, W, out_pinned, out_free):
 
 
 @njit
+def mark_holders(live, loaded, S, link_group, holder):
+    """holder [E, groups] (all False on entry): whether each group of link_group GPUs holds a loaded instance
+    (loaded [G*S]) of each expert among the slots' live ones live [G*S] (a peer copy source)."""
+    for s in range(live.shape[0]):
+        if live[s] >= 0 and loaded[s]:
+            holder[live[s], (s // S) // link_group] = True
+
+
+@njit
 def live_instances(live, loaded, S, link_group, peer, live_has, holder):
     """live_has [E, G] (all False on entry): the live instances of the slots' experts live [G*S]; with `peer`,
-    holder [E, groups] (all False on entry): a loaded one (loaded [G*S]) in each group of link_group GPUs."""
+    holder (mark_holders)."""
     for s in range(live.shape[0]):
-        e = live[s]
-        if e >= 0:
-            g = s // S
-            live_has[e, g] = True
-            if peer and loaded[s]:
-                holder[e, g // link_group] = True
+        if live[s] >= 0:
+            live_has[live[s], s // S] = True
+    if peer:
+        mark_holders(live, loaded, S, link_group, holder)
 
 
 @njit
