@@ -19,7 +19,8 @@ In every iteration the data plane calls, for every MoE layer l in order:
 Layers l+d past the last layer are decided for the next iteration from this iteration's true counts of layer
 l+d-L (nothing predicts the next batch's first layers before it exists).
 
-What the policy is told (`LayerContext`) is computed in *model time*, the cost model's predicted seconds of the
+What the policy is told (`Policy.decide_live`: the engine's live state, from which a policy decides as `decide`
+would on the `LayerContext` it describes) is computed in *model time*, the cost model's predicted seconds of the
 layers served so far, not the wall clock: the copy links' queues (a cold start queues on its GPU's link for
 the cost model's copy time), the look-ahead (d layers of the recent mean layer time) and the expected warm life
 of a new instance (iterations that the instances this engine cold-started stayed in the plan, per phase,
@@ -44,9 +45,8 @@ import numpy as np
 from moeless._jit import njit
 from moeless.planner import Plan
 from moeless.planner.plan import _positive_int
-from moeless.policy import LayerContext, Policy
+from moeless.policy import Policy
 from moeless.policy.base import check_count_values
-from moeless.policy._kernels import context_arrays as _context_arrays
 from moeless.policy._kernels import total as _total
 from moeless.pool import ApplyResult, FunctionPool, Meter, SimulatedClock
 
@@ -419,18 +419,11 @@ class Engine:
             scenarios = self._recent[target, :k]
         t = self.pool.advance_to(now)
         self._now = t
-        live = self.pool.expert[target]
-        loaded = np.empty(live.shape, dtype=np.bool_)
-        pinned = np.empty(live.shape, dtype=np.bool_)
-        link_wait = np.empty(self.G)
-        _context_arrays(live, self._ready[target], self.model_t, self._link_free, self._last_use[target],
-                        t - self.pool.keep_alive_s, loaded, link_wait, pinned)
-        ctx = LayerContext(
-            layer=target, loads=loads.astype(np.float64, copy=False), tokens=self._tokens,
-            current=self._plans[target], live=live, loaded=loaded, link_wait=link_wait,
+        new = self.policy.decide_live(
+            target, loads, self._plans[target], self.pool.expert[target], self._ready[target], self.model_t,
+            self._link_free, self._last_use[target], t - self.pool.keep_alive_s,
             lookahead=layers_ahead * (self._layer_s or 0.0), horizon=self.horizon(), link_group=self.pool.link_group,
-            pinned=pinned, refresh=refresh, scenarios=scenarios)
-        new = self.policy.decide(ctx)
+            tokens=self._tokens, refresh=refresh, scenarios=scenarios)
         if new is None:
             self.stats.plans_kept += 1
             return None

@@ -13,7 +13,7 @@ from moeless._jit import HAVE_NUMBA
 from moeless.costmodel import PaperLinearCost, RooflineCost
 from moeless.planner import Plan, even_split, serve_time_split
 from moeless.policy import EPLBPolicy, LayerContext, MoelessPolicy, StaticEPPolicy, _kernels
-from moeless.policy.base import DenseLayout
+from moeless.policy.base import DenseLayout, Policy
 from moeless.specs import hardware_spec, model_spec
 
 MIXTRAL = RooflineCost(model_spec("mixtral-8x7b"), hardware_spec("a6000"))
@@ -297,6 +297,57 @@ def test_policy_split_on_cached_lists_is_time_split():
                 want_t = _kernels.time_split(W.astype(float), d.has, d.primary, p, pol.max_moves, n)
                 want = np.where(d.first, n[np.arange(16)[:, None], d.rg], 0.0).astype(np.int64)
                 assert t == want_t and np.array_equal(rt, want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), T=st.sampled_from([4, 64, 1024, 8192]), skew=st.sampled_from([0.2, 1.0, 5.0]),
+       refresh=st.booleans(), free_moves=st.booleans(), group=st.sampled_from([1, 2]))
+def test_decide_live_is_decide_on_its_context(seed, T, skew, refresh, free_moves, group):
+    """MoelessPolicy.decide_live (the engine's entry: one compiled call from the engine's live state) gives the
+    plan that decide gives on the LayerContext that state describes (Policy.decide_live's default: the context
+    built in Python, then decide): random live slots, copy times, keep-alive and link queues."""
+    rng = np.random.default_rng(seed)
+    E, G, S = 8, 4, 4
+    pol = MoelessPolicy(1, E, G, S, MIXTRAL, free_moves=free_moves)
+    W = rng.multinomial(2 * T, rng.dirichlet(np.full(E, skew))).astype(float) + rng.random(E) * (T < 64)
+    scen = np.stack([rng.multinomial(2 * T, rng.dirichlet(np.full(E, skew))) for _ in range(3)]).astype(float)
+    live = pol.homes.phy2log[0].copy()
+    free = np.flatnonzero(live < 0)
+    n_live = int(rng.integers(0, free.size + 1))
+    live[free[:n_live]] = rng.integers(0, E, n_live)
+    cur = pol.homes.phy2log[0].copy()
+    keep = free[:n_live][rng.random(n_live) < 0.5]
+    cur[keep] = live[keep]
+    current = Plan.from_phy2log(cur[None], E, G, S)
+    model_t = 1.0
+    state = dict(layer=0, loads=W, current=current, live=live, ready=model_t + (rng.random(G * S) - 0.7) * 0.01,
+                 model_t=model_t, link_free=model_t + (rng.random(G) - 0.5) * 0.02,
+                 last_use=rng.random(G * S) * 10.0, since=float(rng.random() * 10.0))
+    kw = dict(lookahead=float(rng.random() * 0.02), horizon=float(rng.integers(1, 200)), link_group=group,
+              tokens=float(T), refresh=refresh, scenarios=scen if refresh else None)
+    got = pol.decide_live(*state.values(), **kw)
+    want = Policy.decide_live(pol, *state.values(), **kw)
+    assert (got is None) == (want is None)
+    if got is not None:
+        np.testing.assert_array_equal(got.phy2log, want.phy2log)
+
+
+def test_decide_live_refuses_malformed_state():
+    """decide_live's compiled call indexes the engine's arrays without bounds checks: arrays of other lengths,
+    a live slot holding an expert that does not exist, or a two-dimensional array are a ValueError."""
+    pol = MoelessPolicy(1, 8, 4, 4, MIXTRAL)
+    P = 16
+    good = dict(layer=0, loads=np.full(8, 100.0), current=pol.homes[0], live=pol.homes.phy2log[0].copy(),
+                ready=np.zeros(P), model_t=0.0, link_free=np.zeros(4), last_use=np.zeros(P), since=0.0)
+    kw = dict(lookahead=0.0, horizon=10.0)
+    pol.decide_live(*good.values(), **kw)  # (well formed: no error)
+    bad_live = good["live"].copy()
+    bad_live[0] = 8
+    for change in (dict(loads=np.ones(7)), dict(live=bad_live), dict(live=good["live"][:-1]),
+                   dict(ready=np.zeros(P + 1)), dict(link_free=np.zeros(5)), dict(last_use=np.zeros(3)),
+                   dict(live=good["live"].reshape(4, 4))):
+        with pytest.raises(ValueError, match="must"):
+            pol.decide_live(*(good | change).values(), **kw)
 
 
 def test_order_desc_is_the_stable_argsort():

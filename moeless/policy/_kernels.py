@@ -1053,6 +1053,35 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, n_cur, home, home_gpu, p, 
 
 
 @njit
+def decide_live(loads, live, ready, model_t, link_free, last_use, since, pins, S, cur_has, n_cur, home, home_gpu, p,
+                max_moves, copy_host, copy_peer, link_group, lookahead, horizon, W, loaded, link_wait, pinned, has_out):
+    """The engine's decision in one call (MoelessPolicy.decide_live): the context arrays from the engine's live
+    state (context_arrays; pinned all False unless `pins`), the loads rounded into W (round_loads) and
+    decide_layer. loaded / link_wait / pinned / W / has_out are written (has_out must be all False on entry).
+    Returns (code, largest rounded load): decide_layer's code, -1 when the rounded loads hold no pair, -2 when an
+    array has another length than the layer's E experts, G*S slots and G GPUs or a live expert lies outside
+    [-1, E) (nothing is read past the checks then)."""
+    E, G = home.shape
+    P = G * S
+    if loads.shape[0] != E or live.shape[0] != P or ready.shape[0] != P or last_use.shape[0] != P \
+            or link_free.shape[0] != G or W.shape[0] != E or loaded.shape[0] != P or pinned.shape[0] != P \
+            or link_wait.shape[0] != G or home_gpu.shape[0] != E or cur_has.shape[0] != E \
+            or cur_has.shape[1] != G or has_out.shape[0] != E or has_out.shape[1] != G:
+        return -2, 0.0
+    for s in range(P):
+        if live[s] < -1 or live[s] >= E:
+            return -2, 0.0
+    context_arrays(live, ready, model_t, link_free, last_use, since, loaded, link_wait, pinned)
+    if not pins:
+        pinned[:] = False
+    tot, w_max = round_loads(loads, W)
+    if not tot > 0:
+        return -1, w_max
+    return decide_layer(W, live, loaded, pinned, S, cur_has, n_cur, home, home_gpu, p, max_moves, copy_host,
+                        copy_peer, link_group, link_wait, lookahead, horizon, has_out), w_max
+
+
+@njit
 def context_arrays(live, ready, model_t, link_free, last_use, since, loaded, link_wait, pinned):
     """The engine's per-decision arrays in one pass: loaded [G*S] (a live slot's copy is in by model time
     model_t), link_wait [G] (seconds until each GPU's links are free) and pinned [G*S] (a live instance used

@@ -6,6 +6,8 @@ serving loop (moeless.serve), the simulator (moeless.sim) and the engine plug-in
 
     policy.initial_plan()              -> Plan of all layers, realised before the first batch
     policy.decide(ctx: LayerContext)   -> one-layer Plan for ctx.layer, or None to keep the current one
+    policy.decide_live(layer, ...)     -> the same, from the engine's live state (what the engine calls; the
+                                          default builds the LayerContext and calls decide)
     policy.split(layer, plan, counts)  -> (replica_tokens int64 [E, R], predicted layer seconds)
     policy.end_iteration(loads, now, w) -> Plan of all layers to switch to (serverful rebalancing), or None
     policy.rebalance(history)          -> Plan of all layers from a window of per-iteration loads [T, L, E]
@@ -152,7 +154,7 @@ def price_dense(n: np.ndarray, profile: np.ndarray) -> float:
 
 class Policy:
     """Base class. `name`, `serverless` (instances come and go and are billed while live, instead of staying
-    resident) and the five methods of the module docstring; the defaults keep the initial plan forever."""
+    resident) and the six methods of the module docstring; the defaults keep the initial plan forever."""
 
     name = "policy"
     serverless = False
@@ -175,6 +177,28 @@ class Policy:
 
     def decide(self, ctx: LayerContext) -> Plan | None:
         return None
+
+    def decide_live(self, layer: int, loads, current: Plan, live, ready, model_t: float, link_free, last_use,
+                    since: float, *, lookahead: float, horizon: float, link_group: int = 1, tokens: float = 0.0,
+                    refresh: bool = False, scenarios=None) -> Plan | None:
+        """The engine's entry: `decide` for the context its live state describes. live int [G*S] (each slot's
+        live expert, -1 free), ready float [G*S] (model time at which each slot's copy is in), link_free float [G]
+        (model time at which each GPU's copy links are free), last_use float [G*S] (when each slot's instance last
+        served) and since (the keep-alive's start: an instance used since then is pinned) give the context's
+        loaded (ready <= model_t), link_wait (link_free - model_t, at least 0) and pinned; the other arguments
+        are the context's fields. This default builds the LayerContext and calls decide; a policy may answer
+        without building it (MoelessPolicy does), but must give the same plan."""
+        live = np.asarray(live)
+        loaded = np.empty(live.shape, dtype=np.bool_)
+        pinned = np.empty(live.shape, dtype=np.bool_)
+        link_wait = np.empty(np.shape(link_free))
+        _kernels.context_arrays(live, np.asarray(ready, dtype=np.float64), float(model_t),
+                                np.asarray(link_free, dtype=np.float64), np.asarray(last_use, dtype=np.float64),
+                                float(since), loaded, link_wait, pinned)
+        return self.decide(LayerContext(
+            layer=layer, loads=np.asarray(loads, dtype=np.float64), tokens=tokens, current=current, live=live,
+            loaded=loaded, link_wait=link_wait, lookahead=lookahead, horizon=horizon, link_group=link_group,
+            pinned=pinned, refresh=refresh, scenarios=scenarios))
 
     def split(self, layer: int, plan: Plan, counts: np.ndarray) -> tuple[np.ndarray, float]:
         raise NotImplementedError

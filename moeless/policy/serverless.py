@@ -66,6 +66,8 @@ class MoelessPolicy(Policy):
         self.homes_per_gpu = home.sum(0)
         self._home_row = self.homes.phy2log[0]
         self._home_layer = self.homes[0]
+        P = self.G * self.S  # decide_live's working arrays: W, loaded, link_wait, pinned (read within the call)
+        self._scratch = (np.empty(self.E), np.empty(P, dtype=np.bool_), np.empty(self.G), np.empty(P, dtype=np.bool_))
 
     # -- the serve-time split ------------------------------------------------------------------------------
     def split(self, layer: int, plan: Plan, counts) -> tuple[np.ndarray, float]:
@@ -107,21 +109,66 @@ class MoelessPolicy(Policy):
             raise ValueError(f"ctx.live, ctx.loaded and ctx.pinned must have shape [G*S={self.G * self.S}] (live: "
                              f"experts in [-1, {self.E})) and ctx.link_wait [G={self.G}]")
         horizon = max(float(ctx.horizon), 1e-9)
-        code, inst = self._decide(W, ctx, live, loaded, pinned, link_wait, horizon)
-        robust = ctx.refresh and ctx.scenarios is not None and len(ctx.scenarios) \
-            and max(w_max, float(np.max(ctx.scenarios))) > self.ridge
+        cur = self.dense(ctx.current)
+        inst = np.zeros((self.E, self.G), dtype=np.bool_)
+        code = _kernels.decide_layer(
+            W, live, loaded, pinned, self.S, cur.has, cur.count, self.home, self.home_gpu, self.profile,
+            self.max_moves, self.copy_host, self.copy_peer, max(1, int(ctx.link_group)), link_wait,
+            float(ctx.lookahead), horizon, inst)
+        return self._conclude(code, inst, W, w_max, ctx.current, ctx.refresh, ctx.scenarios, ctx.link_group, live,
+                              loaded, pinned, horizon)
+
+    def decide_live(self, layer: int, loads, current: Plan, live, ready, model_t: float, link_free, last_use,
+                    since: float, *, lookahead: float, horizon: float, link_group: int = 1, tokens: float = 0.0,
+                    refresh: bool = False, scenarios=None) -> Plan | None:
+        """`decide` for the context that the engine's live state describes (see Policy.decide_live), in one
+        compiled call (_kernels.decide_live): the same plan as decide(LayerContext(...)), without the Python
+        around the context (the engine decides every layer twice per iteration; that Python cost more than the
+        decision itself at Mixtral's size)."""
+        try:
+            one_dim = (loads.ndim, live.ndim, ready.ndim, link_free.ndim, last_use.ndim) == (1, 1, 1, 1, 1)
+        except AttributeError:
+            one_dim = False
+        if not one_dim:
+            raise ValueError("loads, live, ready, link_free and last_use must be one-dimensional numpy arrays")
+        cur = self.dense(current)
+        live = live.astype(np.int64, copy=False)
+        W, loaded, link_wait, pinned = self._scratch
+        inst = np.zeros((self.E, self.G), dtype=np.bool_)
+        horizon = max(float(horizon), 1e-9)
+        link_group = max(1, int(link_group))
+        code, w_max = _kernels.decide_live(
+            loads.astype(np.float64, copy=False), live, ready, float(model_t),
+            link_free, last_use, float(since), not self.free_moves, self.S, cur.has, cur.count, self.home,
+            self.home_gpu, self.profile, self.max_moves, self.copy_host, self.copy_peer, link_group,
+            float(lookahead), horizon, W, loaded, link_wait, pinned, inst)
+        if code == -2:
+            raise ValueError(f"loads must have shape [E={self.E}], live, ready and last_use [G*S={self.G * self.S}] "
+                             f"(live: experts in [-1, {self.E})) and link_free [G={self.G}]")
+        if code == -1:
+            return None
+        return self._conclude(code, inst, W, w_max, current, refresh, scenarios, link_group, live, loaded, pinned,
+                              horizon)
+
+    def _conclude(self, code, inst, W, w_max, current, refresh, scenarios, link_group, live, loaded, pinned,
+                  horizon) -> Plan | None:
+        """The plan of the compiled decision's outcome (code, inst), weighed against the robust alternatives where
+        `refresh` asks for it; None when it holds the current plan's instances."""
+        robust = refresh and scenarios is not None and len(scenarios) \
+            and max(w_max, float(np.max(scenarios))) > self.ridge
         if code == 1 and not robust:  # (the kernel found the current plan's instances again)
             return None
-        point = ctx.current if code == 1 else self._home_layer if code == 2 else self._plan_of(inst)
+        point = current if code == 1 else self._home_layer if code == 2 else self._plan_of(inst)
         if robust:
             # (where no expert's load reaches the roofline's ridge a replica cannot shorten anything: every
             # instance reads its weights whatever its pairs, so the robust alternatives are not weighed)
-            point = self._robust(W, ctx, live, loaded, pinned, horizon, point)
-        if self._same_instances(point, ctx.current):
+            point = self._robust(W, scenarios, current, link_group, live, loaded, pinned, horizon, point)
+        if self._same_instances(point, current):
             return None
         return point
 
-    def _robust(self, W, ctx, live, loaded, pinned, horizon, point: Plan) -> Plan:
+    def _robust(self, W, scenarios, current: Plan, link_group: int, live, loaded, pinned, horizon,
+                point: Plan) -> Plan:
         """The decision well ahead: candidates (the current plan, the homes alone, the point decision, and the
         hedged plans: homes, plus the pinned instances or not, plus ring hedges in every free slot) priced by
         their mean time over the load scenarios (the layer's recent true loads and the prediction), plus each
@@ -132,18 +179,18 @@ class MoelessPolicy(Policy):
         priced exactly (time_split on every scenario), with the current plan and the homes, and kept only if it
         is still strictly the cheapest of the three (do no harm, as the point decision)."""
         E, G, S = self.E, self.G, self.S
-        given = np.asarray(ctx.scenarios, dtype=np.float64)
+        given = np.asarray(scenarios, dtype=np.float64)
         given = given[None] if given.ndim == 1 else given
         if given.ndim != 2 or given.shape[1] != E:
-            raise ValueError(f"ctx.scenarios must have shape [K, E={E}], got {np.shape(ctx.scenarios)}")
+            raise ValueError(f"scenarios must have shape [K, E={E}], got {np.shape(scenarios)}")
         scen = np.vstack([given, W[None]])
         hedged_pinned = np.empty((E, G), dtype=np.bool_)
         hedged_free = np.empty((E, G), dtype=np.bool_)
         _kernels.hedged_candidates(live, pinned, S, self.home, W, hedged_pinned, hedged_free)
-        cands = [self.dense(ctx.current).has, self.home, self.dense(point).has, hedged_pinned, hedged_free]
+        cands = [self.dense(current).has, self.home, self.dense(point).has, hedged_pinned, hedged_free]
         # the copies a candidate needs: its instances that are not live, each from a peer GPU of its link group
         # holding a loaded instance, else from the host
-        group = max(1, int(ctx.link_group))
+        group = max(1, int(link_group))
         peer = group > 1 and self.copy_peer < self.copy_host
         live_has = np.zeros((E, G), dtype=np.bool_)
         holder = np.zeros((E, -(-G // group) if peer else 1), dtype=np.bool_)
@@ -181,22 +228,12 @@ class MoelessPolicy(Policy):
                 if exact[i] < exact[best] * (1 - 1e-12):
                     best = i
         if best == 0:
-            return ctx.current
+            return current
         if best == 1:
             return self._home_layer
         if best == 2:
             return point
         return self._plan_of(cands[best])
-
-    def _decide(self, W, ctx, live, loaded, pinned, link_wait, horizon):
-        """(code, instances bool [E, G]) of the compiled decision (see _kernels.decide_layer)."""
-        inst = np.zeros((self.E, self.G), dtype=np.bool_)
-        cur = self.dense(ctx.current)
-        code = _kernels.decide_layer(
-            W, live, loaded, pinned, self.S, cur.has, cur.count, self.home, self.home_gpu, self.profile,
-            self.max_moves, self.copy_host, self.copy_peer, max(1, int(ctx.link_group)), link_wait,
-            float(ctx.lookahead), horizon, inst)
-        return code, inst
 
     def _plan_of(self, inst: np.ndarray) -> Plan:
         """One-layer plan of the instance set inst bool [E, G]: homes in their slots, replicas in the next free
