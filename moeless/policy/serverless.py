@@ -66,7 +66,9 @@ class MoelessPolicy(Policy):
         self.homes_per_gpu = home.sum(0)
         self._home_row = self.homes.phy2log[0]
         self._home_layer = self.homes[0]
-        P = self.G * self.S  # decide_live's working arrays: W, loaded, link_wait, pinned (read within the call)
+        # decide_live's working arrays W, loaded, link_wait, pinned: read within the call only (a policy object
+        # decides for one engine, one layer at a time)
+        P = self.G * self.S
         self._scratch = (np.empty(self.E), np.empty(P, dtype=np.bool_), np.empty(self.G), np.empty(P, dtype=np.bool_))
 
     # -- the serve-time split ------------------------------------------------------------------------------
