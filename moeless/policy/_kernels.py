@@ -1063,14 +1063,11 @@ def decide_live(loads, live, ready, model_t, link_free, last_use, since, pins, S
     [-1, E) (nothing is read past the checks then)."""
     E, G = home.shape
     P = G * S
-    if loads.shape[0] != E or live.shape[0] != P or ready.shape[0] != P or last_use.shape[0] != P \
-            or link_free.shape[0] != G or W.shape[0] != E or loaded.shape[0] != P or pinned.shape[0] != P \
-            or link_wait.shape[0] != G or home_gpu.shape[0] != E or cur_has.shape[0] != E \
-            or cur_has.shape[1] != G or has_out.shape[0] != E or has_out.shape[1] != G:
+    if loads.shape[0] != E or ready.shape[0] != P or last_use.shape[0] != P or link_free.shape[0] != G \
+            or W.shape[0] != E or home_gpu.shape[0] != E or cur_has.shape[0] != E or cur_has.shape[1] != G \
+            or has_out.shape[0] != E or has_out.shape[1] != G \
+            or not context_ok(live, loaded, pinned, link_wait, E, G, S):
         return -2, 0.0
-    for s in range(P):
-        if live[s] < -1 or live[s] >= E:
-            return -2, 0.0
     context_arrays(live, ready, model_t, link_free, last_use, since, loaded, link_wait, pinned)
     if not pins:
         pinned[:] = False
