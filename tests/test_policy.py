@@ -136,18 +136,23 @@ def test_split_never_slower_than_the_simple_splits(cost, T):
         assert t <= _price(cost, plan, serve_time_split(plan, W[None])[0]) * 1.02
 
 
-def _ctx(rng, pol, W, *, refresh=False, scenarios=None):
-    """A layer context with random live instances (homes, then random replicas) and a current plan that is the
-    homes plus some of them."""
-    E, G, S = pol.E, pol.G, pol.S
+def _live_and_current(rng, pol):
+    """Random live slots (the homes, then random replicas in free slots) and a current one-layer plan that is the
+    homes plus some of those replicas."""
     live = pol.homes.phy2log[0].copy()
     free = np.flatnonzero(live < 0)
     n_live = int(rng.integers(0, free.size + 1))
-    live[free[:n_live]] = rng.integers(0, E, n_live)
+    live[free[:n_live]] = rng.integers(0, pol.E, n_live)
     cur = pol.homes.phy2log[0].copy()
     keep = free[:n_live][rng.random(n_live) < 0.5]
     cur[keep] = live[keep]
-    current = Plan.from_phy2log(cur[None], E, G, S)
+    return live, Plan.from_phy2log(cur[None], pol.E, pol.G, pol.S)
+
+
+def _ctx(rng, pol, W, *, refresh=False, scenarios=None):
+    """A layer context with random live instances and current plan (_live_and_current)."""
+    G, S = pol.G, pol.S
+    live, current = _live_and_current(rng, pol)
     return LayerContext(layer=0, loads=W, tokens=float(W.sum()), current=current, live=live,
                         loaded=live >= 0, link_wait=rng.random(G) * 0.01, lookahead=float(rng.random() * 0.02),
                         horizon=float(rng.integers(1, 200)), link_group=2, pinned=rng.random(G * S) < 0.3,
@@ -311,14 +316,7 @@ def test_decide_live_is_decide_on_its_context(seed, T, skew, refresh, free_moves
     pol = MoelessPolicy(1, E, G, S, MIXTRAL, free_moves=free_moves)
     W = rng.multinomial(2 * T, rng.dirichlet(np.full(E, skew))).astype(float) + rng.random(E) * (T < 64)
     scen = np.stack([rng.multinomial(2 * T, rng.dirichlet(np.full(E, skew))) for _ in range(3)]).astype(float)
-    live = pol.homes.phy2log[0].copy()
-    free = np.flatnonzero(live < 0)
-    n_live = int(rng.integers(0, free.size + 1))
-    live[free[:n_live]] = rng.integers(0, E, n_live)
-    cur = pol.homes.phy2log[0].copy()
-    keep = free[:n_live][rng.random(n_live) < 0.5]
-    cur[keep] = live[keep]
-    current = Plan.from_phy2log(cur[None], E, G, S)
+    live, current = _live_and_current(rng, pol)
     model_t = 1.0
     state = dict(layer=0, loads=W, current=current, live=live, ready=model_t + (rng.random(G * S) - 0.7) * 0.01,
                  model_t=model_t, link_free=model_t + (rng.random(G) - 0.5) * 0.02,
