@@ -14,7 +14,9 @@ per layer, multinomial batches), so that its pool holds replicas:
   into the planning (the decisions, `observe` + `prepare` + `end_iteration`: the issue's per-iteration
   target) and the serve-time splits (the data plane's, timed by their own target below): the process CPU time
   of the whole iteration, minus the splits' time measured inside it (perf_counter around each split; on an
-  otherwise idle core wall and CPU time agree);
+  otherwise idle core wall and CPU time agree); beside it the decisions the policy made per iteration (`observe`'s
+  and `prepare`'s that reached it: plans kept plus plans changed, and of them changed) and the planning time per
+  decision (planning per iteration / decisions: what one more or one fewer decision per layer costs);
 - the serve-time split of one layer (`Engine.split`: the policy's time-aware split), 64 experts on 8 GPUs x 9
   slots, 512 tokens top-6.
 The table is repeated for Engine(prepare_every=1, the default, and 4) and after 6 and 30 warm-up iterations
@@ -103,6 +105,18 @@ def test_split_one_layer(benchmark):
     benchmark(split_driver)
 
 
+def test_iteration_parts_counts_every_decision():
+    """The table's decision count against the protocol's: per iteration the decision d = 1 layers ahead of every
+    layer whose target is in this iteration (L - 1 of them) and, with prepare_every=1, one next-iteration decision
+    per layer (L): every one reaches the policy, as every layer of the driver's batches has pairs."""
+    d = Driver("mixtral", "decode")
+    d.iteration()
+    whole, splits, decisions, changed = _iteration_parts(d, 2)
+    assert decisions == (d.L - 1) + d.L
+    assert 0 <= changed <= decisions
+    assert whole > 0 and splits > 0
+
+
 def _split_setup():
     cost = RooflineCost(model_spec("deepseek-v2-lite"), hardware_spec("h100"))
     eng = Engine(MoelessPolicy(1, 64, 8, 9, cost), keep_alive_s=60.0)
@@ -133,28 +147,34 @@ def _cpu_per_call(fn, n: int) -> float:
     return (time.process_time() - c) / n
 
 
-def _iteration_parts(d: Driver, n: int) -> tuple[float, float]:
-    """(whole iteration, its splits) seconds per iteration over n iterations (see the module docstring)."""
+def _iteration_parts(d: Driver, n: int) -> tuple[float, float, float, float]:
+    """(whole iteration, its splits) seconds per iteration over n iterations (see the module docstring), and the
+    decisions the policy made per iteration, of which changed a plan."""
     d.iteration()
+    st = d.engine.stats
+    made, kept = st.plans_made, st.plans_kept
     before = d.split_s
     s = _cpu_per_call(d.iteration, n)
-    return s, (d.split_s - before) / (n + 1)
+    changed = (st.plans_made - made) / (n + 1)
+    return s, (d.split_s - before) / (n + 1), changed + (st.plans_kept - kept) / (n + 1), changed
 
 
 def _table(prepare_every: int, rounds: int, warmup: int = 6) -> list[str]:
-    rows = ["| case | batch | planning per iteration (all layers) | per layer | target | + serve-time splits "
-            "| whole control plane |", "|---|---|---|---|---|---|---|"]
+    rows = ["| case | batch | planning per iteration (all layers) | per layer | target | decisions per iteration "
+            "(changed a plan) | per decision | + serve-time splits | whole control plane |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for case in CASES:
         for phase in ("prefill", "decode"):
             d = Driver(case, phase, prepare_every=prepare_every)
             for _ in range(warmup):
                 d.iteration()
-            whole, splits = _iteration_parts(d, rounds)
+            whole, splits, decisions, changed = _iteration_parts(d, rounds)
             plan = whole - splits
             target = "0.5 ms" if case == "mixtral" else "5 ms"
+            per = f"{plan / decisions * 1e6:.0f} us" if decisions else "-"
             rows.append(f"| {case} | {phase} ({d.tokens} tokens) | {plan * 1e3:.2f} ms | {plan / d.L * 1e6:.0f} us "
-                        f"| {target} | {splits * 1e3:.2f} ms ({splits / d.L * 1e6:.0f} us per layer) "
-                        f"| {whole * 1e3:.2f} ms |")
+                        f"| {target} | {decisions:.1f} ({changed:.1f}) | {per} "
+                        f"| {splits * 1e3:.2f} ms ({splits / d.L * 1e6:.0f} us per layer) | {whole * 1e3:.2f} ms |")
     return rows
 
 
