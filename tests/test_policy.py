@@ -348,6 +348,115 @@ def test_decide_live_refuses_malformed_state():
             pol.decide_live(*(good | change).values(), **kw)
 
 
+def test_numpy_sum_is_numpy_bit_for_bit():
+    """numpy_sum (the robust step's sum of copy seconds) is np.sum bit for bit: every length 0..300 (under 8
+    entries, one block of up to 128 in 8 accumulators, and the split above 128), a few long ones, values of
+    mixed sign and magnitude and the two-valued copy seconds, read from a longer buffer."""
+    rng = np.random.default_rng(11)
+    for n in [*range(301), 1000, 4099, 8193, 20000]:
+        for kind in range(2):
+            if kind == 0:
+                v = rng.standard_normal(n + 3) * 10.0 ** rng.integers(-6, 7, n + 3)
+            else:
+                v = np.where(rng.random(n + 3) < 0.5, 0.7, 3.1) / 37.0
+            got = np.float64(_kernels.numpy_sum(v, n))
+            assert got.tobytes() == np.sum(v[:n]).tobytes(), (n, kind)
+
+
+def _robust_pick_reference(scen, cands, live_has, holder, group, peer, copy_host, copy_peer, horizon, home_gpu,
+                           p, max_moves):
+    """The robust step's pricing as MoelessPolicy._robust ran it in Python before robust_pick (a second code
+    path): each candidate's copies listed by numpy (its instances not live, row-major) and summed by np.sum,
+    the compiled primary_of and mean_time for the scenarios, duplicates skipped by their bytes. Returns the
+    winner of the estimate and the final one."""
+    prim = np.zeros(cands.shape[1], dtype=np.int64)
+
+    def price(i, best_cost, estimate):
+        _kernels.primary_of(cands[i], home_gpu, prim)
+        e, g = np.nonzero(cands[i] & ~live_has)
+        from_peer = holder[e, g // group] if peer else np.zeros(e.size, dtype=bool)
+        copies = float(np.sum(np.where(from_peer, copy_peer, copy_host))) / horizon
+        bound = (best_cost * (1 - 1e-12) - copies) * len(scen) * (1 + 1e-9) if np.isfinite(best_cost) else np.inf
+        if bound < 0:
+            return np.inf
+        return _kernels.mean_time(scen, cands[i], prim, p, max_moves, bound, estimate) + copies
+
+    best, best_cost = 0, np.inf
+    seen = set()
+    for i, has in enumerate(cands):
+        if has.tobytes() in seen:
+            continue
+        seen.add(has.tobytes())
+        cost = price(i, best_cost, True)
+        if cost < best_cost * (1 - 1e-12):
+            best, best_cost = i, cost
+    estimated = best
+    if best != 0:
+        exact = {0: price(0, np.inf, False)}
+        if not np.array_equal(cands[1], cands[0]):
+            exact[1] = price(1, np.inf, False)
+        if best != 1:
+            exact[best] = price(best, min(exact.values()), False)
+        best = 0
+        for i in sorted(exact):
+            if exact[i] < exact[best] * (1 - 1e-12):
+                best = i
+    return estimated, best
+
+
+def _robust_layer(rng, T, group):
+    """robust_pick's arguments for a random layer: candidates over the homes (0: the homes plus random replicas,
+    1: the homes), some repeating an earlier one, some an earlier one plus a live instance of an expert
+    without load (priced the same: a tie), random live instances and peer holders, 1 to 3 scenarios of 2T pairs,
+    copy times from negligible to dominant (horizon 1 to 1e7 iterations)."""
+    E, G = int(rng.integers(3, 9)), int(rng.integers(2, 5))
+    home_gpu = np.arange(E) % G
+    home = np.zeros((E, G), dtype=bool)
+    home[np.arange(E), home_gpu] = True
+    live_has = home | (rng.random((E, G)) < 0.3)
+    peer = group > 1
+    holder = rng.random((E, -(-G // group))) < 0.5 if peer else np.zeros((E, 1), dtype=bool)
+    scen = np.stack([rng.multinomial(2 * T, rng.dirichlet(np.full(E, 0.5))) for _ in range(int(rng.integers(1, 4)))])
+    idle = rng.random(E) < 0.3  # experts without load in any scenario
+    scen = np.where(idle, 0, scen).astype(np.float64)
+    cands = np.empty((5, E, G), dtype=bool)
+    cands[0] = home | (rng.random((E, G)) < 0.3)
+    cands[1] = home
+    for i in range(2, 5):
+        j = int(rng.integers(0, i))
+        kind = rng.integers(0, 3)
+        cands[i] = home | (rng.random((E, G)) < 0.4) if kind == 0 else cands[j]
+        if kind == 2 and (idle[:, None] & live_has & ~cands[j]).any():  # a tie with candidate j
+            e, g = np.argwhere(idle[:, None] & live_has & ~cands[j])[0]
+            cands[i, e, g] = True
+    return (scen, cands, live_has, holder, group, peer, MIXTRAL.cold_start_s(False), MIXTRAL.cold_start_s(True),
+            float(10.0 ** rng.uniform(0, 7)), home_gpu, MIXTRAL.profile(G).as_array(), 1000)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), T=st.sampled_from([64, 256, 1024, 8192]), group=st.sampled_from([1, 2]))
+def test_robust_pick_is_the_python_pricing(seed, T, group):
+    """robust_pick (the robust step's pricing in one compiled call) picks the candidate that the Python pricing
+    loop picks (_robust_pick_reference) on random layers (_robust_layer)."""
+    args = _robust_layer(np.random.default_rng(seed), T, group)
+    assert _kernels.robust_pick(*args) == _robust_pick_reference(*args)[1]
+
+
+def test_robust_pick_exact_pricing_decides_like_python():
+    """The exact pricing of robust_pick's estimated winner (against the current plan and the homes) decides as
+    the Python loop's: the same pick on 800 random layers with loads about the roofline's ridge (where the
+    estimate, one search instead of two, can be above the exact price), among them some where the exact
+    pricing overturns the estimate's winner (else the comparison would not reach it)."""
+    rng = np.random.default_rng(12)
+    overturned = 0
+    for _ in range(800):
+        args = _robust_layer(rng, int(rng.choice([128, 256, 512])), int(rng.integers(1, 3)))
+        estimated, want = _robust_pick_reference(*args)
+        assert _kernels.robust_pick(*args) == want
+        overturned += estimated != want
+    assert overturned > 0
+
+
 def test_order_desc_is_the_stable_argsort():
     """order_desc (a counting sort for whole counts, merge sort otherwise) orders like numpy's stable argsort of
     -W: decode-sized and prefill-sized counts, ties, zeros, fractions, and counts past the counting range."""

@@ -179,17 +179,19 @@ class MoelessPolicy(Policy):
         The candidates are first priced by an estimate (each scenario split by its faster seed's search alone,
         never below the full split, at about half its cost); a winner other than the current plan is then
         priced exactly (time_split on every scenario), with the current plan and the homes, and kept only if it
-        is still strictly the cheapest of the three (do no harm, as the point decision)."""
+        is still strictly the cheapest of the three (do no harm, as the point decision). The pricing is one
+        compiled call (_kernels.robust_pick) on the candidates stacked in that order."""
         E, G, S = self.E, self.G, self.S
         given = np.asarray(scenarios, dtype=np.float64)
         given = given[None] if given.ndim == 1 else given
         if given.ndim != 2 or given.shape[1] != E:
             raise ValueError(f"scenarios must have shape [K, E={E}], got {np.shape(scenarios)}")
         scen = np.vstack([given, W[None]])
-        hedged_pinned = np.empty((E, G), dtype=np.bool_)
-        hedged_free = np.empty((E, G), dtype=np.bool_)
-        _kernels.hedged_candidates(live, pinned, S, self.home, W, hedged_pinned, hedged_free)
-        cands = [self.dense(current).has, self.home, self.dense(point).has, hedged_pinned, hedged_free]
+        cands = np.empty((5, E, G), dtype=np.bool_)
+        cands[0] = self.dense(current).has
+        cands[1] = self.home
+        cands[2] = self.dense(point).has
+        _kernels.hedged_candidates(live, pinned, S, self.home, W, cands[3], cands[4])
         # the copies a candidate needs: its instances that are not live, each from a peer GPU of its link group
         # holding a loaded instance, else from the host
         group = max(1, int(link_group))
@@ -197,38 +199,8 @@ class MoelessPolicy(Policy):
         live_has = np.zeros((E, G), dtype=np.bool_)
         holder = np.zeros((E, -(-G // group) if peer else 1), dtype=np.bool_)
         _kernels.live_instances(live, loaded, S, group, peer, live_has, holder)
-        prim = np.zeros(E, dtype=np.int64)
-
-        def price(i: int, best_cost: float, estimate: bool) -> float:
-            _kernels.primary_of(cands[i], self.home_gpu, prim)
-            copies = float(_kernels.copy_seconds(cands[i], live_has, holder, group, peer, self.copy_host,
-                                                 self.copy_peer).sum()) / horizon
-            # (pricing stops once the candidate cannot win; the slack keeps every possible winner priced whole)
-            bound = (best_cost * (1 - 1e-12) - copies) * len(scen) * (1 + 1e-9) if np.isfinite(best_cost) else np.inf
-            if bound < 0:
-                return np.inf
-            return _kernels.mean_time(scen, cands[i], prim, self.profile, self.max_moves, bound, estimate) + copies
-
-        best, best_cost = 0, np.inf
-        seen = set()
-        for i, has in enumerate(cands):
-            key = has.tobytes()
-            if key in seen:  # the same instances as an earlier candidate: the earlier wins a tie anyway
-                continue
-            seen.add(key)
-            cost = price(i, best_cost, True)
-            if cost < best_cost * (1 - 1e-12):
-                best, best_cost = i, cost
-        if best != 0:  # the winner, priced exactly against the current plan and the homes
-            exact = {0: price(0, np.inf, False)}
-            if not np.array_equal(cands[1], cands[0]):
-                exact[1] = price(1, np.inf, False)
-            if best != 1:
-                exact[best] = price(best, min(exact.values()), False)
-            best = 0
-            for i in sorted(exact):  # a later candidate wins only when strictly cheaper
-                if exact[i] < exact[best] * (1 - 1e-12):
-                    best = i
+        best = _kernels.robust_pick(scen, cands, live_has, holder, group, peer, self.copy_host, self.copy_peer,
+                                    horizon, self.home_gpu, self.profile, self.max_moves)
         if best == 0:
             return current
         if best == 1:
