@@ -348,21 +348,6 @@ def test_decide_live_refuses_malformed_state():
             pol.decide_live(*(good | change).values(), **kw)
 
 
-def test_numpy_sum_is_numpy_bit_for_bit():
-    """numpy_sum (the robust step's sum of copy seconds) is np.sum bit for bit: every length 0..300 (under 8
-    entries, one block of up to 128 in 8 accumulators, and the split above 128), a few long ones, values of
-    mixed sign and magnitude and the two-valued copy seconds, read from a longer buffer."""
-    rng = np.random.default_rng(11)
-    for n in [*range(301), 1000, 4099, 8193, 20000]:
-        for kind in range(2):
-            if kind == 0:
-                v = rng.standard_normal(n + 3) * 10.0 ** rng.integers(-6, 7, n + 3)
-            else:
-                v = np.where(rng.random(n + 3) < 0.5, 0.7, 3.1) / 37.0
-            got = np.float64(_kernels.numpy_sum(v, n))
-            assert got.tobytes() == np.sum(v[:n]).tobytes(), (n, kind)
-
-
 def _robust_pick_reference(scen, cands, live_has, holder, group, peer, copy_host, copy_peer, horizon, home_gpu,
                            p, max_moves):
     """The robust step's pricing as MoelessPolicy._robust ran it in Python before robust_pick (a second code

@@ -31,8 +31,6 @@ call that passes arrays, and is not inlined, pays an atomic reference-count incr
 about ten times their arithmetic (measured: 47 ns against 3 ns per move size evaluated); the caller reads the
 arrays once per candidate.
 Deterministic: ties go to the lower expert, then the earlier instance.
-A sum that the policy once took with numpy (the robust step's copy seconds) is taken by `numpy_sum`, numpy's
-pairwise summation order bit for bit: moving a loop into a kernel does not change a plan.
 """
 from __future__ import annotations
 
@@ -1249,20 +1247,22 @@ def live_instances(live, loaded, S, link_group, peer, live_has, holder):
 
 
 @njit
-def copy_seconds(has, live_has, holder, link_group, peer, copy_host, copy_peer, out):
-    """Seconds of each copy the instances `has` [E, G] need (those not live: live_has), into out [>= E * G] in
-    row-major order; returns their number. A copy comes from a peer GPU of the link group where one holds a
-    loaded instance (with `peer`: holder, see live_instances), else from the host. (robust_pick sums them in
-    numpy's order, numpy_sum, as the pricing always has.)"""
+def copy_seconds(has, live_has, holder, link_group, peer, copy_host, copy_peer):
+    """Seconds of the copies the instances `has` [E, G] need (those not live: live_has): each from a peer GPU of
+    the link group where one holds a loaded instance (with `peer`: holder, see live_instances), else from the
+    host (counted by source, then n_host * copy_host + n_peer * copy_peer)."""
     G = has.shape[1]
     h = has.ravel()  # (one flat scan: most entries are no copy)
     lh = live_has.ravel()
-    n = 0
+    n_host = 0
+    n_peer = 0
     for k in range(h.shape[0]):
         if h[k] and not lh[k]:
-            out[n] = copy_peer if peer and holder[k // G, (k % G) // link_group] else copy_host
-            n += 1
-    return n
+            if peer and holder[k // G, (k % G) // link_group]:
+                n_peer += 1
+            else:
+                n_host += 1
+    return n_host * copy_host + n_peer * copy_peer
 
 
 @njit
@@ -1280,91 +1280,6 @@ def mean_time(scen, has, primary, p, max_moves, bound=np.inf, one_search=False):
         if tot > bound:
             return np.inf
     return tot / K
-
-
-# numpy's block size of pairwise summation (PW_BLOCKSIZE in numpy/_core/src/umath/loops_utils.h.src)
-_PW_BLOCK = 128
-
-
-@njit
-def _pairwise_block(v, lo, n):
-    """numpy's pairwise sum of v[lo:lo + n] for n <= 128, in numpy's order: under 8 entries one after the other,
-    else in 8 accumulators (entry i into accumulator i % 8 up to the last multiple of 8), combined
-    ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)), then the rest one after the other."""
-    if n < 8:
-        res = -0.0
-        for i in range(lo, lo + n):
-            res += v[i]
-        return res
-    r0, r1, r2, r3 = v[lo], v[lo + 1], v[lo + 2], v[lo + 3]
-    r4, r5, r6, r7 = v[lo + 4], v[lo + 5], v[lo + 6], v[lo + 7]
-    end = lo + n - n % 8
-    for j in range(lo + 8, end, 8):
-        r0 += v[j]
-        r1 += v[j + 1]
-        r2 += v[j + 2]
-        r3 += v[j + 3]
-        r4 += v[j + 4]
-        r5 += v[j + 5]
-        r6 += v[j + 6]
-        r7 += v[j + 7]
-    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-    for j in range(end, lo + n):
-        res += v[j]
-    return res
-
-
-@njit
-def _pairwise_sum(v, lo, n):
-    """numpy's pairwise sum of v[lo:lo + n]: a block of up to 128 entries by _pairwise_block, a longer range as
-    the sum of its two halves' pairwise sums (the first half's length n // 2 rounded down to a multiple of 8),
-    left + right. (numpy recurses; this walks the same tree with a stack of frames: the recursive version
-    crashed when numba 0.68 loaded it from its on-disk cache.)"""
-    if n <= _PW_BLOCK:
-        return _pairwise_block(v, lo, n)
-    f_lo = np.empty(64, dtype=np.int64)  # (each level halves the range: 64 levels hold any int64 length)
-    f_n = np.empty(64, dtype=np.int64)
-    f_state = np.empty(64, dtype=np.int64)  # 0: sum the left half next, 1: the right half, 2: add the two
-    f_left = np.empty(64)
-    sp = 0
-    f_lo[0] = lo
-    f_n[0] = n
-    f_state[0] = 0
-    ret = 0.0
-    while True:
-        a = f_lo[sp]
-        m = f_n[sp]
-        n2 = m // 2
-        n2 -= n2 % 8
-        if f_state[sp] == 0:
-            f_state[sp] = 1
-            c_lo = a
-            c_n = n2
-        elif f_state[sp] == 1:
-            f_left[sp] = ret
-            f_state[sp] = 2
-            c_lo = a + n2
-            c_n = m - n2
-        else:
-            ret = f_left[sp] + ret
-            sp -= 1
-            if sp < 0:
-                return ret
-            continue
-        if c_n <= _PW_BLOCK:
-            ret = _pairwise_block(v, c_lo, c_n)
-        else:
-            sp += 1
-            f_lo[sp] = c_lo
-            f_n[sp] = c_n
-            f_state[sp] = 0
-
-
-@njit
-def numpy_sum(v, n):
-    """float(np.sum(v[:n])) for float64 v, bit for bit: numpy's add.reduce of a contiguous float64 array starts
-    from the identity 0.0 and adds the pairwise sum of all the entries (_pairwise_sum)."""
-    return 0.0 + _pairwise_sum(v, 0, n)
 
 
 @njit
@@ -1398,8 +1313,7 @@ def robust_pick(scen, cands, live_has, holder, link_group, peer, copy_host, copy
     """The index of the robust step's winner (moeless.policy.serverless) among the candidates cands [C, E, G]
     (0: the current plan, 1: the homes alone, then the others) over the load scenarios scen [K, E]: each
     candidate priced by its mean time over the scenarios plus the copies it needs (copy_seconds: its instances
-    not in live_has, from a peer (holder) or the host), summed as numpy sums them (numpy_sum), over the
-    expected warm life `horizon`.
+    not in live_has, from a peer (holder) or the host), over the expected warm life `horizon`.
 
     Every candidate is priced by the estimate (mean_time's one_search) except one with the same instances as an
     earlier one; the cheapest wins, a later one only when strictly cheaper (relative 1e-12). A winner other
@@ -1408,7 +1322,6 @@ def robust_pick(scen, cands, live_has, holder, link_group, peer, copy_host, copy
     C, E, G = cands.shape
     prim = np.empty((C, E), dtype=np.int64)
     copies = np.zeros(C)
-    buf = np.empty(E * G)
     best = 0
     best_cost = np.inf
     for i in range(C):
@@ -1420,8 +1333,7 @@ def robust_pick(scen, cands, live_has, holder, link_group, peer, copy_host, copy
         if dup:
             continue
         primary_of(cands[i], home_gpu, prim[i])
-        n = copy_seconds(cands[i], live_has, holder, link_group, peer, copy_host, copy_peer, buf)
-        copies[i] = numpy_sum(buf, n) / horizon
+        copies[i] = copy_seconds(cands[i], live_has, holder, link_group, peer, copy_host, copy_peer) / horizon
         cost = _robust_price(scen, cands[i], prim[i], copies[i], p, max_moves, best_cost, True)
         if cost < best_cost * (1 - 1e-12):
             best = i
