@@ -1283,7 +1283,7 @@ def mean_time(scen, has, primary, p, max_moves, bound=np.inf, one_search=False):
 
 
 @njit
-def _same_instances(a, b):
+def same_instances(a, b):
     """Whether the instance sets a and b [E, G] are the same (a flat scan: numba's np.array_equal walks an nditer,
     several times slower)."""
     x = a.ravel()
@@ -1327,7 +1327,7 @@ def robust_pick(scen, cands, live_has, holder, link_group, peer, copy_host, copy
     for i in range(C):
         dup = False
         for j in range(i):
-            if _same_instances(cands[i], cands[j]):
+            if same_instances(cands[i], cands[j]):
                 dup = True  # (the earlier wins a tie anyway)
                 break
         if dup:
@@ -1343,7 +1343,7 @@ def robust_pick(scen, cands, live_has, holder, link_group, peer, copy_host, copy
     # the winner, priced exactly against the current plan and the homes (each priced above: its copies and
     # primaries are known)
     e0 = _robust_price(scen, cands[0], prim[0], copies[0], p, max_moves, np.inf, False)
-    same01 = _same_instances(cands[1], cands[0])
+    same01 = same_instances(cands[1], cands[0])
     e1 = np.inf
     if not same01:
         e1 = _robust_price(scen, cands[1], prim[1], copies[1], p, max_moves, np.inf, False)

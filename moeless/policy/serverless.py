@@ -218,7 +218,7 @@ class MoelessPolicy(Policy):
         return Plan._derived(p2l[None], self.E, self.G, self.S)
 
     def _same_instances(self, a: Plan, b: Plan) -> bool:
-        return bool(np.array_equal(self.dense(a).has, self.dense(b).has))
+        return bool(_kernels.same_instances(self.dense(a).has, self.dense(b).has))
 
     # -- serverful use (engine plug-ins) -------------------------------------------------------------------
     def rebalance(self, history, *, previous: Plan | None = None) -> Plan:
