@@ -1353,8 +1353,7 @@ def robust_pick(scen, cands, live_has, holder, link_group, peer, copy_host, copy
         pick = 1
         pick_cost = e1
     if best != 1:
-        bound = e0 if same01 or not e1 < e0 else e1  # (the lower of the two; the first on a tie, as min())
-        eb = _robust_price(scen, cands[best], prim[best], copies[best], p, max_moves, bound, False)
+        eb = _robust_price(scen, cands[best], prim[best], copies[best], p, max_moves, min(e0, e1), False)
         if eb < pick_cost * (1 - 1e-12):
             pick = best
     return pick
