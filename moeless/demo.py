@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moeless.specs import EXPERT_COUNT_KEYS
+
 __all__ = ["DemoError", "add_arguments", "build_requests", "check_args", "default_world", "fit_predictor",
            "format_table", "main", "mixed_requests", "predictor_for", "refused", "run_comparison", "run_from_args"]
 
@@ -617,7 +619,7 @@ def _model_config(model_path):
 
 
 def _num_experts(config) -> int | None:
-    for name in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
+    for name in EXPERT_COUNT_KEYS:
         v = getattr(config, name, None)
         if isinstance(v, int) and v > 0:
             return v

@@ -93,14 +93,24 @@ class ModelSpec:
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any] | str | os.PathLike, name: str | None = None,
                        bytes_per_param: float | None = None) -> "ModelSpec":
-        """Read a Hugging Face `config.json` (a dict or a path) of Mixtral, PhiMoE, Qwen-MoE, DeepSeek, OLMoE,
-        Llama-4 and similar layouts. Raises ValueError naming the missing key when the config is no MoE."""
+        """Read a Hugging Face `config.json` (a dict or a path). Raises ValueError naming the missing key when
+        the config is no MoE.
+
+        Understood layouts: Mixtral, PhiMoE / GRIN, Qwen-MoE (2, 3), DeepSeek (V2, V3), OLMoE, MiniCPM-MoE,
+        XVERSE, PowerMoE, Llama-4 (nested `text_config`), DBRX (nested `ffn_config`), Yuan 2.0-M32 (nested
+        `moe_config`), JetMoE, LLaMA-MoE (v1: `num_selects`, per-expert `size_experts`; v2 with a residual
+        expert), OpenMoE (`moe_layer_interval`), Jamba (`expert_layer_period` / `expert_layer_offset`), GPT-OSS
+        (`experts_per_token`, MXFP4 weights), ERNIE-4.5 (`moe_k`, `moe_layer_start_index`), and the
+        encoder-decoder Switch Transformers and NLLB-MoE (the sparse layers of both stacks count). Only layers
+        with routed experts count (dense and Mamba layers do not)."""
         if not isinstance(config, Mapping):
             with open(config, encoding="utf-8") as fh:
                 config = json.load(fh)
         cfg = dict(config)
-        if "text_config" in cfg and isinstance(cfg["text_config"], Mapping):  # Llama-4 nests the LM config
-            cfg = {**cfg, **cfg["text_config"]}
+        for nested in ("text_config", "ffn_config", "moe_config"):  # Llama-4, DBRX, Yuan nest the MoE sizes
+            if isinstance(cfg.get(nested), Mapping):
+                cfg = {**cfg, **cfg[nested]}
+        model_type = str(cfg.get("model_type", "")).lower()
 
         def first(*keys, default=None):
             for key in keys:
@@ -108,26 +118,28 @@ class ModelSpec:
                     return cfg[key]
             return default
 
-        experts = first("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-        top_k = first("num_experts_per_tok", "moe_top_k", "top_k")
-        hidden = first("hidden_size", "d_model")
-        layers = first("num_hidden_layers", "num_layers")
+        experts = first(*EXPERT_COUNT_KEYS)
+        # (a bare "top_k" is a sampling setting in most configs, never the router's)
+        top_k = first("num_experts_per_tok", "moe_top_k", "experts_per_token", "num_selects", "router_topk",
+                      "moe_k", "num_selected_experts", default=_IMPLIED_TOP_K.get(model_type))
+        hidden = first("hidden_size", "d_model", "n_embd")
+        layers = first("num_hidden_layers", "num_layers", "n_layers", "n_layer", "encoder_layers")
         for key, value in (("num_experts (or num_local_experts / n_routed_experts)", experts),
                            ("num_experts_per_tok", top_k), ("hidden_size", hidden),
                            ("num_hidden_layers", layers)):
             if value is None:
                 raise ValueError(f"config: missing {key}; is this a Mixture-of-Experts config?")
-        inter = first("moe_intermediate_size", "expert_intermediate_size", "intermediate_size")
+        inter = first("moe_intermediate_size", "expert_intermediate_size", "ffn_hidden_size")
+        sizes = cfg.get("size_experts")  # LLaMA-MoE v1: [layers][experts] intermediate sizes
+        if inter is None and isinstance(sizes, list) and sizes and all(isinstance(r, list) and r for r in sizes):
+            inter = max(max(int(v) for v in row) for row in sizes)
+        if inter is None:
+            inter = first("intermediate_size", "d_ff", "encoder_ffn_dim")
         if inter is None:
             raise ValueError("config: missing moe_intermediate_size / intermediate_size")
-        moe_layers = int(layers)
-        moe_layers -= int(first("first_k_dense_replace", default=0))
-        moe_layers -= len(first("mlp_only_layers", default=[]) or [])
-        step = int(first("decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step", default=1) or 1)
-        if step > 1:
-            moe_layers = moe_layers // step
-        shared = int(first("n_shared_experts", "num_shared_experts", default=0) or 0)
-        shared_inter = int(first("shared_expert_intermediate_size", default=0) or 0)
+        moe_layers = _moe_layer_count(cfg, first, int(layers))
+        shared = int(first("n_shared_experts", "num_shared_experts", "moe_num_shared_experts", default=0) or 0)
+        shared_inter = int(first("shared_expert_intermediate_size", "intermediate_size_residual", default=0) or 0)
         if shared and not shared_inter:
             shared_inter = shared * int(inter)
         elif shared_inter and not shared:
@@ -135,16 +147,20 @@ class ModelSpec:
         if bytes_per_param is None:
             dtype = str(first("torch_dtype", "dtype", default="bfloat16")).replace("torch.", "")
             bytes_per_param = _DTYPE_BYTES.get(dtype, 2.0)
-            if "quantization_config" in cfg and "fp8" in json.dumps(cfg["quantization_config"]).lower():
+            quant = json.dumps(cfg.get("quantization_config", "")).lower()
+            if "mxfp4" in quant:
+                bytes_per_param = 4.25 / 8  # 4-bit values and one 8-bit scale per 32
+            elif "fp8" in quant:
                 bytes_per_param = 1.0
-        heads = int(first("num_attention_heads", default=1))
+        heads = int(first("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads",
+                          default=1))
         kv_heads = int(first("num_key_value_heads", default=heads))
         head_dim = int(first("head_dim", default=int(hidden) // max(heads, 1)))
         attention = int(hidden) * head_dim * (2 * heads + 2 * kv_heads)
         router = int(hidden) * int(experts)
         dense = attention + router + 3 * int(hidden) * shared_inter
         return cls(
-            name=name or str(first("_name_or_path", "model_type", default="moe")),
+            name=name or _config_name(cfg),
             num_moe_layers=moe_layers, num_experts=int(experts), top_k=int(top_k), hidden_size=int(hidden),
             moe_intermediate_size=int(inter), bytes_per_param=float(bytes_per_param),
             num_shared_experts=shared, shared_intermediate_size=shared_inter, dense_params_per_layer=dense,
@@ -153,6 +169,51 @@ class ModelSpec:
 
     def replace(self, **changes) -> "ModelSpec":
         return dataclasses.replace(self, **changes)
+
+
+# the config keys that give a MoE layer's routed experts, in order of precedence
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+# routers whose top-k is fixed by the architecture, not a config key
+_IMPLIED_TOP_K = {"switch_transformers": 1, "nllb-moe": 2, "nllb_moe": 2}
+
+
+def _moe_layer_count(cfg: dict, first, layers: int) -> int:
+    """The layers with routed experts of a config whose stack has `layers` layers (see from_hf_config)."""
+    if cfg.get("num_sparse_encoder_layers") is not None or cfg.get("num_sparse_decoder_layers") is not None:
+        return int(cfg.get("num_sparse_encoder_layers") or 0) + int(cfg.get("num_sparse_decoder_layers") or 0)
+    if cfg.get("encoder_sparse_step") is not None and cfg.get("encoder_layers") is not None:
+        # NLLB-MoE: layer i of a stack is sparse where (i + 1) % step == 0 (a step of 0: no sparse layer)
+        count = 0
+        for stack in ("encoder", "decoder"):
+            step = int(cfg.get(f"{stack}_sparse_step") or 0)
+            count += int(cfg.get(f"{stack}_layers") or 0) // step if step > 0 else 0
+        return count
+    if cfg.get("expert_layer_period") is not None:  # Jamba: layer i is MoE where i % period == offset
+        period = max(1, int(cfg["expert_layer_period"]))
+        offset = int(cfg.get("expert_layer_offset") or 0)
+        return sum(1 for i in range(layers) if i % period == offset % period)
+    if cfg.get("moe_layer_interval") is not None and cfg.get("moe_layer_start_index") is None:
+        # OpenMoE: layer i is MoE where (i + 1) % interval == 0
+        return layers // max(1, int(cfg["moe_layer_interval"]))
+    if cfg.get("moe_layer_start_index") is not None:
+        # ERNIE-4.5: layer i is MoE where start <= i <= end (-1: the last layer) and (i + 1) % interval == 0
+        start = int(cfg["moe_layer_start_index"])
+        end = cfg.get("moe_layer_end_index")
+        end = layers - 1 if end is None or int(end) < 0 else min(int(end), layers - 1)
+        interval = max(1, int(cfg.get("moe_layer_interval") or 1))
+        return sum(1 for i in range(start, end + 1) if (i + 1) % interval == 0)
+    moe_layers = layers - int(first("first_k_dense_replace", default=0))
+    moe_layers -= len(first("mlp_only_layers", default=[]) or [])
+    step = int(first("decoder_sparse_step", "moe_layer_freq", "moe_layer_frequency", "interleave_moe_layer_step",
+                     default=1) or 1)
+    return moe_layers // step if step > 1 else moe_layers
+
+
+def _config_name(cfg: dict) -> str:
+    """A model's name from its config: the last part of `_name_or_path` (a hub id or a checkpoint folder),
+    else the model type."""
+    path = str(cfg.get("_name_or_path") or "").rstrip("/")
+    return path.rsplit("/", 1)[-1] if path else str(cfg.get("model_type") or "moe")
 
 
 @dataclass(frozen=True)
@@ -292,8 +353,24 @@ def model_spec(name_or_path: str) -> ModelSpec:
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     if os.path.isfile(path):
-        return ModelSpec.from_hf_config(path, name=os.path.basename(os.path.dirname(os.path.abspath(path))))
+        return ModelSpec.from_hf_config(path, name=_path_name(path))
     raise ValueError(f"model: {name_or_path!r} is neither a preset ({', '.join(MODEL_NAMES)}) nor a config.json path")
+
+
+def _path_name(path: str) -> str:
+    """A model's name from its config's path: the folder of a `config.json` (the repository's, for a Hugging
+    Face cache snapshot: models--org--name/snapshots/<hash>/config.json gives org/name), else the file's name
+    without `.json` (and `.config`)."""
+    path = os.path.abspath(path)
+    base = os.path.basename(path)
+    if base != "config.json":
+        stem = base[:-5] if base.lower().endswith(".json") else base
+        return stem[:-7] if stem.lower().endswith(".config") else stem
+    folder = os.path.dirname(path)
+    parent = os.path.dirname(folder)
+    if os.path.basename(parent) == "snapshots" and os.path.basename(os.path.dirname(parent)).startswith("models--"):
+        return os.path.basename(os.path.dirname(parent))[len("models--"):].replace("--", "/")
+    return os.path.basename(folder)
 
 
 def hardware_for_device(device_name: str) -> HardwareSpec:
