@@ -113,10 +113,7 @@ class ModelSpec:
         model_type = str(cfg.get("model_type", "")).lower()
 
         def first(*keys, default=None):
-            for key in keys:
-                if cfg.get(key) is not None:
-                    return cfg[key]
-            return default
+            return _first(cfg, *keys, default=default)
 
         experts = first(*EXPERT_COUNT_KEYS)
         # (a bare "top_k" is a sampling setting in most configs, never the router's)
@@ -137,7 +134,7 @@ class ModelSpec:
             inter = first("intermediate_size", "d_ff", "encoder_ffn_dim")
         if inter is None:
             raise ValueError("config: missing moe_intermediate_size / intermediate_size")
-        moe_layers = _moe_layer_count(cfg, first, int(layers))
+        moe_layers = _moe_layer_count(cfg, int(layers))
         shared = int(first("n_shared_experts", "num_shared_experts", "moe_num_shared_experts", default=0) or 0)
         shared_inter = int(first("shared_expert_intermediate_size", "intermediate_size_residual", default=0) or 0)
         if shared and not shared_inter:
@@ -177,7 +174,15 @@ EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "mo
 _IMPLIED_TOP_K = {"switch_transformers": 1, "nllb-moe": 2, "nllb_moe": 2}
 
 
-def _moe_layer_count(cfg: dict, first, layers: int) -> int:
+def _first(cfg: dict, *keys, default=None):
+    """The value of the first of `keys` that `cfg` sets (not None), else `default`."""
+    for key in keys:
+        if cfg.get(key) is not None:
+            return cfg[key]
+    return default
+
+
+def _moe_layer_count(cfg: dict, layers: int) -> int:
     """The layers with routed experts of a config whose stack has `layers` layers (see from_hf_config)."""
     if cfg.get("num_sparse_encoder_layers") is not None or cfg.get("num_sparse_decoder_layers") is not None:
         return int(cfg.get("num_sparse_encoder_layers") or 0) + int(cfg.get("num_sparse_decoder_layers") or 0)
@@ -202,10 +207,10 @@ def _moe_layer_count(cfg: dict, first, layers: int) -> int:
         end = layers - 1 if end is None or int(end) < 0 else min(int(end), layers - 1)
         interval = max(1, int(cfg.get("moe_layer_interval") or 1))
         return sum(1 for i in range(start, end + 1) if (i + 1) % interval == 0)
-    moe_layers = layers - int(first("first_k_dense_replace", default=0))
-    moe_layers -= len(first("mlp_only_layers", default=[]) or [])
-    step = int(first("decoder_sparse_step", "moe_layer_freq", "moe_layer_frequency", "interleave_moe_layer_step",
-                     default=1) or 1)
+    moe_layers = layers - int(_first(cfg, "first_k_dense_replace", default=0))
+    moe_layers -= len(_first(cfg, "mlp_only_layers", default=[]) or [])
+    step = int(_first(cfg, "decoder_sparse_step", "moe_layer_freq", "moe_layer_frequency",
+                      "interleave_moe_layer_step", default=1) or 1)
     return moe_layers // step if step > 1 else moe_layers
 
 
