@@ -442,6 +442,78 @@ def test_robust_pick_exact_pricing_decides_like_python():
     assert overturned > 0
 
 
+def _fill_reference(W, keep, live_has, S, p, copy_host, copy_peer, holder, group, link_wait, lookahead, horizon):
+    """fill_replicas's rule in plain Python over lists (a second code path): replica counts by the highest pairs
+    per instance with one more (ties: the lower expert) while that stays at or above the ridge, then LPT onto the
+    GPU of least estimated expert time plus copy stall over the warm life (ties: the lower GPU)."""
+    E, G = keep.shape
+    ridge = p[1] / (p[0] - p[2]) if p[0] > p[2] else float("inf")
+    inst = lambda n: 0.0 if n <= 0 else max(n * p[0], p[1] + n * p[2]) + p[3]  # noqa: E731
+    out = keep.copy()
+    cnt = keep.sum(1)
+    free = S - keep.sum(0)
+    extra = [0] * E
+    for _ in range(int(np.maximum(free, 0).sum())):
+        options = [(W[e] / (cnt[e] + extra[e] + 1), -e) for e in range(E)
+                   if 1 <= cnt[e] + extra[e] < G and W[e] / (cnt[e] + extra[e] + 1) >= ridge]
+        if not options or max(options)[0] <= 0:
+            break
+        extra[-max(options)[1]] += 1
+    per = [W[e] / (cnt[e] + extra[e]) if cnt[e] else 0.0 for e in range(E)]
+    est = [sum(inst(per[e]) for e in range(E) if keep[e, g]) for g in range(G)]
+    wait = list(link_wait)
+    peer = group > 1 and copy_peer < copy_host
+    for e in sorted((e for e in range(E) if extra[e]), key=lambda e: (-per[e], e)):
+        for _ in range(extra[e]):
+            scored = []
+            for g in range(G):
+                if free[g] <= 0 or out[e, g]:
+                    continue
+                cs = 0.0 if live_has[e, g] else (copy_peer if peer and holder[e, g // group] else copy_host)
+                stall = max(wait[g] + cs - lookahead, 0.0) if cs else 0.0
+                scored.append((est[g] + inst(per[e]) + stall / horizon, g, cs))
+            if not scored:
+                break
+            _, g, cs = min(scored)
+            out[e, g] = True
+            free[g] -= 1
+            est[g] += inst(per[e])
+            wait[g] += cs
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), T=st.sampled_from([64, 1024, 8192, 32768]), group=st.sampled_from([1, 2]))
+def test_fill_replicas_follows_its_rule(seed, T, group):
+    """fill_replicas against its rule in Python (_fill_reference) on random layers: kept instances stay, no GPU
+    holds more than S instances or two of one expert, every replica's expert keeps at least the ridge's pairs
+    per instance."""
+    rng = np.random.default_rng(seed)
+    E, G = int(rng.integers(3, 12)), int(rng.integers(2, 6))
+    S = int(-(-E // G) + rng.integers(0, 3))
+    home_gpu = np.arange(E) % G
+    keep = np.zeros((E, G), dtype=bool)
+    keep[np.arange(E), home_gpu] = True
+    for g in range(G):  # some pinned instances where a slot is left
+        e = int(rng.integers(0, E))
+        if keep[:, g].sum() < S and rng.random() < 0.3:
+            keep[e, g] = True
+    live_has = keep | (rng.random((E, G)) < 0.3)
+    holder = rng.random((E, -(-G // group))) < 0.5
+    W = rng.multinomial(T, rng.dirichlet(np.full(E, 0.4))).astype(float)
+    p = QWEN.profile(G).as_array()
+    args = (W, keep, live_has, S, p, QWEN.cold_start_s(False), QWEN.cold_start_s(True), holder, group,
+            rng.random(G) * 1e-3, float(rng.random() * 2e-3), float(10.0 ** rng.uniform(0, 4)))
+    out = np.zeros((E, G), dtype=bool)
+    placed = _kernels.fill_replicas(*args, out)
+    np.testing.assert_array_equal(out, _fill_reference(*args))
+    assert placed == int((out & ~keep).sum())
+    assert (out | ~keep).all() and (out.sum(0) <= S).all()
+    ridge = p[1] / (p[0] - p[2])
+    more = out.sum(1) > keep.sum(1)
+    assert (W[more] / out.sum(1)[more] >= ridge * (1 - 1e-12)).all()
+
+
 def test_order_desc_is_the_stable_argsort():
     """order_desc (a counting sort for whole counts, merge sort otherwise) orders like numpy's stable argsort of
     -W: decode-sized and prefill-sized counts, ties, zeros, fractions, and counts past the counting range."""

@@ -957,6 +957,97 @@ def _split_of(W, mask, ig, cnt, primary, p, max_moves, total_mask):
 
 
 @njit
+def fill_replicas(W, keep, live_has, S, p, copy_host, copy_peer, holder, link_group, link_wait, lookahead, horizon,
+                  out):
+    """The fill candidate of a compute-bound layer: out [E, G] (all False on entry) gets the instances `keep`
+    [E, G] (homes and pinned ones) plus replicas in every GPU's free slots (S minus its kept instances) for the
+    experts whose pairs a split shortens: replicas go one at a time to the expert with the most pairs per
+    instance, while that expert's pairs per instance with one more stay at or above the roofline's ridge (a
+    replica below it adds a weight read instead of saving compute; at most one instance per GPU); then they are
+    placed largest pairs per instance first (LPT), each on the GPU whose estimated expert time (its instances
+    at their expert's even share) plus the copy's stall beyond the look-ahead over the instance's expected warm
+    life (`horizon`; none where live_has holds a live instance, peer copies as in `improve`) is least. The
+    robust step's layout for a layer's spikes (MoelessPolicy._robust, on its heaviest scenario): the local
+    search moves pairs off the busiest GPU one expert at a time and stops short of such layouts where every
+    spare slot must change hands (few large experts, one spare slot per GPU). Returns the number of replicas
+    placed."""
+    E, G = keep.shape
+    ridge = p[_READ] / (p[_FLOP] - p[_ACT]) if p[_FLOP] > p[_ACT] else np.inf
+    cnt = np.zeros(E, dtype=np.int64)
+    free = np.full(G, S, dtype=np.int64)
+    for e in range(E):
+        for g in range(G):
+            if keep[e, g]:
+                out[e, g] = True
+                cnt[e] += 1
+                free[g] -= 1
+    slots = 0
+    for g in range(G):
+        if free[g] > 0:
+            slots += free[g]
+    extra = np.zeros(E, dtype=np.int64)
+    for _ in range(slots):
+        best = -1
+        bv = 0.0
+        for e in range(E):
+            c = cnt[e] + extra[e]
+            if c < 1 or c >= G:
+                continue
+            v = W[e] / (c + 1.0)
+            if v >= ridge and v > bv:
+                best = e
+                bv = v
+        if best < 0:
+            break
+        extra[best] += 1
+    per = np.zeros(E)
+    est = np.zeros(G)
+    for e in range(E):
+        if cnt[e] > 0:
+            per[e] = W[e] / (cnt[e] + extra[e])
+            for g in range(G):
+                if keep[e, g]:
+                    est[g] = _add_time(est[g], per[e], p)
+    key = np.zeros(E)
+    for e in range(E):
+        key[e] = -per[e] if extra[e] > 0 else 0.0
+    order = np.argsort(key, kind="mergesort")  # (ties: the lower expert first)
+    peer = link_group > 1 and copy_peer < copy_host
+    wait = link_wait.copy()
+    placed = 0
+    for i in range(E):
+        e = order[i]
+        if extra[e] <= 0:
+            break
+        for r in range(extra[e]):
+            bg = -1
+            bv = np.inf
+            bc = 0.0
+            for g in range(G):
+                if free[g] <= 0 or out[e, g]:
+                    continue
+                v = _add_time(est[g], per[e], p)
+                cs = 0.0
+                if not live_has[e, g]:
+                    cs = copy_peer if peer and holder[e, g // link_group] else copy_host
+                    s = wait[g] + cs - lookahead
+                    if s > 0.0:
+                        v += s / horizon
+                if v < bv:
+                    bg = g
+                    bv = v
+                    bc = cs
+            if bg < 0:
+                break
+            out[e, bg] = True
+            free[bg] -= 1
+            est[bg] = _add_time(est[bg], per[e], p)
+            wait[bg] += bc
+            placed += 1
+    return placed
+
+
+@njit
 def decide_layer(W, live, loaded, pinned, S, cur_has, n_cur, home, home_gpu, p, max_moves, copy_host, copy_peer,
                  link_group, link_wait, lookahead, horizon, has_out):
     """moeless's decision for one layer (moeless.policy.serverless): has_out [E, G] (all False on entry) gets the

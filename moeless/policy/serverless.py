@@ -172,9 +172,11 @@ class MoelessPolicy(Policy):
     def _robust(self, W, scenarios, current: Plan, link_group: int, live, loaded, pinned, horizon,
                 point: Plan) -> Plan:
         """The decision well ahead: candidates (the current plan, the homes alone, the point decision, and the
-        hedged plans: homes, plus the pinned instances or not, plus ring hedges in every free slot) priced by
-        their mean time over the load scenarios (the layer's recent true loads and the prediction), plus each
-        new instance's copy seconds over its expected warm life; the cheapest wins (ties: the earlier).
+        hedged plans: homes, plus the pinned instances or not, plus ring hedges in every free slot; and the fill
+        of the heaviest scenario over every spare slot, pinned ones included: the layout for the layer's spikes,
+        a prefill chunk among decode steps) priced by their mean time over the load scenarios (the layer's
+        recent true loads and the prediction), plus each new instance's copy seconds over its expected warm
+        life; the cheapest wins (ties: the earlier).
 
         The candidates are first priced by an estimate (each scenario split by its faster seed's search alone,
         never below the full split, at about half its cost); a winner other than the current plan is then
@@ -187,7 +189,7 @@ class MoelessPolicy(Policy):
         if given.ndim != 2 or given.shape[1] != E:
             raise ValueError(f"scenarios must have shape [K, E={E}], got {np.shape(scenarios)}")
         scen = np.vstack([given, W[None]])
-        cands = np.empty((5, E, G), dtype=np.bool_)
+        cands = np.zeros((6, E, G), dtype=np.bool_)
         cands[0] = self.dense(current).has
         cands[1] = self.home
         cands[2] = self.dense(point).has
@@ -199,6 +201,11 @@ class MoelessPolicy(Policy):
         live_has = np.zeros((E, G), dtype=np.bool_)
         holder = np.zeros((E, -(-G // group) if peer else 1), dtype=np.bool_)
         _kernels.live_instances(live, loaded, S, group, peer, live_has, holder)
+        # the fill candidate (_kernels.fill_replicas) of the heaviest scenario: the layout for the layer's spikes
+        # (a prefill chunk) over every spare slot, pinned instances included (what dropping them loses is
+        # priced over the scenarios), live instances preferred to copies
+        _kernels.fill_replicas(scen[int(np.argmax(scen.sum(1)))], self.home, live_has, S, self.profile,
+                               self.copy_host, self.copy_peer, holder, group, np.zeros(G), 0.0, horizon, cands[5])
         best = _kernels.robust_pick(scen, cands, live_has, holder, group, peer, self.copy_host, self.copy_peer,
                                     horizon, self.home_gpu, self.profile, self.max_moves)
         if best == 0:
