@@ -442,7 +442,7 @@ def test_robust_pick_exact_pricing_decides_like_python():
     assert overturned > 0
 
 
-def _fill_reference(W, keep, live_has, S, p, copy_host, copy_peer, holder, group, link_wait, lookahead, horizon):
+def _fill_reference(W, keep, live_has, S, p, copy_host, copy_peer, holder, group, horizon):
     """fill_replicas's rule in plain Python over lists (a second code path): replica counts by the highest pairs
     per instance with one more (ties: the lower expert) while that stays at or above the ridge, then LPT onto the
     GPU of least estimated expert time plus copy stall over the warm life (ties: the lower GPU)."""
@@ -461,7 +461,7 @@ def _fill_reference(W, keep, live_has, S, p, copy_host, copy_peer, holder, group
         extra[-max(options)[1]] += 1
     per = [W[e] / (cnt[e] + extra[e]) if cnt[e] else 0.0 for e in range(E)]
     est = [sum(inst(per[e]) for e in range(E) if keep[e, g]) for g in range(G)]
-    wait = list(link_wait)
+    wait = [0.0] * G
     peer = group > 1 and copy_peer < copy_host
     for e in sorted((e for e in range(E) if extra[e]), key=lambda e: (-per[e], e)):
         for _ in range(extra[e]):
@@ -470,7 +470,7 @@ def _fill_reference(W, keep, live_has, S, p, copy_host, copy_peer, holder, group
                 if free[g] <= 0 or out[e, g]:
                     continue
                 cs = 0.0 if live_has[e, g] else (copy_peer if peer and holder[e, g // group] else copy_host)
-                stall = max(wait[g] + cs - lookahead, 0.0) if cs else 0.0
+                stall = wait[g] + cs if cs else 0.0
                 scored.append((est[g] + inst(per[e]) + stall / horizon, g, cs))
             if not scored:
                 break
@@ -503,7 +503,7 @@ def test_fill_replicas_follows_its_rule(seed, T, group):
     W = rng.multinomial(T, rng.dirichlet(np.full(E, 0.4))).astype(float)
     p = QWEN.profile(G).as_array()
     args = (W, keep, live_has, S, p, QWEN.cold_start_s(False), QWEN.cold_start_s(True), holder, group,
-            rng.random(G) * 1e-3, float(rng.random() * 2e-3), float(10.0 ** rng.uniform(0, 4)))
+            float(10.0 ** rng.uniform(0, 4)))
     out = np.zeros((E, G), dtype=bool)
     placed = _kernels.fill_replicas(*args, out)
     np.testing.assert_array_equal(out, _fill_reference(*args))

@@ -957,16 +957,16 @@ def _split_of(W, mask, ig, cnt, primary, p, max_moves, total_mask):
 
 
 @njit
-def fill_replicas(W, keep, live_has, S, p, copy_host, copy_peer, holder, link_group, link_wait, lookahead, horizon,
-                  out):
+def fill_replicas(W, keep, live_has, S, p, copy_host, copy_peer, holder, link_group, horizon, out):
     """The fill candidate of a compute-bound layer: out [E, G] (all False on entry) gets the instances `keep`
     [E, G] (homes and pinned ones) plus replicas in every GPU's free slots (S minus its kept instances) for the
     experts whose pairs a split shortens: replicas go one at a time to the expert with the most pairs per
     instance, while that expert's pairs per instance with one more stay at or above the roofline's ridge (a
     replica below it adds a weight read instead of saving compute; at most one instance per GPU); then they are
     placed largest pairs per instance first (LPT), each on the GPU whose estimated expert time (its instances
-    at their expert's even share) plus the copy's stall beyond the look-ahead over the instance's expected warm
-    life (`horizon`; none where live_has holds a live instance, peer copies as in `improve`) is least. The
+    at their expert's even share) plus the copy's stall (the copies queued on its links so far, this one
+    included) over the instance's expected warm life (`horizon`; none where live_has holds a live instance, peer
+    copies as in `improve`) is least. The
     robust step's layout for a layer's spikes (MoelessPolicy._robust, on its heaviest scenario): the local
     search moves pairs off the busiest GPU one expert at a time and stops short of such layouts where every
     spare slot must change hands (few large experts, one spare slot per GPU). Returns the number of replicas
@@ -1013,7 +1013,7 @@ def fill_replicas(W, keep, live_has, S, p, copy_host, copy_peer, holder, link_gr
         key[e] = -per[e] if extra[e] > 0 else 0.0
     order = np.argsort(key, kind="mergesort")  # (ties: the lower expert first)
     peer = link_group > 1 and copy_peer < copy_host
-    wait = link_wait.copy()
+    wait = np.zeros(G)  # (a decision well ahead: nothing queued before it, no look-ahead counted)
     placed = 0
     for i in range(E):
         e = order[i]
@@ -1030,9 +1030,7 @@ def fill_replicas(W, keep, live_has, S, p, copy_host, copy_peer, holder, link_gr
                 cs = 0.0
                 if not live_has[e, g]:
                     cs = copy_peer if peer and holder[e, g // link_group] else copy_host
-                    s = wait[g] + cs - lookahead
-                    if s > 0.0:
-                        v += s / horizon
+                    v += (wait[g] + cs) / horizon
                 if v < bv:
                     bg = g
                     bv = v

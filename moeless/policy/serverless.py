@@ -205,7 +205,7 @@ class MoelessPolicy(Policy):
         # (a prefill chunk) over every spare slot, pinned instances included (what dropping them loses is
         # priced over the scenarios), live instances preferred to copies
         _kernels.fill_replicas(scen[int(np.argmax(scen.sum(1)))], self.home, live_has, S, self.profile,
-                               self.copy_host, self.copy_peer, holder, group, np.zeros(G), 0.0, horizon, cands[5])
+                               self.copy_host, self.copy_peer, holder, group, horizon, cands[5])
         best = _kernels.robust_pick(scen, cands, live_has, holder, group, peer, self.copy_host, self.copy_peer,
                                     horizon, self.home_gpu, self.profile, self.max_moves)
         if best == 0:
