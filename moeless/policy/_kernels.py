@@ -958,19 +958,18 @@ def _split_of(W, mask, ig, cnt, primary, p, max_moves, total_mask):
 
 @njit
 def fill_replicas(W, keep, live_has, S, p, copy_host, copy_peer, holder, link_group, horizon, out):
-    """The fill candidate of a compute-bound layer: out [E, G] (all False on entry) gets the instances `keep`
-    [E, G] (homes and pinned ones) plus replicas in every GPU's free slots (S minus its kept instances) for the
-    experts whose pairs a split shortens: replicas go one at a time to the expert with the most pairs per
-    instance, while that expert's pairs per instance with one more stay at or above the roofline's ridge (a
-    replica below it adds a weight read instead of saving compute; at most one instance per GPU); then they are
-    placed largest pairs per instance first (LPT), each on the GPU whose estimated expert time (its instances
-    at their expert's even share) plus the copy's stall (the copies queued on its links so far, this one
-    included) over the instance's expected warm life (`horizon`; none where live_has holds a live instance, peer
-    copies as in `improve`) is least. The
-    robust step's layout for a layer's spikes (MoelessPolicy._robust, on its heaviest scenario): the local
-    search moves pairs off the busiest GPU one expert at a time and stops short of such layouts where every
-    spare slot must change hands (few large experts, one spare slot per GPU). Returns the number of replicas
-    placed."""
+    """The fill candidate of a compute-bound layer: out [E, G] (all False on entry) gets the instances `keep` [E, G]
+    (the robust step passes the homes alone) plus replicas in every GPU's free slots (S minus its kept instances)
+    for the experts whose pairs a split shortens: replicas go one at a time to the expert with the most pairs per
+    instance, while that expert's pairs per instance with one more stay at or above the roofline's ridge (a replica
+    below it adds a weight read instead of saving compute; at most one instance per GPU); then they are placed
+    largest pairs per instance first (LPT), each on the GPU whose estimated expert time (its instances at their
+    expert's even share) plus the copy's stall (the copies queued on its links so far, this one included) over the
+    instance's expected warm life (`horizon`; none where live_has holds a live instance, peer copies as in
+    `improve`) is least. The robust step's layout for a layer's spikes (MoelessPolicy._robust, on its heaviest
+    scenario): the local search moves pairs off the busiest GPU one expert at a time and stops short of such layouts
+    where every spare slot must change hands (few large experts, one spare slot per GPU). Returns the number of
+    replicas placed."""
     E, G = keep.shape
     ridge = p[_READ] / (p[_FLOP] - p[_ACT]) if p[_FLOP] > p[_ACT] else np.inf
     cnt = np.zeros(E, dtype=np.int64)
