@@ -112,14 +112,16 @@ def _mark_used(rt, l2p, p2l, made_row, last_use_row, now):
 
 @njit
 def _scaled_share(share, counts):
-    """share [E] times the pairs of counts [E] (prepare's loads), in one pass."""
+    """(loads, their sum): share [E] times the pairs of counts [E] (prepare's loads), in one pass."""
     pairs = 0
     for e in range(counts.shape[0]):
         pairs += counts[e]
     out = np.empty(share.shape[0])
+    tot = 0.0
     for e in range(share.shape[0]):
         out[e] = share[e] * float(pairs)
-    return out
+        tot += out[e]
+    return out, tot
 
 
 def default_slots_per_gpu(num_experts: int, gpus: int, extra: int = 1) -> int:
@@ -234,6 +236,7 @@ class Engine:
         _positive_int("distance", distance)
         self.policy = policy
         self.L, self.E, self.G, self.S = policy.L, policy.E, policy.G, policy.S
+        self._shape = (self.E,)  # (of every counts array)
         if distance >= self.L and self.L > 1:
             raise ValueError(f"distance={distance} must be smaller than the {self.L} layers")
         self.distance = int(distance)
@@ -400,8 +403,8 @@ class Engine:
         refresh = n % self.refresh_every == 0
         if layer >= self.distance and n % self.prepare_every:
             return None  # (see prepare_every)
-        loads = _scaled_share(self._share[layer], self._last_counts[layer])
-        return self._decide(layer, loads, now, self.L - self.distance, refresh=refresh)
+        loads, total = _scaled_share(self._share[layer], self._last_counts[layer])
+        return self._decide(layer, loads, now, self.L - self.distance, refresh=refresh, total=total)
 
     def decide(self, layer: int, loads, now: float | None = None, layers_ahead: int = 0):
         """Ask the policy for layer `layer`'s plan for `loads` [E] now (outside the protocol: the lossless bound
@@ -409,9 +412,11 @@ class Engine:
         or None."""
         return self._decide(self._layer(layer), self._counts(loads, "loads", integral=False), now, int(layers_ahead))
 
-    def _decide(self, target: int, loads: np.ndarray, now, layers_ahead: int, refresh: bool = False):
-        """The policy's decision for `target` given its predicted loads; `layers_ahead` layers hide its copies."""
-        if not self.policy.serverless or not _total(loads) > 0:
+    def _decide(self, target: int, loads: np.ndarray, now, layers_ahead: int, refresh: bool = False,
+                total: float | None = None):
+        """The policy's decision for `target` given its predicted loads (`total`: their sum, if known);
+        `layers_ahead` layers hide its copies."""
+        if not self.policy.serverless or not (_total(loads) if total is None else total) > 0:
             return None
         scenarios = None
         if refresh:
@@ -488,14 +493,16 @@ class Engine:
 
     # -- checks --------------------------------------------------------------------------------------------
     def _layer(self, layer) -> int:
+        if type(layer) is int and 0 <= layer < self.L:  # (the common case, checked in one step)
+            return layer
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < self.L:
             raise ValueError(f"layer must be an integer in [0, {self.L}), got {layer!r}")
         return int(layer)
 
     def _counts(self, counts, name, integral: bool = True) -> np.ndarray:
         """counts as int64 [E] (float64 if not `integral`), checked (ValueError naming `name`)."""
-        c = np.asarray(counts)
-        if c.shape != (self.E,):
+        c = counts if type(counts) is np.ndarray else np.asarray(counts)
+        if c.shape != self._shape:
             raise ValueError(f"{name} must have shape [E={self.E}], got {c.shape}")
         check_count_values(c, name, integral)
         # (loads are copied: they reach the policy's context, which must not alias the caller's array)

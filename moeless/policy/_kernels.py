@@ -1145,7 +1145,8 @@ def decide_live(loads, live, ready, model_t, link_free, last_use, since, pins, S
                 max_moves, copy_host, copy_peer, link_group, lookahead, horizon, W, loaded, link_wait, pinned, has_out):
     """The engine's decision in one call (MoelessPolicy.decide_live): the context arrays from the engine's live
     state (context_arrays; pinned all False unless `pins`), the loads rounded into W (round_loads) and
-    decide_layer. loaded / link_wait / pinned / W / has_out are written (has_out must be all False on entry).
+    decide_layer (link_group at least 1, horizon at least 1e-9). loaded / link_wait / pinned / W / has_out are
+    written (has_out is cleared first).
     Returns (code, largest rounded load): decide_layer's code, -1 when the rounded loads hold no pair, -2 when an
     array has another length than the layer's E experts, G*S slots and G GPUs or a live expert lies outside
     [-1, E) (nothing is read past the checks then)."""
@@ -1162,8 +1163,9 @@ def decide_live(loads, live, ready, model_t, link_free, last_use, since, pins, S
     tot, w_max = round_loads(loads, W)
     if not tot > 0:
         return -1, w_max
+    has_out[:, :] = False
     return decide_layer(W, live, loaded, pinned, S, cur_has, n_cur, home, home_gpu, p, max_moves, copy_host,
-                        copy_peer, link_group, link_wait, lookahead, horizon, has_out), w_max
+                        copy_peer, max(1, link_group), link_wait, lookahead, max(horizon, 1e-9), has_out), w_max
 
 
 @njit

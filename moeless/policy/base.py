@@ -135,7 +135,7 @@ def check_count_values(c: np.ndarray, name: str, integral: bool) -> None:
     """ValueError naming `name` unless the array c holds finite non-negative numbers (whole ones if `integral`).
     The engine's and the policies' checks of every call's counts: one compiled pass for int64 and float64."""
     if c.dtype in _SCANNED:
-        status = _kernels.count_status(c.reshape(-1), integral)
+        status = _kernels.count_status(c if c.ndim == 1 else c.reshape(-1), integral)
     elif not np.issubdtype(c.dtype, np.number) or np.iscomplexobj(c) or not np.all(np.isfinite(c)) \
             or (c < 0).any():
         status = 1

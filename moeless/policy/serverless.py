@@ -34,6 +34,8 @@ from moeless.planner.plan import _positive_int
 from moeless.policy import _kernels
 from moeless.policy.base import LayerContext, Policy
 
+_I64, _F64 = np.dtype(np.int64), np.dtype(np.float64)
+
 __all__ = ["HALF_LIFE_FRACTION", "MoelessPolicy", "forecast_loads", "rebalance_plan"]
 
 
@@ -69,7 +71,8 @@ class MoelessPolicy(Policy):
         # decide_live's working arrays W, loaded, link_wait, pinned: read within the call only (a policy object
         # decides for one engine, one layer at a time)
         P = self.G * self.S
-        self._scratch = (np.empty(self.E), np.empty(P, dtype=np.bool_), np.empty(self.G), np.empty(P, dtype=np.bool_))
+        self._scratch = (np.empty(self.E), np.empty(P, dtype=np.bool_), np.empty(self.G), np.empty(P, dtype=np.bool_),
+                         np.empty((self.E, self.G), dtype=np.bool_))
 
     # -- the serve-time split ------------------------------------------------------------------------------
     def split(self, layer: int, plan: Plan, counts) -> tuple[np.ndarray, float]:
@@ -128,29 +131,28 @@ class MoelessPolicy(Policy):
         around the context (the engine decides every layer twice per iteration; that Python cost more than the
         decision itself at Mixtral's size)."""
         try:
-            one_dim = (loads.ndim, live.ndim, ready.ndim, link_free.ndim, last_use.ndim) == (1, 1, 1, 1, 1)
+            one_dim = loads.ndim == live.ndim == ready.ndim == link_free.ndim == last_use.ndim == 1
         except AttributeError:
             one_dim = False
         if not one_dim:
             raise ValueError("loads, live, ready, link_free and last_use must be one-dimensional numpy arrays")
         cur = self.dense(current)
-        live = live.astype(np.int64, copy=False)
-        W, loaded, link_wait, pinned = self._scratch
-        inst = np.zeros((self.E, self.G), dtype=np.bool_)
-        horizon = max(float(horizon), 1e-9)
-        link_group = max(1, int(link_group))
+        if live.dtype != _I64:
+            live = live.astype(np.int64)
+        if loads.dtype != _F64:
+            loads = loads.astype(np.float64)
+        W, loaded, link_wait, pinned, inst = self._scratch  # (inst: cleared by the kernel)
         code, w_max = _kernels.decide_live(
-            loads.astype(np.float64, copy=False), live, ready, float(model_t),
-            link_free, last_use, float(since), not self.free_moves, self.S, cur.has, cur.count, self.home,
-            self.home_gpu, self.profile, self.max_moves, self.copy_host, self.copy_peer, link_group,
-            float(lookahead), horizon, W, loaded, link_wait, pinned, inst)
+            loads, live, ready, float(model_t), link_free, last_use, float(since), not self.free_moves, self.S,
+            cur.has, cur.count, self.home, self.home_gpu, self.profile, self.max_moves, self.copy_host,
+            self.copy_peer, int(link_group), float(lookahead), float(horizon), W, loaded, link_wait, pinned, inst)
+        if code == -1 or (code == 1 and not refresh):  # (no pair; or the current plan's instances again)
+            return None
         if code == -2:
             raise ValueError(f"loads must have shape [E={self.E}], live, ready and last_use [G*S={self.G * self.S}] "
                              f"(live: experts in [-1, {self.E})) and link_free [G={self.G}]")
-        if code == -1:
-            return None
-        return self._conclude(code, inst, W, w_max, current, refresh, scenarios, link_group, live, loaded, pinned,
-                              horizon)
+        return self._conclude(code, inst, W, w_max, current, refresh, scenarios, max(1, int(link_group)),
+                              live, loaded, pinned, max(float(horizon), 1e-9))
 
     def _conclude(self, code, inst, W, w_max, current, refresh, scenarios, link_group, live, loaded, pinned,
                   horizon) -> Plan | None:
