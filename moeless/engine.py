@@ -46,9 +46,11 @@ from moeless._jit import njit
 from moeless.planner import Plan
 from moeless.planner.plan import _positive_int
 from moeless.policy import Policy
-from moeless.policy.base import check_count_values
-from moeless.policy._kernels import total as _total
+from moeless.policy.base import _SCANNED, check_count_values, raise_count_status as _raise_count_status
+from moeless.policy._kernels import count_status, total as _total
 from moeless.pool import ApplyResult, FunctionPool, Meter, SimulatedClock
+
+_I64 = np.dtype(np.int64)
 
 __all__ = ["Engine", "EngineStats", "GateReplicaLoads", "cost_pool", "default_slots_per_gpu"]
 
@@ -71,10 +73,19 @@ def cost_pool(cost, num_layers: int, gpus: int, slots_per_gpu: int, *, keep_aliv
 
 
 @njit
-def _observe_counts(counts, layer, last_counts, iter_counts, recent, n_recent, share, has_share, w):
+def _observe_counts(counts, layer, last_counts, iter_counts, recent, n_recent, share, has_share, w, predicted,
+                    check_predicted):
     """Layer `layer`'s true counts into the engine's per-layer state (one pass; see Engine.observe): this
     iteration's and the latest counts, the ring of recent counts, and the load shares averaged with weight w on
-    the old ones (the first loaded iteration sets them)."""
+    the old ones (the first loaded iteration sets them). First the checks, before anything is written: returns
+    count_status of the counts (whole ones), or 3 + that of `predicted` (if check_predicted), or 0."""
+    status = count_status(counts, True)
+    if status:
+        return status
+    if check_predicted:
+        status = count_status(predicted, False)
+        if status:
+            return 3 + status
     E = counts.shape[0]
     total = 0.0
     slot = n_recent[layer] % recent.shape[1]
@@ -93,6 +104,7 @@ def _observe_counts(counts, layer, last_counts, iter_counts, recent, n_recent, s
             for e in range(E):
                 share[layer, e] = counts[e] / total
             has_share[layer] = True
+    return 0
 
 
 @njit
@@ -367,20 +379,31 @@ class Engine:
         when l + d wraps past the last layer, from this iteration's true counts); a new plan is realised in the
         pool at `now`. Returns (target layer, ApplyResult), or None when the layer keeps its plan."""
         layer = self._layer(layer)
-        counts = self._counts(counts, "counts")
-        self._iteration_replicas[layer] = self._plan_reps[layer]
+        # (int64 counts and int64 / float64 predictions of the right shape are checked in the compiled update
+        # below, before it writes anything; other arrays here)
+        if not (type(counts) is np.ndarray and counts.dtype == _I64 and counts.shape == self._shape):
+            counts = self._counts(counts, "counts")
         target = layer + self.distance
+        check = False
         if target >= self.L:
             target -= self.L
             loads = self._last_counts[target] if target < layer else counts  # true counts of this iteration
         elif predicted is not None:
-            loads = self._counts(predicted, "predicted", integral=False)
+            if type(predicted) is np.ndarray and predicted.dtype in _SCANNED and predicted.shape == self._shape:
+                loads, check = predicted, True
+            else:
+                loads = self._counts(predicted, "predicted", integral=False)
         else:
             loads = self._last_counts[target]  # the previous iteration's true counts of the target layer
         # the layer's counts, and its load shares averaged over one keep-alive
         w = 0.5 ** (self._weight / self._keep_iterations()) if self._has_share[layer] else 0.0
-        _observe_counts(counts, layer, self._last_counts, self._iter_counts, self._recent, self._n_recent,
-                        self._share, self._has_share, w)
+        status = _observe_counts(counts, layer, self._last_counts, self._iter_counts, self._recent, self._n_recent,
+                                 self._share, self._has_share, w, loads if check else counts, check)
+        if status:
+            _raise_count_status(status % 3, "counts" if status < 3 else "predicted")
+        if check:
+            loads = loads.astype(np.float64)  # (a copy: the policy's context must not alias the caller's array)
+        self._iteration_replicas[layer] = self._plan_reps[layer]
         if layer == self.L - 1:
             self.stats.replicas.append(self._iteration_replicas.copy())
         if not replan or (self.prewarm and layer + self.distance >= self.L):

@@ -141,6 +141,12 @@ def check_count_values(c: np.ndarray, name: str, integral: bool) -> None:
         status = 1
     else:
         status = 2 if integral and c.dtype.kind not in "iu" and (c != np.round(c)).any() else 0
+    raise_count_status(status, name)
+
+
+def raise_count_status(status: int, name: str) -> None:
+    """The ValueError naming `name` for a count_status of 1 (a negative or non-finite entry) or 2 (a fractional
+    one where whole counts are required); nothing for 0."""
     if status == 1:
         raise ValueError(f"{name} must be finite non-negative counts")
     if status == 2:
