@@ -218,8 +218,19 @@ def test_counts_are_checked_like_numpy_says(dtype):
             with pytest.raises(ValueError, match="integer counts" if ok else "finite non-negative counts"):
                 eng.split(0, c)
         good = np.full(E, 2, dtype=np.int64)
+        before = (eng._last_counts.copy(), eng._n_recent.copy(), eng._share.copy())
         if ok:
             eng.observe(0, good, c, 0.0)  # predicted counts may be fractional
         else:
             with pytest.raises(ValueError, match="predicted must be finite non-negative"):
                 eng.observe(0, good, c, 0.0)
+        if not whole:  # observe's own counts: the same check, and a rejected call changes nothing
+            state = (eng._last_counts.copy(), eng._n_recent.copy(), eng._share.copy())
+            with pytest.raises(ValueError, match="counts must hold integer counts" if ok
+                               else "counts must be finite non-negative counts"):
+                eng.observe(0, c, good, 0.0)
+            for a, b in zip(state, (eng._last_counts, eng._n_recent, eng._share)):
+                np.testing.assert_array_equal(a, b)
+        if not ok:  # a rejected prediction left the layer's state as it was
+            for a, b in zip(before, (eng._last_counts, eng._n_recent, eng._share)):
+                np.testing.assert_array_equal(a, b)
