@@ -544,7 +544,7 @@ def _insert_sorted(gl, gcnt, g, e):
 
 @njit
 def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, copy_host, copy_peer, holder,
-            link_group, link_wait, lookahead, horizon, stall, settled=False):
+            link_group, link_wait, lookahead, horizon, stall):
     """Local search on n [E, G] in place (see the module docstring). Returns the number of moves.
 
     home [E, G]: the instances that always stay in the plan; any other instance takes one of its GPU's room [G]
@@ -554,10 +554,7 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
     a peer GPU of its link group: where holder [E, groups] marks a loaded instance of e in g's group of
     link_group GPUs), link_wait [G] (seconds each GPU's links are already busy, this layer's copies included:
     updated), lookahead (seconds the look-ahead hides), horizon (iterations a new instance is expected to
-    serve) and stall [1] (the layer's stall so far: updated). settled: n is a split that this search, with every
-    instance free to take pairs, left without a free move or chain (_split_lists' `converged`): until the first
-    move, only new instances are tried (the free moves and chains it would try are among those, and none
-    helped)."""
+    serve) and stall [1] (the layer's stall so far: updated)."""
     E, G = n.shape
     comp = np.zeros(G)
     pairs = np.zeros(G)
@@ -568,7 +565,6 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
     sum_mode = p[_SUM] > 0.0
     order = np.argsort(comp, kind="mergesort") if new_ok else np.zeros(1, dtype=np.int64)
     moves = 0
-    free_ok = not settled
     while moves < max_moves:
         _top3(comp, pairs, tops)
         gs = tops[0]
@@ -598,7 +594,7 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
             e = gl[gs, i]
             if n[e, gs] < 1.0:
                 continue
-            for k in range(cnt[e] if free_ok else 0):  # the expert's other instances: free moves
+            for k in range(cnt[e]):  # the expert's other instances: free moves
                 gb = ig[e, k]
                 if gb == gs:
                     continue
@@ -648,7 +644,7 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
             # no single move helps: try a chain, all of e's pairs on the busiest GPU to its instance on gb while
             # all of f's pairs on gb go to f's instance on gc (gb would otherwise become the busiest: the
             # local search's trap in memory-bound layers, where a GPU's time counts its active experts)
-            if free_ok and _chain_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p):
+            if _chain_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p):
                 moves += 1
                 if new_ok:
                     _resort(order, comp)
@@ -677,7 +673,6 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
         if new_ok:
             _resort(order, comp)
         moves += 1
-        free_ok = True
     return moves
 
 
@@ -817,13 +812,10 @@ def even_seed(W, ig, cnt, n):
 
 
 @njit
-def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out, one_search=False, estimated=None,
-                 converged=None):
+def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out, one_search=False, estimated=None):
     """time_split on prepared instance lists (see time_split); n_out is written on the instances only. one_search:
     where both searches would run, only the one from the faster seed does (an estimate at half the cost, never
-    below the full split; estimated [1], if given, is set to whether it was one). converged [1], if given, is set
-    to whether n_out is where a search stopped for want of a move (not at max_moves; a forced split counts: it
-    has no free move)."""
+    below the full split; estimated [1], if given, is set to whether it was one)."""
     E, G = has.shape
     total = 0.0
     single = True
@@ -836,8 +828,6 @@ def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out, one_se
     primary_seed(W, primary, ig, cnt, n_out)
     gpu_times(n_out, ig, cnt, p, comp, pairs)
     best = layer_time(comp, pairs, total, p)
-    if converged is not None:
-        converged[0] = single
     if single:
         return best
     # search 1: from the faster of the primary and LPT seeds (memory-bound layers: experts whole); search 2:
@@ -885,30 +875,24 @@ def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out, one_se
     if run1:  # from the faster of the primary seed (in n_out) and LPT
         if f_lpt < best * (1.0 - 1e-12):
             _copy(n_out, cand, ig, cnt)
-        m1 = improve(n_out, has, ig, cnt, gl, gcnt, has, p, total, max_moves, False, room, 0.0, 0.0, holder, 1,
-                     wait, 0.0, 1.0, stall)
-        if converged is not None:
-            converged[0] = m1 < max_moves
+        improve(n_out, has, ig, cnt, gl, gcnt, has, p, total, max_moves, False, room, 0.0, 0.0, holder, 1, wait,
+                0.0, 1.0, stall)
         gpu_times(n_out, ig, cnt, p, comp, pairs)
         best = layer_time(comp, pairs, total, p)
     if not run2:
         if f_even < best * (1.0 - 1e-12):
             _copy(n_out, even, ig, cnt)
             best = f_even
-            if converged is not None:
-                converged[0] = False
         return best
     if f_even < f_wf * (1.0 - 1e-12):  # from the faster of water-filling and the even split
         _copy(wf, even, ig, cnt)
-    m2 = improve(wf, has, ig, cnt, gl, gcnt, has, p, total, max_moves, False, room, 0.0, 0.0, holder, 1, wait, 0.0,
-                 1.0, stall)
+    improve(wf, has, ig, cnt, gl, gcnt, has, p, total, max_moves, False, room, 0.0, 0.0, holder, 1, wait, 0.0,
+            1.0, stall)
     gpu_times(wf, ig, cnt, p, comp, pairs)
     f = layer_time(comp, pairs, total, p)
     if f < best * (1.0 - 1e-12) or not run1:
         best = f
         _copy(n_out, wf, ig, cnt)
-        if converged is not None:
-            converged[0] = m2 < max_moves
     return best
 
 
@@ -1087,8 +1071,7 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, n_cur, home, home_gpu, p, 
     cnt0 = cnt.copy()  # (improve appends the instances it creates after these)
     n = np.empty((E, G))  # (written on the instances; improve zeroes a new instance's entry before pricing it)
     first_est = np.zeros(1, dtype=np.bool_)
-    settled = np.zeros(1, dtype=np.bool_)
-    t_first = _split_lists(W, has, ig, cnt, gl, gcnt, home_gpu, p, max_moves, n, True, first_est, settled)
+    t_first = _split_lists(W, has, ig, cnt, gl, gcnt, home_gpu, p, max_moves, n, True, first_est)
     n_first = cnt0.sum()
     room = np.full(G, S, dtype=np.int64)
     for e in range(E):
@@ -1103,7 +1086,7 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, n_cur, home, home_gpu, p, 
     stall = np.zeros(1)
     wait = link_wait.copy()
     improve(n, has, ig, cnt, gl, gcnt, keep, p, total, max_moves, True, room, copy_host, copy_peer, holder,
-            link_group, wait, lookahead, horizon, stall, settled[0])
+            link_group, wait, lookahead, horizon, stall)
     # the chosen instances (all among the lists), and whether they are the current plan's
     n_out = 0
     n_out_first = 0  # of them among the first split's instances
