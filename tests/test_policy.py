@@ -43,6 +43,33 @@ def _dense(plan, rt):
     return n
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 5), st.integers(1, 4), st.integers(0, 2**31 - 1), st.booleans())
+def test_dense_layout_reads_the_plan_slot_by_slot(E, G, S, seed, with_home):
+    """DenseLayout (one compiled pass over log2phy) against the plan's slots read one by one in Python, duplicates
+    of an expert on one GPU included: has, each replica's GPU, whether it is its expert's first on that GPU, and
+    the primary GPU (the home where the plan holds it, else the first replica's)."""
+    if G * S < E:
+        return
+    rng = np.random.default_rng(seed)
+    p2l = np.full(G * S, -1, dtype=np.int64)
+    slots = rng.permutation(G * S)
+    p2l[slots[:E]] = np.arange(E)
+    extra = int(rng.integers(0, G * S - E + 1))
+    p2l[slots[E:E + extra]] = rng.integers(0, E, extra)
+    plan = Plan.from_phy2log(p2l[None], E, G, S)
+    home_gpu = rng.integers(0, G, E) if with_home else None
+    d = DenseLayout(plan, home_gpu)
+    for e in range(E):
+        gpus = [s // S for s in range(G * S) if p2l[s] == e]  # ascending slots, as log2phy lists them
+        assert d.valid[e].tolist() == [True] * len(gpus) + [False] * (d.valid.shape[1] - len(gpus))
+        assert d.rg[e, :len(gpus)].tolist() == gpus
+        assert d.first[e, :len(gpus)].tolist() == [i == 0 or g != gpus[i - 1] for i, g in enumerate(gpus)]
+        assert d.has[e].tolist() == [g in gpus for g in range(G)]
+        home_held = home_gpu is not None and home_gpu[e] in gpus
+        assert d.primary[e] == (home_gpu[e] if home_held else gpus[0])
+
+
 def _price(cost, plan, rt):
     """The cost model's MoE-layer seconds of replica_tokens rt [E, R] on a one-layer plan (an independent path:
     moeless.costmodel's per-slot pricing)."""

@@ -941,6 +941,28 @@ def primary_of(has, home_gpu, out):
 
 
 @njit
+def dense_layout(l2p, S, home_gpu, use_home, has, primary, rg, first, valid):
+    """moeless.policy.base.DenseLayout's arrays from a layer's log2phy l2p [E, R] (slots ascending, -1 pads at
+    the end): valid [E, R] (a slot), rg [E, R] (its GPU, 0 on pads), has [E, G] (all False on entry), first
+    [E, R] (the first replica of its expert on its GPU) and primary [E] (the home GPU home_gpu[e] where has
+    holds it and `use_home`, else the first replica's GPU)."""
+    E, R = l2p.shape
+    for e in range(E):
+        for r in range(R):
+            s = l2p[e, r]
+            v = s >= 0
+            g = s // S if v else 0
+            valid[e, r] = v
+            rg[e, r] = g
+            first[e, r] = v and (r == 0 or g != rg[e, r - 1])
+            if v:
+                has[e, g] = True
+        primary[e] = rg[e, 0] if R > 0 else 0
+        if use_home and has[e, home_gpu[e]]:
+            primary[e] = home_gpu[e]
+
+
+@njit
 def _split_of(W, mask, ig, cnt, primary, p, max_moves, total_mask):
     """time_split of W over the instances mask [E, G] (total_mask of them), taken from the lists (ig, cnt) when
     they hold them all, else from a scan of the mask."""
@@ -985,17 +1007,30 @@ def fill_replicas(W, keep, live_has, S, p, copy_host, copy_peer, holder, link_gr
         if free[g] > 0:
             slots += free[g]
     extra = np.zeros(E, dtype=np.int64)
+    # the candidates, ascending: an expert leaves for good once one more replica would put it below the ridge or
+    # it has an instance on every GPU (its count only grows), so each round scans the ones still in
+    cand = np.empty(E, dtype=np.int64)
+    nc = 0
+    for e in range(E):
+        if 1 <= cnt[e] < G and W[e] / (cnt[e] + 1.0) >= ridge:
+            cand[nc] = e
+            nc += 1
     for _ in range(slots):
         best = -1
         bv = 0.0
-        for e in range(E):
+        j = 0
+        for i in range(nc):
+            e = cand[i]
             c = cnt[e] + extra[e]
-            if c < 1 or c >= G:
-                continue
             v = W[e] / (c + 1.0)
-            if v >= ridge and v > bv:
+            if c >= G or not v >= ridge:
+                continue  # (dropped)
+            cand[j] = e
+            j += 1
+            if v > bv:
                 best = e
                 bv = v
+        nc = j
         if best < 0:
             break
         extra[best] += 1

@@ -90,19 +90,14 @@ class DenseLayout:
     def __init__(self, plan: Plan, home_gpu: np.ndarray | None = None):
         E, G, S = plan.num_experts, plan.gpus, plan.slots_per_gpu
         l2p = plan.log2phy[0]
-        valid = l2p >= 0
-        rg = np.where(valid, l2p // S, 0)
+        R = l2p.shape[1]
         has = np.zeros((E, G), dtype=np.bool_)
-        ei, ri = np.nonzero(valid)
-        has[ei, rg[ei, ri]] = True
-        primary = rg[:, 0].copy()
-        if home_gpu is not None:
-            at_home = has[np.arange(E), home_gpu]
-            primary = np.where(at_home, home_gpu, primary)
-        # the first replica of each expert on each GPU: a later one on the same GPU is a duplicate (log2phy
-        # lists an expert's slots in ascending order, so its GPUs are non-decreasing: compare neighbours)
-        first = valid.copy()
-        first[:, 1:] &= rg[:, 1:] != rg[:, :-1]
+        primary = np.empty(E, dtype=np.int64)
+        rg = np.empty((E, R), dtype=np.int64)
+        first = np.empty((E, R), dtype=np.bool_)
+        valid = np.empty((E, R), dtype=np.bool_)
+        _kernels.dense_layout(l2p, S, _NO_HOME if home_gpu is None else home_gpu, home_gpu is not None, has, primary,
+                              rg, first, valid)
         self.has, self.primary, self.rg, self.first, self.valid, self.E, self.G = has, primary, rg, first, valid, E, G
         self._lists = None
         self._count = -1
@@ -129,6 +124,7 @@ class DenseLayout:
 
 
 _SCANNED = (np.dtype(np.int64), np.dtype(np.float64))
+_NO_HOME = np.zeros(0, dtype=np.int64)
 
 
 def check_count_values(c: np.ndarray, name: str, integral: bool) -> None:
