@@ -46,11 +46,9 @@ from moeless._jit import njit
 from moeless.planner import Plan
 from moeless.planner.plan import _positive_int
 from moeless.policy import Policy
-from moeless.policy.base import check_count_values, raise_count_status as _raise_count_status
+from moeless.policy.base import _I64, _SCANNED, check_count_values, raise_count_status as _raise_count_status
 from moeless.policy._kernels import count_status, total as _total
 from moeless.pool import ApplyResult, FunctionPool, Meter, SimulatedClock
-
-_I64, _F64 = np.dtype(np.int64), np.dtype(np.float64)
 
 __all__ = ["Engine", "EngineStats", "GateReplicaLoads", "cost_pool", "default_slots_per_gpu"]
 
@@ -389,7 +387,7 @@ class Engine:
             target -= self.L
             loads = self._last_counts[target] if target < layer else counts  # true counts of this iteration
         elif predicted is not None:
-            if type(predicted) is np.ndarray and predicted.dtype in (_I64, _F64) and predicted.shape == self._shape:
+            if type(predicted) is np.ndarray and predicted.dtype in _SCANNED and predicted.shape == self._shape:
                 loads, check = predicted, True
             else:
                 loads = self._counts(predicted, "predicted", integral=False)

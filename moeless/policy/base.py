@@ -123,7 +123,10 @@ class DenseLayout:
         return out
 
 
-_SCANNED = (np.dtype(np.int64), np.dtype(np.float64))
+# the dtypes of counts and loads that the compiled loops read as they are (count_status scans them; other
+# dtypes are converted or checked by numpy)
+_I64, _F64 = np.dtype(np.int64), np.dtype(np.float64)
+_SCANNED = (_I64, _F64)
 _NO_HOME = np.zeros(0, dtype=np.int64)
 
 

@@ -32,9 +32,7 @@ import numpy as np
 from moeless.planner import Plan, gpu_loads, plan_layers, serve_time_split
 from moeless.planner.plan import _positive_int
 from moeless.policy import _kernels
-from moeless.policy.base import LayerContext, Policy
-
-_I64, _F64 = np.dtype(np.int64), np.dtype(np.float64)
+from moeless.policy.base import _F64, _I64, LayerContext, Policy
 
 __all__ = ["HALF_LIFE_FRACTION", "MoelessPolicy", "forecast_loads", "rebalance_plan"]
 
@@ -68,8 +66,8 @@ class MoelessPolicy(Policy):
         self.homes_per_gpu = home.sum(0)
         self._home_row = self.homes.phy2log[0]
         self._home_layer = self.homes[0]
-        # decide_live's working arrays W, loaded, link_wait, pinned: read within the call only (a policy object
-        # decides for one engine, one layer at a time)
+        # decide_live's working arrays W, loaded, link_wait, pinned and the chosen instances: read within the call
+        # only (a policy object decides for one engine, one layer at a time)
         P = self.G * self.S
         self._scratch = (np.empty(self.E), np.empty(P, dtype=np.bool_), np.empty(self.G), np.empty(P, dtype=np.bool_),
                          np.empty((self.E, self.G), dtype=np.bool_))
