@@ -8,7 +8,8 @@ Timed, after warming the engine on a few iterations of the same skewed popularit
 per layer, multinomial batches), so that its pool holds replicas:
 - one iteration's control plane over all layers: every layer's serve-time split (`Engine.split`), its decision
   d = 1 layers ahead (`Engine.observe`) and its decision for the next iteration (`Engine.prepare`: every 4th
-  iteration per layer, with the robust alternatives), realised in the pool: Mixtral-8x7B (32 layers, 8 experts,
+  iteration per layer, with the robust alternatives), realised in the pool on a clock that moves at every layer
+  (as the serving loop's: each decision advances the pool's meter): Mixtral-8x7B (32 layers, 8 experts,
   8 GPUs x 2 slots, A6000 roofline) and DeepSeek-V3 (58 layers, 256 experts, 64 GPUs x 8 slots, H200
   roofline), prefill-sized (4,096 / 8,192 tokens) and decode-sized (64 tokens) batches. The table splits it
   into the planning (the decisions, `observe` + `prepare` + `end_iteration`: the issue's per-iteration
@@ -52,7 +53,11 @@ TOKENS = {"mixtral": {"prefill": 4096, "decode": 64}, "deepseek_v3": {"prefill":
 
 
 class Driver:
-    """An engine over the case's policy, fed batches of one skewed popularity, one iteration per call."""
+    """An engine over the case's policy, fed batches of one skewed popularity, one iteration per call; its clock
+    moves on at every layer (ITERATION_S per iteration), as the serving loop's does, so that the pool's meter
+    and releases (FunctionPool.advance_to, at every decision) are timed as serving pays them."""
+
+    ITERATION_S = 0.05
 
     def __init__(self, case: str, phase: str, seed: int = 0, prepare_every: int = 1):
         name, hw, L, E, K, G, S = CASES[case]
@@ -77,11 +82,12 @@ class Driver:
             t0 = clock()
             eng.split(layer, loads[layer])
             self.split_s += clock() - t0
-            eng.observe(layer, loads[layer], nxt[layer + 1] if layer + 1 < self.L else None, self.t)
-            eng.prepare(layer, self.t)
-        eng.end_iteration(self.t)
+            now = self.t + self.ITERATION_S * layer / self.L  # (a clock that moves per layer, as moeless.serve's)
+            eng.observe(layer, loads[layer], nxt[layer + 1] if layer + 1 < self.L else None, now)
+            eng.prepare(layer, now)
+        eng.end_iteration(now)
         self.i += 1
-        self.t += 0.05
+        self.t += self.ITERATION_S
 
 
 def _info(benchmark, **kw):

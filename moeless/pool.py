@@ -21,7 +21,7 @@ resident expert for the whole run.
 Clocks: `RealClock` (time.perf_counter) or `SimulatedClock` (`advance(dt)`); every method takes an explicit
 `now` or reads the pool's clock. Time never goes backwards (ValueError).
 
-The per-slot passes of `apply` and `copy_sources` (and `align_slots`, the planner's) are compiled with numba
+The per-slot passes of `apply`, `copy_sources` and `advance_to` (and `align_slots`, the planner's) are compiled with numba
 (moeless._jit): the control plane changes a layer's plan at every scale-out, and as numpy passes they cost
 more than the decision itself at DeepSeek-V3's 512 slots.
 
@@ -227,6 +227,50 @@ def _apply_rows(layers, p2l, expert, ready_at, last_used, in_plan, t, S, grp, pe
     return cold, from_peer, warm, evicted, ready_in
 
 
+@njit
+def _advance(expert, in_plan, last_used, keep_alive, t0, t, S):
+    """FunctionPool.advance_to's pass from t0 to t > t0 over the slots expert [L, G*S]: every live instance is
+    charged from t0 until t, or until its keep-alive deadline (last_used + keep_alive) if it is idle (not
+    in_plan) and that comes first; idle instances whose deadline is at most t are released (expert = -1). Returns
+    (instance-seconds, GPU-seconds (a GPU is held until its last live instance's end), releases, the earliest
+    deadline of the idle instances left (inf if none), live instances left, GPUs holding one)."""
+    L, P = expert.shape
+    G = P // S
+    gpu_end = np.full(G, t0)
+    held = np.zeros(G, dtype=np.bool_)
+    inst_s = 0.0
+    gone = 0
+    until = np.inf
+    n_live = 0
+    for row in range(L):
+        for s in range(P):
+            if expert[row, s] < 0:
+                continue
+            end = t
+            if not in_plan[row, s]:
+                deadline = last_used[row, s] + keep_alive
+                if deadline <= t:
+                    end = deadline if deadline > t0 else t0
+                    expert[row, s] = -1
+                    gone += 1
+                elif deadline < until:
+                    until = deadline
+            g = s // S
+            inst_s += end - t0
+            if end > gpu_end[g]:
+                gpu_end[g] = end
+            if expert[row, s] >= 0:
+                n_live += 1
+                held[g] = True
+    gpu_s = 0.0
+    n_held = 0
+    for g in range(G):
+        gpu_s += gpu_end[g] - t0
+        if held[g]:
+            n_held += 1
+    return inst_s, gpu_s, gone, until, n_live, n_held
+
+
 class FunctionPool:
     """Instances of `num_layers` x `gpus` x `slots_per_gpu` slots.
 
@@ -282,6 +326,9 @@ class FunctionPool:
         self._t = float(self.clock.now())
         self._link_free = np.full(self.gpus, -np.inf)  # when each GPU's host link finishes its queued copies
         self._peer_free = np.full(self.gpus, -np.inf)  # the same for its peer link
+        # (until, live instances, GPUs holding one) as of the last pass of advance_to: until the earliest idle
+        # deadline nothing is released; None once the state changed (apply, prewarm, close)
+        self._quiet = None
 
     # -- time and the meter -------------------------------------------------------------------------------
     @property
@@ -309,21 +356,28 @@ class FunctionPool:
         return np.where(self.expert >= 0, self.last_used + self.keep_alive_s, -np.inf)
 
     def advance_to(self, now=None) -> float:
-        """Charge the meter up to `now` and release the instances whose keep-alive ran out."""
+        """Charge the meter up to `now` and release the instances whose keep-alive ran out.
+
+        One compiled pass over the slots (_advance) notes the earliest keep-alive deadline of the idle instances
+        and how many instances and GPUs are live; until that deadline, or until the pool's state changes (apply,
+        prewarm, close), nothing can be released, so a later call charges those counts times the elapsed time in
+        O(1). The engine advances the pool at every decision, two per layer on a serving clock: a pass over
+        DeepSeek-V3's 58 x 512 slots each time would cost several times the decision."""
         t = self._now(now)
         if t == self._t:
             return t  # nothing to charge, and releases due by t happened when the clock reached t
-        live = self.expert >= 0
-        if live.any():
-            end = np.minimum(np.where(self.in_plan, np.inf, self._deadline()), t)
-            end = np.where(live, np.maximum(end, self._t), self._t)
-            self.meter.gb_seconds += float((end - self._t).sum()) * self.expert_bytes / 1e9
-            per_gpu = end.reshape(self.num_layers, self.gpus, self.slots_per_gpu).max(axis=(0, 2))
-            self.meter.gpu_seconds += float((per_gpu - self._t).sum())
-            gone = live & ~self.in_plan & (self._deadline() <= t)
-            if gone.any():
-                self.meter.releases += int(gone.sum())
-                self.expert[gone] = -1
+        quiet = self._quiet
+        if quiet is not None and t < quiet[0]:
+            dt = t - self._t
+            self.meter.gb_seconds += quiet[1] * dt * self.expert_bytes / 1e9
+            self.meter.gpu_seconds += quiet[2] * dt
+        else:
+            inst_s, gpu_s, gone, until, n_live, n_held = _advance(
+                self.expert, self.in_plan, self.last_used, self.keep_alive_s, self._t, t, self.slots_per_gpu)
+            self.meter.gb_seconds += inst_s * self.expert_bytes / 1e9
+            self.meter.gpu_seconds += gpu_s
+            self.meter.releases += gone
+            self._quiet = (until, n_live, n_held)
         self._t = t
         return t
 
@@ -361,6 +415,7 @@ class FunctionPool:
         self.expert[layer, slot] = expert
         self.ready_at[layer, slot] = ready
         self.last_used[layer, slot] = t
+        self._quiet = None
         self._charge_copies(from_peer, int(evict.sum()))
         return ready
 
@@ -403,6 +458,7 @@ class FunctionPool:
             np.ascontiguousarray(layers, dtype=np.int64), np.ascontiguousarray(p2l, dtype=np.int64), self.expert,
             self.ready_at, self.last_used, self.in_plan, t, self.slots_per_gpu, self.link_group, peer,
             self._link_free, self._peer_free, self.cold_start_s, self.peer_cold_start_s)
+        self._quiet = None
         self._charge_copies(from_peer, len(evicted))
         self.meter.warm_starts += len(warm)
         return ApplyResult(cold=cold, warm=warm, evicted=evicted, ready_in_s=ready_in, from_peer=from_peer)
@@ -455,6 +511,7 @@ class FunctionPool:
         self.meter.releases += int(live.sum())
         self.expert[:] = -1
         self.in_plan[:] = False
+        self._quiet = None
         self._t = t
         return self.meter
 

@@ -3,6 +3,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from moeless.planner import Plan
 from moeless.pool import FunctionPool, RealClock, SimulatedClock
@@ -214,3 +216,55 @@ def test_copy_sources_rejects_bad_rows():
                                 ([0], np.full((1, 8), -2), "entries")):
         with pytest.raises(ValueError, match=match):
             pool.copy_sources(layers, rows)
+
+
+def _reference_advance(expert, in_plan, last_used, keep_alive, t0, t, S):
+    """The meter from t0 to t as whole-array numpy (a second code path to the pool's compiled pass and its O(1)
+    quiet interval): (GB-s factor: instance-seconds, GPU-seconds, releases), releasing in `expert`."""
+    live = expert >= 0
+    deadline = np.where(live, last_used + keep_alive, -np.inf)
+    end = np.minimum(np.where(in_plan, np.inf, deadline), t)
+    end = np.where(live, np.maximum(end, t0), t0)
+    L, P = expert.shape
+    per_gpu = end.reshape(L, P // S, S).max(axis=(0, 2))
+    gone = live & ~in_plan & (deadline <= t)
+    expert[gone] = -1
+    return float((end - t0).sum()), float((per_gpu - t0).sum()), int(gone.sum())
+
+
+_STEP = st.tuples(
+    st.sampled_from([0.0, 0.25, 0.5, 1.0, 2.5, 7.0]),  # time to the next step (deadlines are hit exactly)
+    st.sampled_from(["advance", "apply", "prewarm"]),
+    st.lists(st.integers(-1, 2), min_size=8, max_size=8),  # a plan of 2 layers x 4 slots (2 GPUs x 2)
+    st.integers(0, 7))  # the prewarmed slot
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from([0.0, 1.0, 3.0, math.inf]), st.lists(_STEP, min_size=1, max_size=25))
+@example(1.0, [(0.0, "apply", [0, 1, -1, -1, -1, -1, -1, -1], 0),  # expert 1 idle from t = 1, due at t = 2:
+               (1.0, "apply", [0, -1, -1, -1, -1, -1, -1, -1], 0),  # a pass at 1.5 sees it, 2.0 must release it
+               (0.5, "advance", [-1] * 8, 0), (0.5, "advance", [-1] * 8, 0)])
+def test_meter_matches_a_whole_array_reference(keep_alive, steps):
+    """advance_to's compiled pass and its O(1) charge between releases give the meter and the releases that the
+    whole-array formula gives, step by step, whatever plans, prewarms and clock steps come between."""
+    pool = FunctionPool(2, 2, 2, expert_bytes=GB, link_bandwidth=GB, keep_alive_s=keep_alive)
+    ref_expert = pool.expert.copy()
+    inst_s = gpu_s = 0.0
+    releases = 0
+    t = 0.0
+    for dt, action, p2l, slot in steps:
+        t0, t = t, t + dt
+        if t > t0:
+            i, g, r = _reference_advance(ref_expert, pool.in_plan.copy(), pool.last_used.copy(), keep_alive, t0, t,
+                                         pool.slots_per_gpu)
+            inst_s, gpu_s, releases = inst_s + i, gpu_s + g, releases + r
+        pool.advance_to(t)
+        np.testing.assert_array_equal(pool.expert, ref_expert)
+        assert pool.meter.gb_seconds == pytest.approx(inst_s, rel=1e-12, abs=1e-12)
+        assert pool.meter.gpu_seconds == pytest.approx(gpu_s, rel=1e-12, abs=1e-12)
+        assert pool.meter.releases == releases
+        if action == "apply":
+            pool.apply(Plan.from_phy2log(np.reshape(p2l, (2, 4)), 3, 2, 2), now=t)
+        elif action == "prewarm" and not pool.in_plan[slot // 4, slot % 4]:
+            pool.prewarm(slot // 4, slot % 4, 1, now=t)
+        ref_expert = pool.expert.copy()
