@@ -71,19 +71,24 @@ def cost_pool(cost, num_layers: int, gpus: int, slots_per_gpu: int, *, keep_aliv
 
 
 @njit
-def _observe_counts(counts, layer, last_counts, iter_counts, recent, n_recent, share, has_share, w, predicted,
-                    check_predicted):
+def _observe_counts(counts, layer, last_counts, iter_counts, recent, n_recent, share, has_share, w, target_loads,
+                    check_target):
     """Layer `layer`'s true counts into the engine's per-layer state (one pass; see Engine.observe): this
     iteration's and the latest counts, the ring of recent counts, and the load shares averaged with weight w on
-    the old ones (the first loaded iteration sets them). First the checks, before anything is written: returns
-    count_status of the counts (whole ones), or 3 + that of `predicted` (if check_predicted), or 0."""
+    the old ones (the first loaded iteration sets them). First the checks, before anything is written. Returns
+    (status, the sum of target_loads [E]: the loads the decision d layers ahead plans for, another layer's row or
+    these counts): status is count_status of the counts (whole ones), or 3 + that of target_loads (if
+    check_target: a caller's prediction), or 0."""
     status = count_status(counts, True)
     if status:
-        return status
-    if check_predicted:
-        status = count_status(predicted, False)
+        return status, 0.0
+    if check_target:
+        status = count_status(target_loads, False)
         if status:
-            return 3 + status
+            return 3 + status, 0.0
+    target_total = 0.0
+    for e in range(target_loads.shape[0]):
+        target_total += target_loads[e]
     E = counts.shape[0]
     total = 0.0
     slot = n_recent[layer] % recent.shape[1]
@@ -102,7 +107,7 @@ def _observe_counts(counts, layer, last_counts, iter_counts, recent, n_recent, s
             for e in range(E):
                 share[layer, e] = counts[e] / total
             has_share[layer] = True
-    return 0
+    return 0, target_total
 
 
 @njit
@@ -305,6 +310,7 @@ class Engine:
         self._ready = np.zeros((self.L, self.G * self.S))  # model time at which each slot's copy is in
         self._n_made = 0
         self._uses = 0.0
+        self._life = None  # (_keep_iterations(), horizon()) until what they read changes (see _warm_life)
         self._weight = 1.0
         self.stats = EngineStats()
         self.applied: list[tuple[float, int, np.ndarray]] = []  # (now, layer, phy2log [G*S]) in pool order
@@ -368,6 +374,7 @@ class Engine:
         self._layer_s = self.last_layer_s if self._layer_s is None else 0.9 * self._layer_s + 0.1 * self.last_layer_s
         self.model_t += self.last_layer_s
         self._weighted_t += self.last_layer_s * self._weight  # real iterations' seconds (thinned ones weighted)
+        self._life = None
         return rt
 
     def observe(self, layer: int, counts, predicted=None, now: float | None = None, *, replan: bool = True):
@@ -394,9 +401,9 @@ class Engine:
         else:
             loads = self._last_counts[target]  # the previous iteration's true counts of the target layer
         # the layer's counts, and its load shares averaged over one keep-alive
-        w = 0.5 ** (self._weight / self._keep_iterations()) if self._has_share[layer] else 0.0
-        status = _observe_counts(counts, layer, self._last_counts, self._iter_counts, self._recent, self._n_recent,
-                                 self._share, self._has_share, w, loads if check else counts, check)
+        w = 0.5 ** (self._weight / self._warm_life()[0]) if self._has_share[layer] else 0.0
+        status, total = _observe_counts(counts, layer, self._last_counts, self._iter_counts, self._recent,
+                                        self._n_recent, self._share, self._has_share, w, loads, check)
         if status:
             _raise_count_status(status % 3, "counts" if status < 3 else "predicted")
         if check:
@@ -406,7 +413,7 @@ class Engine:
             self.stats.replicas.append(self._iteration_replicas.copy())
         if not replan or (self.prewarm and layer + self.distance >= self.L):
             return None
-        return self._decide(target, loads, now, self.distance)
+        return self._decide(target, loads, now, self.distance, total=total)
 
     def prepare(self, layer: int, now: float | None = None):
         """After layer `layer` ran (its instances are free again): decide its plan for the next iteration, so
@@ -448,7 +455,7 @@ class Engine:
         new = self.policy.decide_live(
             target, loads, self._plans[target], self.pool.expert[target], self._ready[target], self.model_t,
             self._link_free, self._last_use[target], t - self.pool.keep_alive_s,
-            lookahead=layers_ahead * (self._layer_s or 0.0), horizon=self.horizon(), link_group=self.pool.link_group,
+            lookahead=layers_ahead * (self._layer_s or 0.0), horizon=self._warm_life()[1], link_group=self.pool.link_group,
             tokens=self._tokens, refresh=refresh, scenarios=scenarios)
         if new is None:
             self.stats.plans_kept += 1
@@ -468,6 +475,7 @@ class Engine:
         """After the last layer: count the warm life of this engine's instances, and realise the policy's
         whole-model plan if it has one (EPLB's rebuild at its cadence)."""
         self._iterations += weight
+        self._life = None
         new = self.policy.end_iteration(self._iter_counts.copy(), float(self._now if now is None else now), weight)
         if new is None:
             return None
@@ -489,6 +497,14 @@ class Engine:
             return 1.0
         return min(1000.0, max(1.0, self.pool.keep_alive_s / mean_it))
 
+    def _warm_life(self) -> tuple[float, float]:
+        """(_keep_iterations(), horizon()), computed once until a split, a cold start or the end of an iteration
+        changes what they read (each layer asks for them up to three times)."""
+        life = self._life
+        if life is None:
+            life = self._life = (self._keep_iterations(), self.horizon())
+        return life
+
     def horizon(self) -> float:
         """Expected warm life, in iterations, of an instance cold-started now: the mean number of iterations in
         which the instances this engine cold-started served pairs, with `horizon_prior` counted as one more
@@ -506,6 +522,7 @@ class Engine:
         self._made[layer, slot] = self.pool.expert[layer, slot]
         self._last_use[layer, slot] = self._now  # a new instance is kept for a keep-alive, used or not
         self._n_made += len(res.cold)
+        self._life = None
         secs = np.where(res.from_peer, self.copy_peer, self.copy_host) if len(res.from_peer) == len(res.cold) \
             else np.full(len(res.cold), self.copy_host)
         add = np.bincount(slot // self.S, weights=secs, minlength=self.G)
