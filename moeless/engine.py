@@ -455,8 +455,8 @@ class Engine:
         new = self.policy.decide_live(
             target, loads, self._plans[target], self.pool.expert[target], self._ready[target], self.model_t,
             self._link_free, self._last_use[target], t - self.pool.keep_alive_s,
-            lookahead=layers_ahead * (self._layer_s or 0.0), horizon=self._warm_life()[1], link_group=self.pool.link_group,
-            tokens=self._tokens, refresh=refresh, scenarios=scenarios)
+            lookahead=layers_ahead * (self._layer_s or 0.0), horizon=self._warm_life()[1],
+            link_group=self.pool.link_group, tokens=self._tokens, refresh=refresh, scenarios=scenarios)
         if new is None:
             self.stats.plans_kept += 1
             return None

@@ -21,9 +21,10 @@ resident expert for the whole run.
 Clocks: `RealClock` (time.perf_counter) or `SimulatedClock` (`advance(dt)`); every method takes an explicit
 `now` or reads the pool's clock. Time never goes backwards (ValueError).
 
-The per-slot passes of `apply`, `copy_sources` and `advance_to` (and `align_slots`, the planner's) are compiled with numba
-(moeless._jit): the control plane changes a layer's plan at every scale-out, and as numpy passes they cost
-more than the decision itself at DeepSeek-V3's 512 slots.
+The per-slot passes of `apply`, `copy_sources` and `advance_to` (and `align_slots`, the planner's) are
+compiled with numba (moeless._jit): the control plane changes a layer's plan at every scale-out and advances
+the pool at every decision, and as numpy passes they cost more than the decision itself at DeepSeek-V3's 512
+slots.
 
 What it must never do: import torch or copy weights (the data plane copies; the pool only decides and
 accounts), or change a plan.
