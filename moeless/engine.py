@@ -23,8 +23,8 @@ What the policy is told (`Policy.decide_live`: the engine's live state, from whi
 would on the `LayerContext` it describes) is computed in *model time*, the cost model's predicted seconds of the
 layers served so far, not the wall clock: the copy links' queues (a cold start queues on its GPU's link for
 the cost model's copy time), the look-ahead (d layers of the recent mean layer time) and the expected warm life
-of a new instance (iterations that the instances this engine cold-started stayed in the plan, per phase,
-measured online). So the same inputs give the same plans in serving and in simulation; only the pool's
+of a new instance (iterations in which the instances this engine cold-started served pairs, over how many of
+them have ended: `Engine.horizon`, measured online). So the same inputs give the same plans in serving and in simulation; only the pool's
 keep-alive (releases) follows the clock passed as `now`.
 
 Load prediction: `GateReplicaLoads` runs the paper's gate-replica predictor on the gate input of layer l as torch
@@ -126,6 +126,17 @@ def _mark_used(rt, l2p, p2l, made_row, last_use_row, now):
 
 
 @njit
+def _count_live_made(made, expert):
+    """How many slots still hold the instance this engine cold-started there (made [L, G*S], -1 where none)."""
+    n = 0
+    for l in range(made.shape[0]):
+        for s in range(made.shape[1]):
+            if made[l, s] >= 0 and made[l, s] == expert[l, s]:
+                n += 1
+    return n
+
+
+@njit
 def _scaled_share(share, counts):
     """(loads, their sum): share [E] times the pairs of counts [E] (prepare's loads), in one pass."""
     pairs = 0
@@ -224,9 +235,9 @@ class Engine:
     copy_s: (host, peer) seconds of one cold start in model time (default: the policy's cost model's, else the
     pool's). misc: seconds of non-expert work per layer for an iteration of t tokens, `misc(t)` (default: the
     policy's cost model's, else 0), which the look-ahead counts. horizon_prior: the expected warm life
-    (iterations) counted as one more measured instance; None: the iterations that fit in the pool's keep-alive
-    at the mean iteration time so far (an instance stays at least that long; the measurements correct it where
-    popularity moves faster), capped at 1,000. prewarm: after a layer runs, `prepare` decides its plan for
+    (iterations) counted as one more measured instance, one whose life ended (see `horizon`); None: the
+    iterations that fit in the pool's keep-alive at the mean iteration time so far (an instance stays at least
+    that long; the measurements correct it where popularity moves faster), capped at MAX_LIFE. prewarm: after a layer runs, `prepare` decides its plan for
     the next iteration (copies then have an iteration to arrive); off: only the decision d layers ahead.
     refresh_every: `prepare` lets the policy weigh robust alternatives (LayerContext.refresh) for a layer once
     every this many iterations (staggered over the layers), the costlier decision; in between it decides
@@ -239,6 +250,9 @@ class Engine:
 
     # recent true loads per layer kept as the scenarios of the decision well ahead (`prepare`)
     SCENARIOS = 4
+    # the longest warm life (iterations) an instance is expected to have: the cap of horizon() and of the
+    # keep-alive's iterations
+    MAX_LIFE = 1000.0
 
     def __init__(self, policy: Policy, *, distance: int = 1, pool: FunctionPool | None = None,
                  expert_bytes: float | None = None, keep_alive_s: float = 60.0, link_bandwidth: float = 25e9,
@@ -310,6 +324,9 @@ class Engine:
         self._ready = np.zeros((self.L, self.G * self.S))  # model time at which each slot's copy is in
         self._n_made = 0
         self._uses = 0.0
+        self._n_ended = 0  # of them no longer live (see _ended), recounted when key changes
+        self._ended_key = (0, 0, 0)
+        self._releases = 0  # the pool's releases when _life was computed
         self._life = None  # (_keep_iterations(), horizon()) until what they read changes (see _warm_life)
         self._weight = 1.0
         self.stats = EngineStats()
@@ -495,22 +512,40 @@ class Engine:
         mean_it = self._weighted_t / self._iterations if self._iterations > 0 else 0.0
         if mean_it <= 0:
             return 1.0
-        return min(1000.0, max(1.0, self.pool.keep_alive_s / mean_it))
+        return min(self.MAX_LIFE, max(1.0, self.pool.keep_alive_s / mean_it))
 
     def _warm_life(self) -> tuple[float, float]:
-        """(_keep_iterations(), horizon()), computed once until a split, a cold start or the end of an iteration
-        changes what they read (each layer asks for them up to three times)."""
+        """(_keep_iterations(), horizon()), computed once until a split, a cold start, a release or the end of an
+        iteration changes what they read (each layer asks for them up to three times)."""
         life = self._life
-        if life is None:
+        if life is None or self._releases != self.pool.meter.releases:  # (a release ends a life)
+            self._releases = self.pool.meter.releases
             life = self._life = (self._keep_iterations(), self.horizon())
         return life
 
     def horizon(self) -> float:
-        """Expected warm life, in iterations, of an instance cold-started now: the mean number of iterations in
-        which the instances this engine cold-started served pairs, with `horizon_prior` counted as one more
-        instance (see the class docstring)."""
+        """Expected warm life, in iterations, of an instance cold-started now: the iterations in which the
+        instances this engine cold-started served pairs, over how many of them have ended (released or evicted),
+        with `horizon_prior` counted as one more instance that served that many and ended; at most MAX_LIFE.
+
+        The lives of the instances still live are not over: dividing by every instance made (ended or not) would
+        count each of them as if it ended now, and the longer they live, the more that understates the mean life
+        (a layout that serves for the whole window would be priced as if it lived a few iterations). Dividing the
+        iterations served so far by the lives that ended is the maximum-likelihood mean of exponentially
+        distributed lives observed until now (right-censored data); before the first life ends it only grows,
+        hence the cap."""
         prior = self._keep_iterations() if self.horizon_prior is None else self.horizon_prior
-        return max(1.0, (self._uses + prior) / (self._n_made + 1))
+        return max(1.0, min(self.MAX_LIFE, (self._uses + prior) / (self._ended() + 1)))
+
+    def _ended(self) -> int:
+        """How many of the instances this engine cold-started are no longer live: recounted (one compiled pass over
+        the slots) only when the pool released or evicted an instance or this engine made one since."""
+        m = self.pool.meter
+        key = (m.releases, m.evictions, self._n_made)
+        if key != self._ended_key:
+            self._ended_key = key
+            self._n_ended = self._n_made - _count_live_made(self._made, self.pool.expert)
+        return self._n_ended
 
     def _account_copies(self, res: ApplyResult) -> None:
         """The cold starts of a decision: model-time link queues, warm-life tracking, statistics."""
