@@ -24,8 +24,8 @@ would on the `LayerContext` it describes) is computed in *model time*, the cost 
 layers served so far, not the wall clock: the copy links' queues (a cold start queues on its GPU's link for
 the cost model's copy time), the look-ahead (d layers of the recent mean layer time) and the expected warm life
 of a new instance (iterations in which the instances this engine cold-started served pairs, over how many of
-them have ended: `Engine.horizon`, measured online). So the same inputs give the same plans in serving and in simulation; only the pool's
-keep-alive (releases) follows the clock passed as `now`.
+them have ended: `Engine.horizon`, measured online). So the same inputs give the same plans in serving and in
+simulation; only the pool's keep-alive (releases) follows the clock passed as `now`.
 
 Load prediction: `GateReplicaLoads` runs the paper's gate-replica predictor on the gate input of layer l as torch
 ops on the data plane's device and returns per-expert counts; without it the engine predicts layer l+d from its
@@ -237,8 +237,9 @@ class Engine:
     policy's cost model's, else 0), which the look-ahead counts. horizon_prior: the expected warm life
     (iterations) counted as one more measured instance, one whose life ended (see `horizon`); None: the
     iterations that fit in the pool's keep-alive at the mean iteration time so far (an instance stays at least
-    that long; the measurements correct it where popularity moves faster), capped at MAX_LIFE. prewarm: after a layer runs, `prepare` decides its plan for
-    the next iteration (copies then have an iteration to arrive); off: only the decision d layers ahead.
+    that long; the measurements correct it where popularity moves faster), capped at MAX_LIFE. prewarm: after a
+    layer runs, `prepare` decides its plan for the next iteration (copies then have an iteration to arrive); off:
+    only the decision d layers ahead.
     refresh_every: `prepare` lets the policy weigh robust alternatives (LayerContext.refresh) for a layer once
     every this many iterations (staggered over the layers), the costlier decision; in between it decides
     incrementally. prepare_every: `prepare` decides a layer only once every this many iterations (staggered
