@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test bench setup clean compile-check gpu-wheels
 
 $(STAMP): setup.py pyproject.toml
+	@# the environment takes about 4 GB (torch, two Tritons, the engines); pip reports a disk that fills up
+	@# mid-download as a dropped connection ("Connection interrupted ... incomplete-download"), so say it first
+	@$(PY) -c "import shutil; f = shutil.disk_usage('.').free / 2**30; f < 6 and print(f'WARNING: {f:.1f} GiB free here; the set-up needs about 5 GiB (pip reports a full disk as a dropped connection)')"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first, pinned: an unpinned torch would pull a several-GB CUDA build onto a machine without a GPU.
