@@ -111,29 +111,38 @@ def _observe_counts(counts, layer, last_counts, iter_counts, recent, n_recent, s
 
 
 @njit
-def _mark_used(rt, l2p, p2l, made_row, last_use_row, now):
+def _mark_used(rt, l2p, p2l, made_row, kind_row, last_use_row, now):
     """The slots whose replicas serve pairs (rt > 0) were used at `now`; returns how many of them hold the
-    instance this engine cold-started there (made_row)."""
+    instance this engine cold-started there (made_row), as (point instances, hedges) by kind_row."""
     uses = 0
+    hedges = 0
     for e in range(rt.shape[0]):
         for r in range(rt.shape[1]):
             s = l2p[e, r]
             if s >= 0 and rt[e, r] > 0:
                 last_use_row[s] = now
                 if made_row[s] == p2l[s]:
-                    uses += 1
-    return uses
+                    if kind_row[s]:
+                        hedges += 1
+                    else:
+                        uses += 1
+    return uses, hedges
 
 
 @njit
-def _count_live_made(made, expert):
-    """How many slots still hold the instance this engine cold-started there (made [L, G*S], -1 where none)."""
+def _count_live_made(made, kind, expert):
+    """How many slots still hold the instance this engine cold-started there (made [L, G*S], -1 where none), as
+    (point instances, hedges) by kind [L, G*S]."""
     n = 0
+    hedges = 0
     for l in range(made.shape[0]):
         for s in range(made.shape[1]):
             if made[l, s] >= 0 and made[l, s] == expert[l, s]:
-                n += 1
-    return n
+                if kind[l, s]:
+                    hedges += 1
+                else:
+                    n += 1
+    return n, hedges
 
 
 @njit
@@ -319,16 +328,19 @@ class Engine:
         self._tokens = 0.0
         self._prefill = False
         self._misc_s = 0.0
-        # warm life of the instances this engine cold-started: slots' expert if made here (-1 otherwise)
+        # warm life of the instances this engine cold-started: slots' expert if made here (-1 otherwise), and
+        # their kind (1: made by a hedged decision, see Policy.hedged; 0: a point decision); per kind: how many
+        # were made, the iterations in which they served pairs, how many of them ended
         self._made = np.full((self.L, self.G * self.S), -1, dtype=np.int64)
+        self._made_kind = np.zeros((self.L, self.G * self.S), dtype=np.int8)
         self._last_use = np.full((self.L, self.G * self.S), -np.inf)  # when each slot's instance last served
         self._ready = np.zeros((self.L, self.G * self.S))  # model time at which each slot's copy is in
-        self._n_made = 0
-        self._uses = 0.0
-        self._n_ended = 0  # of them no longer live (see _ended), recounted when key changes
-        self._ended_key = (0, 0, 0)
+        self._n_made = [0, 0]
+        self._uses = [0.0, 0.0]
+        self._n_ended = [0, 0]  # (see _ended), recounted when _ended_key changes
+        self._ended_key = (0, 0, 0, 0)
         self._releases = 0  # the pool's releases when _life was computed
-        self._life = None  # (_keep_iterations(), horizon()) until what they read changes (see _warm_life)
+        self._life = None  # (_keep_iterations(), horizon(), horizon(1)) until what they read changes (_warm_life)
         self._weight = 1.0
         self.stats = EngineStats()
         self.applied: list[tuple[float, int, np.ndarray]] = []  # (now, layer, phy2log [G*S]) in pool order
@@ -384,10 +396,12 @@ class Engine:
         plan = self._plans[layer]
         rt, t = self.policy.split(layer, plan, counts)
         # the instances that serve pairs now were used now; warm life: how many of them this engine made
-        uses = _mark_used(rt, plan.log2phy[0], plan.phy2log[0], self._made[layer], self._last_use[layer],
-                          self._now)
-        if self._n_made:
-            self._uses += self._weight * float(uses)
+        uses, hedges = _mark_used(rt, plan.log2phy[0], plan.phy2log[0], self._made[layer], self._made_kind[layer],
+                                  self._last_use[layer], self._now)
+        if uses:
+            self._uses[0] += self._weight * uses
+        if hedges:
+            self._uses[1] += self._weight * hedges
         self.last_layer_s = float(t) + self._misc_s
         self._layer_s = self.last_layer_s if self._layer_s is None else 0.9 * self._layer_s + 0.1 * self.last_layer_s
         self.model_t += self.last_layer_s
@@ -470,11 +484,13 @@ class Engine:
             scenarios = self._recent[target, :k]
         t = self.pool.advance_to(now)
         self._now = t
+        life = self._warm_life()
         new = self.policy.decide_live(
             target, loads, self._plans[target], self.pool.expert[target], self._ready[target], self.model_t,
             self._link_free, self._last_use[target], t - self.pool.keep_alive_s,
-            lookahead=layers_ahead * (self._layer_s or 0.0), horizon=self._warm_life()[1],
-            link_group=self.pool.link_group, tokens=self._tokens, refresh=refresh, scenarios=scenarios)
+            lookahead=layers_ahead * (self._layer_s or 0.0), horizon=life[1],
+            link_group=self.pool.link_group, tokens=self._tokens, refresh=refresh, scenarios=scenarios,
+            hedge_horizon=life[2])
         if new is None:
             self.stats.plans_kept += 1
             return None
@@ -486,7 +502,7 @@ class Engine:
         self._plan_reps[target] = int(new.logcnt.sum())
         res = self.pool.apply(new, t, layer=target)
         self.applied.append((t, target, new.phy2log[0].copy()))
-        self._account_copies(res)
+        self._account_copies(res, int(bool(self.policy.hedged)))
         return target, res
 
     def end_iteration(self, now: float | None = None, weight: float = 1.0) -> ApplyResult | None:
@@ -515,49 +531,59 @@ class Engine:
             return 1.0
         return min(self.MAX_LIFE, max(1.0, self.pool.keep_alive_s / mean_it))
 
-    def _warm_life(self) -> tuple[float, float]:
-        """(_keep_iterations(), horizon()), computed once until a split, a cold start, a release or the end of an
-        iteration changes what they read (each layer asks for them up to three times)."""
+    def _warm_life(self) -> tuple[float, float, float]:
+        """(_keep_iterations(), horizon(), horizon(hedges=True)), computed once until a split, a cold start, a
+        release or the end of an iteration changes what they read (each layer asks for them up to three times)."""
         life = self._life
         if life is None or self._releases != self.pool.meter.releases:  # (a release ends a life)
             self._releases = self.pool.meter.releases
-            life = self._life = (self._keep_iterations(), self.horizon())
+            life = self._life = (self._keep_iterations(), self.horizon(), self.horizon(hedges=True))
         return life
 
-    def horizon(self) -> float:
-        """Expected warm life, in iterations, of an instance cold-started now: the iterations in which the
-        instances this engine cold-started served pairs, over how many of them have ended (released or evicted),
-        with `horizon_prior` counted as one more instance that served that many and ended; at most MAX_LIFE.
+    def horizon(self, hedges: bool = False) -> float:
+        """Expected warm life, in iterations, of an instance cold-started now by a point decision (by a hedged
+        one if `hedges`, see Policy.hedged): the iterations in which the instances of that kind this engine
+        cold-started served pairs, over how many of them have ended (released or evicted), with `horizon_prior`
+        counted as one more instance that served that many and ended; at most MAX_LIFE.
 
         The lives of the instances still live are not over: dividing by every instance made (ended or not) would
         count each of them as if it ended now, and the longer they live, the more that understates the mean life
         (a layout that serves for the whole window would be priced as if it lived a few iterations). Dividing the
         iterations served so far by the lives that ended is the maximum-likelihood mean of exponentially
         distributed lives observed until now (right-censored data); before the first life ends it only grows,
-        hence the cap."""
-        prior = self._keep_iterations() if self.horizon_prior is None else self.horizon_prior
-        return max(1.0, min(self.MAX_LIFE, (self._uses + prior) / (self._ended() + 1)))
+        hence the cap.
 
-    def _ended(self) -> int:
-        """How many of the instances this engine cold-started are no longer live: recounted (one compiled pass over
-        the slots) only when the pool released or evicted an instance or this engine made one since."""
+        The two kinds are measured apart because they live differently long: a point decision's replica serves
+        while its expert stays hot at that moment, a hedge serves across the load scenarios it was chosen for;
+        one estimate over both would over-credit the marginal point replica wherever hedges live long."""
+        prior = self._keep_iterations() if self.horizon_prior is None else self.horizon_prior
+        k = 1 if hedges else 0
+        return max(1.0, min(self.MAX_LIFE, (self._uses[k] + prior) / (self._ended()[k] + 1)))
+
+    def _ended(self) -> list[int]:
+        """How many of the instances this engine cold-started are no longer live, per kind (point, hedge):
+        recounted (one compiled pass over the slots) only when the pool released or evicted an instance or this
+        engine made one since."""
         m = self.pool.meter
-        key = (m.releases, m.evictions, self._n_made)
+        key = (m.releases, m.evictions, self._n_made[0], self._n_made[1])
         if key != self._ended_key:
             self._ended_key = key
-            self._n_ended = self._n_made - _count_live_made(self._made, self.pool.expert)
+            live = _count_live_made(self._made, self._made_kind, self.pool.expert)
+            self._n_ended = [self._n_made[0] - live[0], self._n_made[1] - live[1]]
         return self._n_ended
 
-    def _account_copies(self, res: ApplyResult) -> None:
-        """The cold starts of a decision: model-time link queues, warm-life tracking, statistics."""
+    def _account_copies(self, res: ApplyResult, kind: int = 0) -> None:
+        """The cold starts of a decision (`kind` 1: a hedged one): model-time link queues, warm-life tracking,
+        statistics."""
         self.stats.cold_starts += len(res.cold)
         self.stats.warm_starts += len(res.warm)
         if not len(res.cold):
             return
         layer, slot = res.cold[:, 0], res.cold[:, 1]
         self._made[layer, slot] = self.pool.expert[layer, slot]
+        self._made_kind[layer, slot] = kind
         self._last_use[layer, slot] = self._now  # a new instance is kept for a keep-alive, used or not
-        self._n_made += len(res.cold)
+        self._n_made[kind] += len(res.cold)
         self._life = None
         secs = np.where(res.from_peer, self.copy_peer, self.copy_host) if len(res.from_peer) == len(res.cold) \
             else np.full(len(res.cold), self.copy_host)

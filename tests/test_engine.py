@@ -238,17 +238,18 @@ def test_counts_are_checked_like_numpy_says(dtype):
 
 def test_horizon_is_the_censored_mean_life_of_the_instances_it_made():
     """Engine.horizon against a brute-force record of every instance the engine cold-started (from the decisions'
-    ApplyResults and the pool's slots): iterations in which the live ones served pairs (from each split's
-    replica tokens), how many of them ended (released after their keep-alive, or replaced), and the
-    maximum-likelihood mean life (uses + prior) / (ended + 1), capped. Popularity moves every few iterations and
-    the keep-alive is short, so instances end while others live on."""
+    ApplyResults and the pool's slots), each of the kind the policy said its decision was (Policy.hedged):
+    iterations in which the live ones served pairs (from each split's replica tokens), how many of them ended
+    (released after their keep-alive, or replaced), and per kind the maximum-likelihood mean life
+    (uses + prior) / (ended + 1), capped. Popularity moves every few iterations and the keep-alive is short, so
+    instances end while others live on."""
     rng = np.random.default_rng(7)
     eng = Engine(_moeless(), keep_alive_s=0.5)
     eng.start(0.0)
-    records = []  # [layer, slot, expert, ended]
-    uses = 0.0
+    records = []  # [layer, slot, expert, ended, hedge]
+    uses = [0.0, 0.0]
     t = 0.0
-    ended_seen = 0
+    ended_seen = [0, 0]
     for it in range(40):
         if it % 5 == 0:
             hot = rng.choice(E, size=2, replace=False)
@@ -260,7 +261,9 @@ def test_horizon_is_the_censored_mean_life_of_the_instances_it_made():
             rt = eng.split(layer, loads[layer])
             used = {int(plan.log2phy[0][e, r]) for e in range(E) for r in range(rt.shape[1])
                     if rt[e, r] > 0 and plan.log2phy[0][e, r] >= 0}
-            uses += sum(1 for rec in records if not rec[3] and rec[0] == layer and rec[1] in used)
+            for rec in records:
+                if not rec[3] and rec[0] == layer and rec[1] in used:
+                    uses[rec[4]] += 1
             for call in (lambda: eng.observe(layer, loads[layer], None, t), lambda: eng.prepare(layer, t)):
                 res = call()
                 for rec in records:  # releases (at the decision's pool advance) and replacements end a life
@@ -271,12 +274,15 @@ def test_horizon_is_the_censored_mean_life_of_the_instances_it_made():
                         for rec in records:
                             if not rec[3] and (rec[0], rec[1]) == (layer_c, slot):
                                 rec[3] = True
-                        records.append([int(layer_c), int(slot), int(eng.pool.expert[layer_c, slot]), False])
-                ended = sum(rec[3] for rec in records)
+                        records.append([int(layer_c), int(slot), int(eng.pool.expert[layer_c, slot]), False,
+                                        int(eng.policy.hedged)])
                 prior = eng._keep_iterations()
-                want = max(1.0, min(Engine.MAX_LIFE, (uses + prior) / (ended + 1)))
-                assert eng.horizon() == pytest.approx(want, rel=1e-12)
-                ended_seen = max(ended_seen, ended)
+                for kind in (0, 1):
+                    ended = sum(rec[3] for rec in records if rec[4] == kind)
+                    want = max(1.0, min(Engine.MAX_LIFE, (uses[kind] + prior) / (ended + 1)))
+                    assert eng.horizon(hedges=bool(kind)) == pytest.approx(want, rel=1e-12)
+                    ended_seen[kind] = max(ended_seen[kind], ended)
         eng.end_iteration(t)
         t += 0.2
-    assert len(records) > ended_seen > 0 and uses > 0  # (lives ended while others were live)
+    for kind in (0, 1):  # (of either kind, lives ended while others were live)
+        assert sum(rec[4] == kind for rec in records) > ended_seen[kind] > 0 and uses[kind] > 0

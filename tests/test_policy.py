@@ -183,7 +183,7 @@ def _ctx(rng, pol, W, *, refresh=False, scenarios=None):
     return LayerContext(layer=0, loads=W, tokens=float(W.sum()), current=current, live=live,
                         loaded=live >= 0, link_wait=rng.random(G) * 0.01, lookahead=float(rng.random() * 0.02),
                         horizon=float(rng.integers(1, 200)), link_group=2, pinned=rng.random(G * S) < 0.3,
-                        refresh=refresh, scenarios=scenarios)
+                        refresh=refresh, scenarios=scenarios, hedge_horizon=float(rng.integers(1, 200)))
 
 
 @settings(max_examples=40, deadline=None)
@@ -192,7 +192,8 @@ def _ctx(rng, pol, W, *, refresh=False, scenarios=None):
 def test_do_no_harm(seed, T, skew, refresh):
     """The chosen plan's predicted time is at most the current plan's and plain EP's (the same split on the
     same predicted loads); a refresh decision weighs its scenarios too, copies included (they cost nothing for
-    the current plan and the homes, whose instances are live)."""
+    the current plan and the homes, whose instances are live), over the warm life of the plan's kind (the
+    policy says whether it is a hedge)."""
     rng = np.random.default_rng(seed)
     pol = MoelessPolicy(1, 8, 4, 4, MIXTRAL)
     W = rng.multinomial(2 * T, rng.dirichlet(np.full(8, skew))).astype(float)
@@ -214,7 +215,7 @@ def test_do_no_harm(seed, T, skew, refresh):
         held = {(int(e), int(s) // 4 // 2) for s, e in enumerate(ctx.live) if e >= 0 and ctx.loaded[s]}
         copy_s = [pol.copy_peer if (e, g // 2) in held and pol.copy_peer < pol.copy_host else pol.copy_host
                   for e, g in zip(*np.nonzero(pol.dense(chosen).has & ~live))]
-        cost = mean(chosen) + sum(copy_s) / ctx.horizon
+        cost = mean(chosen) + sum(copy_s) / (ctx.hedge_horizon if pol.hedged else ctx.horizon)
         assert cost <= mean(ctx.current) * (1 + 1e-9) and cost <= mean(pol.homes[0]) * (1 + 1e-9)
     # lossless plans: every expert keeps its home
     assert (pol.dense(chosen).has[np.arange(8), pol.home_gpu]).all()
@@ -349,10 +350,12 @@ def test_decide_live_is_decide_on_its_context(seed, T, skew, refresh, free_moves
                  model_t=model_t, link_free=model_t + (rng.random(G) - 0.5) * 0.02,
                  last_use=rng.random(G * S) * 10.0, since=float(rng.random() * 10.0))
     kw = dict(lookahead=float(rng.random() * 0.02), horizon=float(rng.integers(1, 200)), link_group=group,
-              tokens=float(T), refresh=refresh, scenarios=scen if refresh else None)
+              tokens=float(T), refresh=refresh, scenarios=scen if refresh else None,
+              hedge_horizon=float(rng.integers(1, 200)))
     got = pol.decide_live(*state.values(), **kw)
+    hedged = pol.hedged
     want = Policy.decide_live(pol, *state.values(), **kw)
-    assert (got is None) == (want is None)
+    assert (got is None) == (want is None) and hedged == pol.hedged
     if got is not None:
         np.testing.assert_array_equal(got.phy2log, want.phy2log)
 
@@ -375,19 +378,19 @@ def test_decide_live_refuses_malformed_state():
             pol.decide_live(*(good | change).values(), **kw)
 
 
-def _robust_pick_reference(scen, cands, live_has, holder, group, peer, copy_host, copy_peer, horizon, home_gpu,
-                           p, max_moves):
+def _robust_pick_reference(scen, cands, live_has, holder, group, peer, copy_host, copy_peer, horizon,
+                           hedge_horizon, home_gpu, p, max_moves):
     """The robust step's pricing as MoelessPolicy._robust ran it in Python before robust_pick (a second code
-    path): each candidate's copies listed by numpy (its instances not live, row-major) and summed by np.sum,
-    the compiled primary_of and mean_time for the scenarios, duplicates skipped by their bytes. Returns the
-    winner of the estimate and the final one."""
+    path): each candidate's copies listed by numpy (its instances not live, row-major) and summed by np.sum
+    over its kind's warm life (hedge_horizon from candidate 3 on), the compiled primary_of and mean_time for
+    the scenarios, duplicates skipped by their bytes. Returns the winner of the estimate and the final one."""
     prim = np.zeros(cands.shape[1], dtype=np.int64)
 
     def price(i, best_cost, estimate):
         _kernels.primary_of(cands[i], home_gpu, prim)
         e, g = np.nonzero(cands[i] & ~live_has)
         from_peer = holder[e, g // group] if peer else np.zeros(e.size, dtype=bool)
-        copies = float(np.sum(np.where(from_peer, copy_peer, copy_host))) / horizon
+        copies = float(np.sum(np.where(from_peer, copy_peer, copy_host))) / (horizon if i < 3 else hedge_horizon)
         bound = (best_cost * (1 - 1e-12) - copies) * len(scen) * (1 + 1e-9) if np.isfinite(best_cost) else np.inf
         if bound < 0:
             return np.inf
@@ -420,7 +423,7 @@ def _robust_layer(rng, T, group):
     """robust_pick's arguments for a random layer: candidates over the homes (0: the homes plus random replicas,
     1: the homes), some repeating an earlier one, some an earlier one plus a live instance of an expert
     without load (priced the same: a tie), random live instances and peer holders, 1 to 3 scenarios of 2T pairs,
-    copy times from negligible to dominant (horizon 1 to 1e7 iterations)."""
+    copy times from negligible to dominant (horizon and hedge_horizon 1 to 1e7 iterations, apart)."""
     E, G = int(rng.integers(3, 9)), int(rng.integers(2, 5))
     home_gpu = np.arange(E) % G
     home = np.zeros((E, G), dtype=bool)
@@ -442,7 +445,8 @@ def _robust_layer(rng, T, group):
             e, g = np.argwhere(idle[:, None] & live_has & ~cands[j])[0]
             cands[i, e, g] = True
     return (scen, cands, live_has, holder, group, peer, MIXTRAL.cold_start_s(False), MIXTRAL.cold_start_s(True),
-            float(10.0 ** rng.uniform(0, 7)), home_gpu, MIXTRAL.profile(G).as_array(), 1000)
+            float(10.0 ** rng.uniform(0, 7)), float(10.0 ** rng.uniform(0, 7)), home_gpu, MIXTRAL.profile(G).as_array(),
+            1000)
 
 
 @settings(max_examples=40, deadline=None)

@@ -1433,12 +1433,14 @@ def _robust_price(scen, has, prim, copies, p, max_moves, best_cost, estimate):
 
 
 @njit
-def robust_pick(scen, cands, live_has, holder, link_group, peer, copy_host, copy_peer, horizon, home_gpu, p,
-                max_moves):
+def robust_pick(scen, cands, live_has, holder, link_group, peer, copy_host, copy_peer, horizon, hedge_horizon,
+                home_gpu, p, max_moves):
     """The index of the robust step's winner (moeless.policy.serverless) among the candidates cands [C, E, G]
     (0: the current plan, 1: the homes alone, then the others) over the load scenarios scen [K, E]: each
     candidate priced by its mean time over the scenarios plus the copies it needs (copy_seconds: its instances
-    not in live_has, from a peer (holder) or the host), over the expected warm life `horizon`.
+    not in live_has, from a peer (holder) or the host), over the expected warm life of its kind of instance:
+    `horizon` for candidates 0 to 2 (the current plan, the homes, the point decision), `hedge_horizon` from 3 on
+    (hedged and fill layouts).
 
     Every candidate is priced by the estimate (mean_time's one_search) except one with the same instances as an
     earlier one; the cheapest wins, a later one only when strictly cheaper (relative 1e-12). A winner other
@@ -1458,7 +1460,8 @@ def robust_pick(scen, cands, live_has, holder, link_group, peer, copy_host, copy
         if dup:
             continue
         primary_of(cands[i], home_gpu, prim[i])
-        copies[i] = copy_seconds(cands[i], live_has, holder, link_group, peer, copy_host, copy_peer) / horizon
+        copies[i] = copy_seconds(cands[i], live_has, holder, link_group, peer, copy_host, copy_peer) \
+            / (horizon if i < 3 else hedge_horizon)
         cost = _robust_price(scen, cands[i], prim[i], copies[i], p, max_moves, best_cost, True)
         if cost < best_cost * (1 - 1e-12):
             best = i

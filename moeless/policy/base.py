@@ -56,7 +56,8 @@ class LayerContext:
     the layer runs now; live int [G*S]: the expert of each slot's live instance (warm, loading or idle; -1
     free) and loaded bool [G*S]: whose weights are in (a copy source for peers); link_wait float [G]: seconds
     until each GPU's copy links are free; lookahead: seconds until the layer runs (what a copy issued now can
-    hide); horizon: iterations a new instance is expected to serve; link_group: GPUs per peer-link group;
+    hide); horizon: iterations a new instance is expected to serve (hedge_horizon: one the robust step's hedged
+    or fill layouts make; None: horizon); link_group: GPUs per peer-link group;
     pinned bool [G*S] (or None): the live instances the plan keeps whatever their predicted pairs (served
     pairs within their keep-alive: hedges the split can use for free; their slots are not taken); refresh:
     the policy may weigh robust alternatives (a decision well ahead), against `scenarios` float [K, E]: loads
@@ -76,6 +77,7 @@ class LayerContext:
     pinned: np.ndarray | None = None
     refresh: bool = False
     scenarios: np.ndarray | None = None
+    hedge_horizon: float | None = None
 
 
 class DenseLayout:
@@ -163,6 +165,9 @@ class Policy:
 
     name = "policy"
     serverless = False
+    # whether the plan the last decide / decide_live returned is a hedge (a layout for several load scenarios:
+    # MoelessPolicy's robust step) rather than a point decision: the engine tracks the two kinds' warm lives apart
+    hedged = False
 
     def __init__(self, num_layers: int, num_experts: int, gpus: int, slots_per_gpu: int):
         self.L = _positive_int("num_layers", num_layers)
@@ -185,7 +190,7 @@ class Policy:
 
     def decide_live(self, layer: int, loads, current: Plan, live, ready, model_t: float, link_free, last_use,
                     since: float, *, lookahead: float, horizon: float, link_group: int = 1, tokens: float = 0.0,
-                    refresh: bool = False, scenarios=None) -> Plan | None:
+                    refresh: bool = False, scenarios=None, hedge_horizon: float | None = None) -> Plan | None:
         """The engine's entry: `decide` for the context its live state describes. live int [G*S] (each slot's
         live expert, -1 free), ready float [G*S] (model time at which each slot's copy is in), link_free float [G]
         (model time at which each GPU's copy links are free), last_use float [G*S] (when each slot's instance last
@@ -203,7 +208,7 @@ class Policy:
         return self.decide(LayerContext(
             layer=layer, loads=np.asarray(loads, dtype=np.float64), tokens=tokens, current=current, live=live,
             loaded=loaded, link_wait=link_wait, lookahead=lookahead, horizon=horizon, link_group=link_group,
-            pinned=pinned, refresh=refresh, scenarios=scenarios))
+            pinned=pinned, refresh=refresh, scenarios=scenarios, hedge_horizon=hedge_horizon))
 
     def split(self, layer: int, plan: Plan, counts: np.ndarray) -> tuple[np.ndarray, float]:
         raise NotImplementedError

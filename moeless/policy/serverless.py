@@ -112,6 +112,8 @@ class MoelessPolicy(Policy):
             raise ValueError(f"ctx.live, ctx.loaded and ctx.pinned must have shape [G*S={self.G * self.S}] (live: "
                              f"experts in [-1, {self.E})) and ctx.link_wait [G={self.G}]")
         horizon = max(float(ctx.horizon), 1e-9)
+        hedge_horizon = horizon if ctx.hedge_horizon is None else max(float(ctx.hedge_horizon), 1e-9)
+        self.hedged = False
         cur = self.dense(ctx.current)
         inst = np.zeros((self.E, self.G), dtype=np.bool_)
         code = _kernels.decide_layer(
@@ -119,11 +121,11 @@ class MoelessPolicy(Policy):
             self.max_moves, self.copy_host, self.copy_peer, max(1, int(ctx.link_group)), link_wait,
             float(ctx.lookahead), horizon, inst)
         return self._conclude(code, inst, W, w_max, ctx.current, ctx.refresh, ctx.scenarios, ctx.link_group, live,
-                              loaded, pinned, horizon)
+                              loaded, pinned, horizon, hedge_horizon)
 
     def decide_live(self, layer: int, loads, current: Plan, live, ready, model_t: float, link_free, last_use,
                     since: float, *, lookahead: float, horizon: float, link_group: int = 1, tokens: float = 0.0,
-                    refresh: bool = False, scenarios=None) -> Plan | None:
+                    refresh: bool = False, scenarios=None, hedge_horizon: float | None = None) -> Plan | None:
         """`decide` for the context that the engine's live state describes (see Policy.decide_live), in one
         compiled call (_kernels.decide_live): the same plan as decide(LayerContext(...)), without the Python
         around the context (the engine decides every layer twice per iteration; that Python cost more than the
@@ -134,6 +136,7 @@ class MoelessPolicy(Policy):
             one_dim = False
         if not one_dim:
             raise ValueError("loads, live, ready, link_free and last_use must be one-dimensional numpy arrays")
+        self.hedged = False
         cur = self.dense(current)
         if live.dtype != _I64:
             live = live.astype(np.int64)
@@ -149,11 +152,13 @@ class MoelessPolicy(Policy):
         if code == -2:
             raise ValueError(f"loads must have shape [E={self.E}], live, ready and last_use [G*S={self.G * self.S}] "
                              f"(live: experts in [-1, {self.E})) and link_free [G={self.G}]")
+        horizon = max(float(horizon), 1e-9)
         return self._conclude(code, inst, W, w_max, current, refresh, scenarios, max(1, int(link_group)),
-                              live, loaded, pinned, max(float(horizon), 1e-9))
+                              live, loaded, pinned, horizon,
+                              horizon if hedge_horizon is None else max(float(hedge_horizon), 1e-9))
 
     def _conclude(self, code, inst, W, w_max, current, refresh, scenarios, link_group, live, loaded, pinned,
-                  horizon) -> Plan | None:
+                  horizon, hedge_horizon) -> Plan | None:
         """The plan of the compiled decision's outcome (code, inst), weighed against the robust alternatives where
         `refresh` asks for it; None when it holds the current plan's instances."""
         robust = refresh and scenarios is not None and len(scenarios) \
@@ -164,19 +169,22 @@ class MoelessPolicy(Policy):
         if robust:
             # (where no expert's load reaches the roofline's ridge a replica cannot shorten anything: every
             # instance reads its weights whatever its pairs, so the robust alternatives are not weighed)
-            point = self._robust(W, scenarios, current, link_group, live, loaded, pinned, horizon, point)
+            point = self._robust(W, scenarios, current, link_group, live, loaded, pinned, horizon, hedge_horizon,
+                                 point)
         if self._same_instances(point, current):
             return None
         return point
 
-    def _robust(self, W, scenarios, current: Plan, link_group: int, live, loaded, pinned, horizon,
+    def _robust(self, W, scenarios, current: Plan, link_group: int, live, loaded, pinned, horizon, hedge_horizon,
                 point: Plan) -> Plan:
         """The decision well ahead: candidates (the current plan, the homes alone, the point decision, and the
         hedged plans: homes, plus the pinned instances or not, plus ring hedges in every free slot; and the fill
         of the heaviest scenario over every spare slot, pinned ones included: the layout for the layer's spikes,
         a prefill chunk among decode steps) priced by their mean time over the load scenarios (the layer's
         recent true loads and the prediction), plus each new instance's copy seconds over its expected warm
-        life; the cheapest wins (ties: the earlier).
+        life (`horizon` for the point decision's instances, `hedge_horizon` for the hedged and fill layouts': the
+        two kinds live differently long, and the engine measures each); the cheapest wins (ties: the earlier).
+        Sets `hedged` when a hedged or fill layout wins.
 
         The candidates are first priced by an estimate (each scenario split by its faster seed's search alone,
         never below the full split, at about half its cost); a winner other than the current plan is then
@@ -205,15 +213,16 @@ class MoelessPolicy(Policy):
         # (a prefill chunk) over every spare slot, pinned instances included (what dropping them loses is
         # priced over the scenarios), live instances preferred to copies
         _kernels.fill_replicas(scen[int(np.argmax(scen.sum(1)))], self.home, live_has, S, self.profile,
-                               self.copy_host, self.copy_peer, holder, group, horizon, cands[5])
+                               self.copy_host, self.copy_peer, holder, group, hedge_horizon, cands[5])
         best = _kernels.robust_pick(scen, cands, live_has, holder, group, peer, self.copy_host, self.copy_peer,
-                                    horizon, self.home_gpu, self.profile, self.max_moves)
+                                    horizon, hedge_horizon, self.home_gpu, self.profile, self.max_moves)
         if best == 0:
             return current
         if best == 1:
             return self._home_layer
         if best == 2:
             return point
+        self.hedged = True
         return self._plan_of(cands[best])
 
     def _plan_of(self, inst: np.ndarray) -> Plan:

@@ -227,6 +227,7 @@ class ServerlessRunner:
         pr.extra["decisions_changed"] = eng.stats.plans_made
         pr.extra["decisions_kept"] = eng.stats.plans_kept
         pr.extra["expected_lifetime_iterations"] = round(eng.horizon(), 2)
+        pr.extra["expected_hedge_lifetime_iterations"] = round(eng.horizon(hedges=True), 2)
         pr.accounting = (f"serverless (moeless.pool): {self.initial_loads // self.L} resident home instances per layer "
                          f"plus live replicas (warm, loading or idle) x {m.expert_bytes / 1e9:.3f} GB from load to "
                          f"release ({self.pool.keep_alive_s:g} s keep-alive after last use); GPU-seconds while a "
