@@ -537,7 +537,10 @@ class Engine:
         life = self._life
         if life is None or self._releases != self.pool.meter.releases:  # (a release ends a life)
             self._releases = self.pool.meter.releases
-            life = self._life = (self._keep_iterations(), self.horizon(), self.horizon(hedges=True))
+            keep = self._keep_iterations()
+            prior = keep if self.horizon_prior is None else self.horizon_prior
+            ended = self._ended()
+            life = self._life = (keep, self._mean_life(0, prior, ended), self._mean_life(1, prior, ended))
         return life
 
     def horizon(self, hedges: bool = False) -> float:
@@ -557,8 +560,10 @@ class Engine:
         while its expert stays hot at that moment, a hedge serves across the load scenarios it was chosen for;
         one estimate over both would over-credit the marginal point replica wherever hedges live long."""
         prior = self._keep_iterations() if self.horizon_prior is None else self.horizon_prior
-        k = 1 if hedges else 0
-        return max(1.0, min(self.MAX_LIFE, (self._uses[k] + prior) / (self._ended()[k] + 1)))
+        return self._mean_life(1 if hedges else 0, prior, self._ended())
+
+    def _mean_life(self, kind: int, prior: float, ended: list[int]) -> float:
+        return max(1.0, min(self.MAX_LIFE, (self._uses[kind] + prior) / (ended[kind] + 1)))
 
     def _ended(self) -> list[int]:
         """How many of the instances this engine cold-started are no longer live, per kind (point, hedge):
