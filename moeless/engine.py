@@ -340,7 +340,7 @@ class Engine:
         self._n_ended = [0, 0]  # (see _ended), recounted when _ended_key changes
         self._ended_key = (0, 0, 0, 0)
         self._releases = 0  # the pool's releases when _life was computed
-        self._life = None  # (_keep_iterations(), horizon(), horizon(1)) until what they read changes (_warm_life)
+        self._life = None  # (see _warm_life) until what it reads changes
         self._weight = 1.0
         self.stats = EngineStats()
         self.applied: list[tuple[float, int, np.ndarray]] = []  # (now, layer, phy2log [G*S]) in pool order
@@ -532,15 +532,17 @@ class Engine:
         return min(self.MAX_LIFE, max(1.0, self.pool.keep_alive_s / mean_it))
 
     def _warm_life(self) -> tuple[float, float, float]:
-        """(_keep_iterations(), horizon(), horizon(hedges=True)), computed once until a split, a cold start, a
-        release or the end of an iteration changes what they read (each layer asks for them up to three times)."""
+        """(_keep_iterations(), the expected warm life of a point decision's new instance, that of a hedged one's:
+        see horizon), computed once until a split, a cold start, a release or the end of an iteration changes what
+        they read (each layer asks for them up to three times)."""
         life = self._life
         if life is None or self._releases != self.pool.meter.releases:  # (a release ends a life)
             self._releases = self.pool.meter.releases
             keep = self._keep_iterations()
             prior = keep if self.horizon_prior is None else self.horizon_prior
             ended = self._ended()
-            life = self._life = (keep, self._mean_life(0, prior, ended), self._mean_life(1, prior, ended))
+            point, hedge = ((self._uses[k] + prior) / (ended[k] + 1) for k in (0, 1))
+            life = self._life = (keep, max(1.0, min(self.MAX_LIFE, point)), max(1.0, min(self.MAX_LIFE, hedge)))
         return life
 
     def horizon(self, hedges: bool = False) -> float:
@@ -559,11 +561,7 @@ class Engine:
         The two kinds are measured apart because they live differently long: a point decision's replica serves
         while its expert stays hot at that moment, a hedge serves across the load scenarios it was chosen for;
         one estimate over both would over-credit the marginal point replica wherever hedges live long."""
-        prior = self._keep_iterations() if self.horizon_prior is None else self.horizon_prior
-        return self._mean_life(1 if hedges else 0, prior, self._ended())
-
-    def _mean_life(self, kind: int, prior: float, ended: list[int]) -> float:
-        return max(1.0, min(self.MAX_LIFE, (self._uses[kind] + prior) / (ended[kind] + 1)))
+        return self._warm_life()[2 if hedges else 1]
 
     def _ended(self) -> list[int]:
         """How many of the instances this engine cold-started are no longer live, per kind (point, hedge):
