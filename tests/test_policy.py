@@ -163,6 +163,73 @@ def test_split_never_slower_than_the_simple_splits(cost, T):
         assert t <= _price(cost, plan, serve_time_split(plan, W[None])[0]) * 1.02
 
 
+
+def _lp_layer_time(cost, plan, W) -> float:
+    """The optimum of the linear program over the plan's instances (scipy's HiGHS, an independent solver): pairs
+    n_i >= 0 per instance summing to each expert's count, each instance priced by its convex roofline
+    max(n flop_s, read_s + n act_s) + launch_s, the layer time = the busiest GPU's sum + 2 a2a_s x the most pairs
+    a GPU receives (at least total / G). Every instance is priced as used, so a split that empties one may beat
+    it; fractional pairs, so an integer split may trail it by about a pair's compute."""
+    from scipy.optimize import linprog
+
+    p = cost.profile(plan.gpus)
+    d = DenseLayout(plan)
+    inst = [(e, g) for e in range(plan.num_experts) for g in range(plan.gpus) if d.has[e, g]]
+    m, G = len(inst), plan.gpus
+    T, P = 2 * m, 2 * m + 1  # variables: n_i, t_i, expert time T, pairs P
+    c = np.zeros(2 * m + 2)
+    c[T], c[P] = 1.0, 2 * p.a2a_s
+    a_ub, b_ub = [], []
+    for i in range(m):
+        for coef, rhs in ((p.flop_s, 0.0), (p.act_s, -p.read_s)):  # t_i >= n_i flop, t_i >= read + n_i act
+            row = np.zeros_like(c)
+            row[i], row[m + i] = coef, -1.0
+            a_ub.append(row)
+            b_ub.append(rhs)
+    for g in range(G):
+        on = [i for i, (_, h) in enumerate(inst) if h == g]
+        row = np.zeros_like(c)
+        row[[m + i for i in on]], row[T] = 1.0, -1.0
+        a_ub.append(row)
+        b_ub.append(-p.launch_s * len(on))
+        row = np.zeros_like(c)
+        row[on], row[P] = 1.0, -1.0
+        a_ub.append(row)
+        b_ub.append(0.0)
+    a_eq = np.array([[1.0 if i < m and inst[i][0] == e else 0.0 for i in range(len(c))]
+                     for e in range(plan.num_experts)])
+    bounds = [(0, None)] * len(c)
+    bounds[P] = (float(np.sum(W)) / G if p.a2a_floor else 0.0, None)
+    res = linprog(c, A_ub=np.array(a_ub), b_ub=b_ub, A_eq=a_eq, b_eq=np.asarray(W, dtype=float), bounds=bounds,
+                  method="highs")
+    assert res.status == 0
+    return float(res.fun)
+
+
+@pytest.mark.parametrize("E,G,S", [(8, 8, 2), (16, 8, 3)])
+def test_split_reaches_the_linear_program_on_compute_bound_rings(E, G, S):
+    """Prefill-sized layers (every instance far above the roofline's ridge) on ring layouts: each GPU holds its
+    homes and replicas of the experts r GPUs before it. Balancing GPUs that share no expert takes pairs moved
+    along a path of GPUs (an augmenting path; single moves and chains alone stalled up to 5% above the optimum
+    here). The split is within 0.5% of the linear program's optimum over the same instances, 0.1% on average."""
+    rng = np.random.default_rng(E * G + S)
+    per = E // G
+    gaps = []
+    for _ in range(12):
+        r = int(rng.integers(1, G))
+        p2l = np.full(G * S, -1, dtype=np.int64)
+        for g in range(G):
+            p2l[g * S:g * S + per] = np.arange(g * per, (g + 1) * per)
+            p2l[g * S + per:(g + 1) * S] = (np.arange(g * per, g * per + S - per) - r * per) % E
+        plan = Plan.from_phy2log(p2l[None], E, G, S)
+        W = rng.multinomial(8192 * 2, rng.dirichlet(np.full(E, 30.0)))
+        rt, t = _split(MIXTRAL, plan, W)
+        assert t == pytest.approx(_price(MIXTRAL, plan, rt), rel=1e-9)
+        lp = _lp_layer_time(MIXTRAL, plan, W)
+        gaps.append(t / lp - 1)
+    assert max(gaps) < 5e-3 and np.mean(gaps) < 1e-3, gaps
+
+
 def _live_and_current(rng, pol):
     """Random live slots (the homes, then random replicas in free slots) and a current one-layer plan that is the
     homes plus some of those replicas."""

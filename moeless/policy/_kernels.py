@@ -18,10 +18,14 @@ costs a read instead of saving work.
 
 `improve` is a local search over integer moves of x pairs of one expert from the busiest GPU to another GPU
 holding (or, with a copy cost, given) an instance of it; x balances the two GPUs (one side's time only falls
-and the other's only rises with x: an interpolation search on their difference, `_best_x`). A free move is taken when it lowers the busiest GPU without
-raising the layer time (so ties between busiest GPUs resolve one by one: the sorted GPU times fall
-lexicographically, hence it terminates); a move onto a new instance only when the layer time falls by more than
-the copy's per-iteration cost (its stall not hidden by the look-ahead, over the instance's expected warm life).
+and the other's only rises with x: an interpolation search on their difference, `_best_x`). A free move is
+taken when it lowers the busiest GPU without raising the layer time (so ties between busiest GPUs resolve one by
+one: the sorted GPU times fall lexicographically, hence it terminates); a move onto a new instance only when
+the layer time falls by more than the copy's per-iteration cost (its stall not hidden by the look-ahead, over
+the instance's expected warm life).
+Where no single move helps, two compound moves are tried: a chain of two whole moves (`_chain_move`) and an
+augmenting path (`_path_move`: x pairs of e1 from the busiest GPU to g1, x of e2 from g1 to g2, ..., breadth-first
+over the GPUs), which reaches the linear program's optimum on compute-bound layers where single moves stall.
 Loops run over instances (the sparse lists), not over E x G: only the instances' entries of a working n are
 ever zeroed, copied or read (an array of E x G entries is touched whole at most once per call; at DeepSeek-V3's
 256 experts x 64 GPUs a whole pass costs more than a search step). A GPU whose time is already at the busiest
@@ -44,6 +48,8 @@ _FLOP, _READ, _ACT, _LAUNCH, _A2A, _FLOOR, _SUM = 0, 1, 2, 3, 4, 5, 6
 # new-instance targets tried per expert and move: the least-busy GPUs with room (a new instance's best GPU is
 # a light one; trying all G GPUs would cost G searches for x per expert and move at DeepSeek-V3 scale)
 _NEW_TARGETS = 4
+# GPUs tried as the end of an augmenting path (_path_move) per attempt: the least busy ones the search reaches
+_PATH_SINKS = 4
 
 
 @njit
@@ -444,6 +450,27 @@ def _eval_move(n1, n2, base_a, base_b, new, F, cs, rest_c, rest_p, pairs_s, pair
 
 
 @njit
+def _shift(n, room, home, e, g, delta):
+    """n[e, g] += delta, keeping room [G] (the free slots of each GPU) in step: an instance that is not a home
+    takes a slot while it carries a pair and gives it back when emptied."""
+    before = n[e, g]
+    after = before + delta
+    if before < 1.0 and after >= 1.0 and not home[e, g]:
+        room[g] -= 1
+    if before >= 1.0 and after < 1.0 and not home[e, g]:
+        room[g] += 1
+    n[e, g] = after
+
+@njit
+def _compound_gain(F, newF, cs, local, tol):
+    """The score of a compound move (chain or path) that takes the layer time F to newF and leaves the GPUs it
+    raises at `local` at most (below the busiest time cs): the layer time saved, then the margin below cs; -1
+    (never taken) when it raises the layer time."""
+    if newF > F + tol:
+        return -1.0
+    return (F - newF) + 1e-3 * (cs - local)
+
+@njit
 def _chain_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p):
     """Apply the best chain gs -> gb -> gc of whole pair counts (see improve) that lowers the busiest GPU without
     raising the layer time; comp and pairs are updated. Returns whether one was applied. (A GPU's time is a sum
@@ -492,10 +519,7 @@ def _chain_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor
                     rest = _max_except3(c0, cv0, c1, cv1, c2, cv2, c3, cv3, gs, gb, gc)
                     pm = max(pairs[gs] - x, pairs[gb] + x - y, pairs[gc] + y, pfloor)
                     pm = max(pm, _max_except3(q0, qv0, q1, qv1, q2, qv2, q3, qv3, gs, gb, gc))
-                    newF = max(rest, local) + 2.0 * p[_A2A] * pm
-                    if newF > F + tol:
-                        continue
-                    gain = (F - newF) + 1e-3 * (cs - local)
+                    gain = _compound_gain(F, max(rest, local) + 2.0 * p[_A2A] * pm, cs, local, tol)
                     if gain > best + tol:
                         best = gain
                         be, bf, bgb, bgc = e, f, gb, gc
@@ -505,15 +529,168 @@ def _chain_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor
     x = n[be, gs]
     y = n[bf, bgb]
     for gg, ee, delta in ((gs, be, -x), (bgb, be, x), (bgb, bf, -y), (bgc, bf, y)):
-        before = n[ee, gg]
-        after = before + delta
-        if before < 1.0 and after >= 1.0 and not home[ee, gg]:
-            room[gg] -= 1
-        if before >= 1.0 and after < 1.0 and not home[ee, gg]:
-            room[gg] += 1
-        n[ee, gg] = after
+        _shift(n, room, home, ee, gg, delta)
         pairs[gg] += delta
     comp[gs], comp[bgb], comp[bgc] = nb_a, nb_b, nb_c
+    return True
+
+
+@njit
+def _path_hops(par, via, t, hops):
+    """The BFS path gs -> ... -> t (par: each reached GPU's parent, -1 at the root; via: the expert whose pairs
+    enter it) into hops [G, 3] as (from GPU, to GPU, expert), root first. Returns the number of hops."""
+    k = 0
+    g = t
+    while par[g] >= 0:
+        k += 1
+        g = par[g]
+    g = t
+    for j in range(k - 1, -1, -1):
+        hops[j, 0] = par[g]
+        hops[j, 1] = g
+        hops[j, 2] = via[g]
+        g = par[g]
+    return k
+
+
+@njit
+def _path_times(n, hops, k, comp, x, p, out):
+    """The expert times of the k + 1 GPUs of a path (root first) once x pairs move along every hop, into out;
+    returns their maximum. Each GPU swaps one instance's pairs: the root loses x of its hop's expert, the end
+    gains x, and a GPU in between gains x of the expert entering it and loses x of the one leaving it."""
+    m = 0.0
+    for j in range(k + 1):
+        if j < k:
+            g = hops[j, 0]
+        else:
+            g = hops[k - 1, 1]
+        c = comp[g]
+        if j > 0:  # gains the pairs of the hop entering it
+            e = hops[j - 1, 2]
+            c += inst_time(n[e, g] + x, p) - inst_time(n[e, g], p)
+        if j < k:  # loses those of the hop leaving it
+            e = hops[j, 2]
+            c += inst_time(n[e, g] - x, p) - inst_time(n[e, g], p)
+        out[j] = c
+        if c > m:
+            m = c
+    return m
+
+
+@njit
+def _path_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p):
+    """Apply the best augmenting path from the busiest GPU gs (see improve) that lowers it without raising the
+    layer time: x pairs of expert e1 from gs to its instance on g1, x of e2 from g1 to its instance on g2, ...,
+    to a GPU t below the busiest time. A GPU in between keeps its pairs; in compute-bound layers (every
+    instance's time linear in its pairs) its time barely moves, so such a path balances GPUs that share no
+    expert, where no single move or chain helps (the local search's trap in prefill layers: it stops up to
+    several percent above the optimum on a ring of replicas). Paths are the shortest (breadth-first over the
+    GPUs, along instances that carry pairs), to the _PATH_SINKS least busy GPUs reached; x balances gs and t
+    (_best_x), or is the path's bottleneck (an instance emptied). comp and pairs are updated. Returns whether one was
+    applied. (Sum-of-instances GPU times only, as _chain_move.)"""
+    if p[_SUM] <= 0.0:
+        return False
+    E, G = n.shape
+    par = np.full(G, -2, dtype=np.int64)  # -2: not reached, -1: the root
+    via = np.zeros(G, dtype=np.int64)
+    queue = np.empty(G, dtype=np.int64)
+    par[gs] = -1
+    queue[0] = gs
+    head = 0
+    tail = 1
+    while head < tail:
+        g = queue[head]
+        head += 1
+        for i in range(gcnt[g]):
+            e = gl[g, i]
+            if n[e, g] < 1.0:
+                continue
+            for k in range(cnt[e]):
+                h = ig[e, k]
+                if par[h] != -2 or (n[e, h] < 1.0 and not home[e, h] and room[h] <= 0):
+                    continue
+                par[h] = g
+                via[h] = e
+                queue[tail] = h
+                tail += 1
+    if tail <= 1:
+        return False
+    on_path = np.zeros(G, dtype=np.bool_)
+    hops = np.empty((G, 3), dtype=np.int64)
+    new_c = np.empty(G + 1)
+    best = 0.0
+    best_t = -1
+    best_x = 0.0
+    tried = np.zeros(G, dtype=np.bool_)
+    for _ in range(_PATH_SINKS):
+        t = -1
+        for j in range(1, tail):  # the least busy reached GPU not tried yet
+            h = queue[j]
+            if not tried[h] and comp[h] < cs - tol and (t < 0 or comp[h] < comp[t]):
+                t = h
+        if t < 0:
+            break
+        tried[t] = True
+        k = _path_hops(par, via, t, hops)
+        b = np.inf
+        for j in range(k):
+            v = np.floor(n[hops[j, 2], hops[j, 0]])
+            if v < b:
+                b = v
+        if b < 1.0:
+            continue
+        # x: where the root's time meets the end's (the root's falls with x, the end's rises: _best_x on the first
+        # hop's instance at the root and the last hop's at the end), at most the path's bottleneck b
+        e1 = hops[0, 2]
+        ek = hops[k - 1, 2]
+        n1 = n[e1, gs]
+        n2 = n[ek, t]
+        x0, _, _ = _best_x(n1, n2, comp[gs] - inst_time(n1, p), comp[t] - inst_time(n2, p), p)
+        x0 = min(max(x0, 1.0), b)
+        for j in range(k + 1):
+            on_path[hops[j, 0] if j < k else hops[k - 1, 1]] = True
+        rest = 0.0
+        qrest = pfloor
+        for g in range(G):
+            if not on_path[g] and comp[g] > rest:
+                rest = comp[g]
+            if g != gs and g != t and pairs[g] > qrest:
+                qrest = pairs[g]
+        for j in range(k + 1):
+            on_path[hops[j, 0] if j < k else hops[k - 1, 1]] = False
+        for c in range(2):  # the balancing x, and the bottleneck whole (an instance emptied)
+            x = x0 if c == 0 else b
+            if c == 1 and b == x0:
+                continue
+            top = _path_times(n, hops, k, comp, x, p, new_c)
+            # the GPUs whose time this path raises (the root's falls): each must stay below the busiest time; a
+            # GPU in between whose time does not rise (beyond rounding) may stay where it is, at the busiest
+            # time too (ties: the root leaves them, so the busiest GPUs still become fewer)
+            local = new_c[k]
+            for j in range(1, k):
+                if new_c[j] > comp[hops[j, 0]] + tol and new_c[j] > local:
+                    local = new_c[j]
+            if local >= cs - tol or new_c[0] >= cs - tol:
+                continue
+            pm = max(qrest, max(pairs[gs] - x, pairs[t] + x))
+            gain = _compound_gain(F, max(rest, top) + 2.0 * p[_A2A] * pm, cs, local, tol)
+            if gain > best + tol:
+                best = gain
+                best_t = t
+                best_x = x
+    if best_t < 0:
+        return False
+    k = _path_hops(par, via, best_t, hops)
+    x = best_x
+    _path_times(n, hops, k, comp, x, p, new_c)
+    for j in range(k):
+        e = hops[j, 2]
+        _shift(n, room, home, e, hops[j, 0], -x)
+        _shift(n, room, home, e, hops[j, 1], x)
+    for j in range(k + 1):
+        comp[hops[j, 0] if j < k else hops[k - 1, 1]] = new_c[j]
+    pairs[gs] -= x
+    pairs[best_t] += x
     return True
 
 
@@ -643,8 +820,11 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
         if best_e < 0:
             # no single move helps: try a chain, all of e's pairs on the busiest GPU to its instance on gb while
             # all of f's pairs on gb go to f's instance on gc (gb would otherwise become the busiest: the
-            # local search's trap in memory-bound layers, where a GPU's time counts its active experts)
-            if _chain_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p):
+            # local search's trap in memory-bound layers, where a GPU's time counts its active experts); then an
+            # augmenting path, x pairs passed along GPUs to one that shares no expert with the busiest (the trap
+            # in compute-bound layers: prefill on rings of replicas)
+            if _chain_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p) or \
+                    _path_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p):
                 moves += 1
                 if new_ok:
                     _resort(order, comp)
