@@ -554,16 +554,18 @@ def _path_hops(par, via, t, hops):
 
 
 @njit
+def _path_gpu(hops, k, j):
+    """The j-th GPU (0: the root, k: the end) of a path of k hops (_path_hops)."""
+    return hops[j, 0] if j < k else hops[k - 1, 1]
+
+@njit
 def _path_times(n, hops, k, comp, x, p, out):
     """The expert times of the k + 1 GPUs of a path (root first) once x pairs move along every hop, into out;
     returns their maximum. Each GPU swaps one instance's pairs: the root loses x of its hop's expert, the end
     gains x, and a GPU in between gains x of the expert entering it and loses x of the one leaving it."""
     m = 0.0
     for j in range(k + 1):
-        if j < k:
-            g = hops[j, 0]
-        else:
-            g = hops[k - 1, 1]
+        g = _path_gpu(hops, k, j)
         c = comp[g]
         if j > 0:  # gains the pairs of the hop entering it
             e = hops[j - 1, 2]
@@ -648,7 +650,7 @@ def _path_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor,
         x0, _, _ = _best_x(n1, n2, comp[gs] - inst_time(n1, p), comp[t] - inst_time(n2, p), p)
         x0 = min(max(x0, 1.0), b)
         for j in range(k + 1):
-            on_path[hops[j, 0] if j < k else hops[k - 1, 1]] = True
+            on_path[_path_gpu(hops, k, j)] = True
         rest = 0.0
         qrest = pfloor
         for g in range(G):
@@ -657,7 +659,7 @@ def _path_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor,
             if g != gs and g != t and pairs[g] > qrest:
                 qrest = pairs[g]
         for j in range(k + 1):
-            on_path[hops[j, 0] if j < k else hops[k - 1, 1]] = False
+            on_path[_path_gpu(hops, k, j)] = False
         for c in range(2):  # the balancing x, and the bottleneck whole (an instance emptied)
             x = x0 if c == 0 else b
             if c == 1 and b == x0:
@@ -688,7 +690,7 @@ def _path_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor,
         _shift(n, room, home, e, hops[j, 0], -x)
         _shift(n, room, home, e, hops[j, 1], x)
     for j in range(k + 1):
-        comp[hops[j, 0] if j < k else hops[k - 1, 1]] = new_c[j]
+        comp[_path_gpu(hops, k, j)] = new_c[j]
     pairs[gs] -= x
     pairs[best_t] += x
     return True

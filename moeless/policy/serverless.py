@@ -37,6 +37,12 @@ from moeless.policy.base import _F64, _I64, LayerContext, Policy
 __all__ = ["HALF_LIFE_FRACTION", "MoelessPolicy", "forecast_loads", "rebalance_plan"]
 
 
+def _horizons(horizon, hedge_horizon) -> tuple[float, float]:
+    """(horizon, hedge_horizon) as the compiled loops take them: at least 1e-9 iterations (they divide by them),
+    hedge_horizon None meaning the same as horizon."""
+    h = max(float(horizon), 1e-9)
+    return h, h if hedge_horizon is None else max(float(hedge_horizon), 1e-9)
+
 class MoelessPolicy(Policy):
     """The time-aware serverless policy (module docstring). cost: a moeless.costmodel model (RooflineCost or
     PaperLinearCost); free_moves: copies cost nothing; max_moves: cap of the local search per layer."""
@@ -111,8 +117,7 @@ class MoelessPolicy(Policy):
                 not _kernels.context_ok(live, loaded, pinned, link_wait, self.E, self.G, self.S):
             raise ValueError(f"ctx.live, ctx.loaded and ctx.pinned must have shape [G*S={self.G * self.S}] (live: "
                              f"experts in [-1, {self.E})) and ctx.link_wait [G={self.G}]")
-        horizon = max(float(ctx.horizon), 1e-9)
-        hedge_horizon = horizon if ctx.hedge_horizon is None else max(float(ctx.hedge_horizon), 1e-9)
+        horizon, hedge_horizon = _horizons(ctx.horizon, ctx.hedge_horizon)
         self.hedged = False
         cur = self.dense(ctx.current)
         inst = np.zeros((self.E, self.G), dtype=np.bool_)
@@ -152,10 +157,8 @@ class MoelessPolicy(Policy):
         if code == -2:
             raise ValueError(f"loads must have shape [E={self.E}], live, ready and last_use [G*S={self.G * self.S}] "
                              f"(live: experts in [-1, {self.E})) and link_free [G={self.G}]")
-        horizon = max(float(horizon), 1e-9)
         return self._conclude(code, inst, W, w_max, current, refresh, scenarios, max(1, int(link_group)),
-                              live, loaded, pinned, horizon,
-                              horizon if hedge_horizon is None else max(float(hedge_horizon), 1e-9))
+                              live, loaded, pinned, *_horizons(horizon, hedge_horizon))
 
     def _conclude(self, code, inst, W, w_max, current, refresh, scenarios, link_group, live, loaded, pinned,
                   horizon, hedge_horizon) -> Plan | None:
