@@ -19,7 +19,11 @@ per layer, multinomial batches), so that its pool holds replicas:
   and `prepare`'s that reached it: plans kept plus plans changed, and of them changed) and the planning time per
   decision (planning per iteration / decisions: what one more or one fewer decision per layer costs);
 - the serve-time split of one layer (`Engine.split`: the policy's time-aware split), 64 experts on 8 GPUs x 9
-  slots, 512 tokens top-6.
+  slots, 512 tokens top-6;
+- where the default's planning goes (`_floors`): of it, the compiled decisions (`_kernels.decide_live` and
+  `_kernels.robust_pick`, timed around each call inside the iteration; the rest is Python around them), and the
+  floor of deciding by time (one split per layer of the iteration's loads on its live plan, by one local search:
+  the first step of every decision).
 The table is repeated for Engine(prepare_every=1, the default, and 4) and after 6 and 30 warm-up iterations
 (the first iterations create most replicas; by 30 the engines mostly keep their plans: the steady state).
 Targets (issue 8): planning 0.5 ms and 5 ms per iteration, 50 us per split. Benchmarks measure; they never
@@ -123,6 +127,20 @@ def test_iteration_parts_counts_every_decision():
     assert whole > 0 and splits > 0
 
 
+def test_floors_time_every_decision():
+    """The breakdown's compiled-decision column intercepts every decision the engine makes (a changed call path
+    would leave it silently at zero), and restores the kernels after."""
+    from moeless.policy import _kernels
+
+    before = _kernels.decide_live
+    d = Driver("mixtral", "decode")
+    d.iteration()
+    kernels, floor, plan, decisions, calls = _floors(d, 2)
+    assert _kernels.decide_live is before
+    assert calls == round(decisions * 4) == 4 * ((d.L - 1) + d.L)  # (n + 2 iterations, see _floors)
+    assert kernels > 0 and floor > 0 and plan > 0
+
+
 def _split_setup():
     cost = RooflineCost(model_spec("deepseek-v2-lite"), hardware_spec("h100"))
     eng = Engine(MoelessPolicy(1, 64, 8, 9, cost), keep_alive_s=60.0)
@@ -184,6 +202,69 @@ def _table(prepare_every: int, rounds: int, warmup: int = 6) -> list[str]:
     return rows
 
 
+def _floors(d: Driver, n: int) -> tuple[float, float, float, float, int]:
+    """Where the planning time goes, per iteration over n iterations: (the compiled decisions alone: the
+    policy's decision kernels `_kernels.decide_live` and `_kernels.robust_pick`, timed around each call; the floor
+    of deciding by time: one split per layer, by one local search (the decision's first step, `_split_lists` with
+    one_search), of the iteration's loads on the layer's live plan; the whole planning, as in the table; the
+    decisions per iteration (as _iteration_parts); the calls of `_kernels.decide_live` timed, in all)."""
+    from moeless.policy import _kernels
+
+    pol, eng = d.engine.policy, d.engine
+    spent = [0.0, 0]
+    saved = {name: getattr(_kernels, name) for name in ("decide_live", "robust_pick")}
+
+    def timed(fn):
+        def call(*a):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a)
+            finally:
+                spent[0] += time.perf_counter() - t0
+                spent[1] += fn is saved["decide_live"]
+        return call
+
+    for name, fn in saved.items():
+        setattr(_kernels, name, timed(fn))
+    try:
+        whole, splits, decisions, _ = _iteration_parts(d, n)
+        kernels = spent[0] / (n + 2)  # (_iteration_parts runs n + 2 iterations, the last n + 1 timed)
+    finally:
+        for name, fn in saved.items():
+            setattr(_kernels, name, fn)
+    loads = d.batches[d.i % len(d.batches)]
+    out = np.empty((d.E, pol.G))
+    est = np.zeros(1, dtype=np.bool_)
+    layouts = [pol.dense(eng.plan(layer)) for layer in range(d.L)]
+    W = [loads[layer].astype(np.float64) for layer in range(d.L)]
+    for lay in layouts:
+        lay.lists  # (built once per plan, outside the timing)
+
+    def floor_once():
+        for layer, lay in enumerate(layouts):
+            _kernels._split_lists(W[layer], lay.has, *lay.lists, lay.primary, pol.profile, pol.max_moves, out, True,
+                                  est)
+
+    floor = _cpu_per_call(floor_once, n)
+    return kernels, floor, whole - splits, decisions, spent[1]
+
+
+def _floor_table(rounds: int, warmup: int) -> list[str]:
+    rows = ["| case | batch | planning per iteration | of it, the compiled decisions | floor: one one-search split per "
+            "layer | target |", "|---|---|---|---|---|---|"]
+    for case in CASES:
+        for phase in ("prefill", "decode"):
+            d = Driver(case, phase)
+            for _ in range(warmup):
+                d.iteration()
+            kernels, floor, plan, _, _ = _floors(d, rounds)
+            target = "0.5 ms" if case == "mixtral" else "5 ms"
+            rows.append(f"| {case} | {phase} ({d.tokens} tokens) | {plan * 1e3:.2f} ms | {kernels * 1e3:.2f} ms "
+                        f"({kernels / plan * 100:.0f}%) | {floor * 1e3:.2f} ms ({floor / d.L * 1e6:.0f} us per layer) "
+                        f"| {target} |")
+    return rows
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -221,6 +302,11 @@ def main(argv=None) -> int:
             rows = _table(k, args.rounds, w)
             print("\n" + title + "\n" + "\n".join(rows))
             lines += [f"### {title}", ""] + rows + [""]
+    title = (f"Where the default's planning goes, after {max(args.warmup)} warm-up iterations (the compiled "
+             f"decisions timed inside the iteration; the floor timed apart, mean of {args.rounds})")
+    rows = _floor_table(args.rounds, max(args.warmup))
+    print("\n" + title + "\n" + "\n".join(rows))
+    lines += [f"### {title}", ""] + rows + [""]
     s = _cpu_per_call(_split_setup(), 200)
     split = f"Serve-time split, one layer, 64 experts on 8 GPUs x 9 slots: {s * 1e6:.1f} us (target 50 us)."
     print("\n" + split)
