@@ -54,6 +54,7 @@ CASES = {  # name: (model, hardware, layers, experts, top_k, gpus, slots_per_gpu
     "deepseek_v3": ("deepseek-v3", "h200", 58, 256, 8, 64, 8),
 }
 TOKENS = {"mixtral": {"prefill": 4096, "decode": 64}, "deepseek_v3": {"prefill": 8192, "decode": 64}}
+TARGETS = {"mixtral": "0.5 ms", "deepseek_v3": "5 ms"}  # planning per iteration (issue 8)
 
 
 class Driver:
@@ -183,22 +184,28 @@ def _iteration_parts(d: Driver, n: int) -> tuple[float, float, float, float]:
     return s, (d.split_s - before) / (n + 1), changed + (st.plans_kept - kept) / (n + 1), changed
 
 
-def _table(prepare_every: int, rounds: int, warmup: int = 6) -> list[str]:
-    rows = ["| case | batch | planning per iteration (all layers) | per layer | target | decisions per iteration "
-            "(changed a plan) | per decision | + serve-time splits | whole control plane |",
-            "|---|---|---|---|---|---|---|---|---|"]
+def _warm_drivers(warmup: int, prepare_every: int = 1):
+    """(case, phase, Driver) of every case and batch, each run `warmup` iterations first."""
     for case in CASES:
         for phase in ("prefill", "decode"):
             d = Driver(case, phase, prepare_every=prepare_every)
             for _ in range(warmup):
                 d.iteration()
-            whole, splits, decisions, changed = _iteration_parts(d, rounds)
-            plan = whole - splits
-            target = "0.5 ms" if case == "mixtral" else "5 ms"
-            per = f"{plan / decisions * 1e6:.0f} us" if decisions else "-"
-            rows.append(f"| {case} | {phase} ({d.tokens} tokens) | {plan * 1e3:.2f} ms | {plan / d.L * 1e6:.0f} us "
-                        f"| {target} | {decisions:.1f} ({changed:.1f}) | {per} "
-                        f"| {splits * 1e3:.2f} ms ({splits / d.L * 1e6:.0f} us per layer) | {whole * 1e3:.2f} ms |")
+            yield case, phase, d
+
+
+def _table(prepare_every: int, rounds: int, warmup: int = 6) -> list[str]:
+    rows = ["| case | batch | planning per iteration (all layers) | per layer | target | decisions per iteration "
+            "(changed a plan) | per decision | + serve-time splits | whole control plane |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for case, phase, d in _warm_drivers(warmup, prepare_every):
+        whole, splits, decisions, changed = _iteration_parts(d, rounds)
+        plan = whole - splits
+        target = TARGETS[case]
+        per = f"{plan / decisions * 1e6:.0f} us" if decisions else "-"
+        rows.append(f"| {case} | {phase} ({d.tokens} tokens) | {plan * 1e3:.2f} ms | {plan / d.L * 1e6:.0f} us "
+                    f"| {target} | {decisions:.1f} ({changed:.1f}) | {per} "
+                    f"| {splits * 1e3:.2f} ms ({splits / d.L * 1e6:.0f} us per layer) | {whole * 1e3:.2f} ms |")
     return rows
 
 
@@ -252,16 +259,12 @@ def _floors(d: Driver, n: int) -> tuple[float, float, float, float, int]:
 def _floor_table(rounds: int, warmup: int) -> list[str]:
     rows = ["| case | batch | planning per iteration | of it, the compiled decisions | floor: one one-search split per "
             "layer | target |", "|---|---|---|---|---|---|"]
-    for case in CASES:
-        for phase in ("prefill", "decode"):
-            d = Driver(case, phase)
-            for _ in range(warmup):
-                d.iteration()
-            kernels, floor, plan, _, _ = _floors(d, rounds)
-            target = "0.5 ms" if case == "mixtral" else "5 ms"
-            rows.append(f"| {case} | {phase} ({d.tokens} tokens) | {plan * 1e3:.2f} ms | {kernels * 1e3:.2f} ms "
-                        f"({kernels / plan * 100:.0f}%) | {floor * 1e3:.2f} ms ({floor / d.L * 1e6:.0f} us per layer) "
-                        f"| {target} |")
+    for case, phase, d in _warm_drivers(warmup):
+        kernels, floor, plan, _, _ = _floors(d, rounds)
+        target = TARGETS[case]
+        rows.append(f"| {case} | {phase} ({d.tokens} tokens) | {plan * 1e3:.2f} ms | {kernels * 1e3:.2f} ms "
+                    f"({kernels / plan * 100:.0f}%) | {floor * 1e3:.2f} ms ({floor / d.L * 1e6:.0f} us per layer) "
+                    f"| {target} |")
     return rows
 
 
