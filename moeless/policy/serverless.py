@@ -43,6 +43,7 @@ def _horizons(horizon, hedge_horizon) -> tuple[float, float]:
     h = max(float(horizon), 1e-9)
     return h, h if hedge_horizon is None else max(float(hedge_horizon), 1e-9)
 
+
 class MoelessPolicy(Policy):
     """The time-aware serverless policy (module docstring). cost: a moeless.costmodel model (RooflineCost or
     PaperLinearCost); free_moves: copies cost nothing; max_moves: cap of the local search per layer."""
