@@ -461,6 +461,7 @@ def _shift(n, room, home, e, g, delta):
         room[g] += 1
     n[e, g] = after
 
+
 @njit
 def _compound_gain(F, newF, cs, local, tol):
     """The score of a compound move (chain or path) that takes the layer time F to newF and leaves the GPUs it
@@ -469,6 +470,7 @@ def _compound_gain(F, newF, cs, local, tol):
     if newF > F + tol:
         return -1.0
     return (F - newF) + 1e-3 * (cs - local)
+
 
 @njit
 def _chain_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p):
@@ -557,6 +559,7 @@ def _path_hops(par, via, t, hops):
 def _path_gpu(hops, k, j):
     """The j-th GPU (0: the root, k: the end) of a path of k hops (_path_hops)."""
     return hops[j, 0] if j < k else hops[k - 1, 1]
+
 
 @njit
 def _path_times(n, hops, k, comp, x, p, out):
