@@ -26,6 +26,9 @@ the instance's expected warm life).
 Where no single move helps, two compound moves are tried: a chain of two whole moves (`_chain_move`) and an
 augmenting path (`_path_move`: x pairs of e1 from the busiest GPU to g1, x of e2 from g1 to g2, ..., breadth-first
 over the GPUs), which reaches the linear program's optimum on compute-bound layers where single moves stall.
+Under the paper's model (a GPU's expert time the max over its instances) GPUs tie at the largest instance, so a
+third compound move comes first: pairs of one expert off the GPU receiving the most pairs (`_a2a_move`, the
+all-to-all), never past the largest instance's time.
 Loops run over instances (the sparse lists), not over E x G: only the instances' entries of a working n are
 ever zeroed, copied or read (an array of E x G entries is touched whole at most once per call; at DeepSeek-V3's
 256 experts x 64 GPUs a whole pass costs more than a search step). A GPU whose time is already at the busiest
@@ -463,6 +466,18 @@ def _shift(n, room, home, e, g, delta):
 
 
 @njit
+def _apply_move(n, home, room, comp, pairs, e, ga, gb, x, ta, tb):
+    """Move x pairs of expert e from GPU ga to gb (slots kept in step, _shift), whose expert times become ta and
+    tb."""
+    _shift(n, room, home, e, gb, x)
+    _shift(n, room, home, e, ga, -x)
+    comp[ga] = ta
+    comp[gb] = tb
+    pairs[ga] -= x
+    pairs[gb] += x
+
+
+@njit
 def _compound_gain(F, newF, cs, local, tol):
     """The score of a compound move (chain or path) that takes the layer time F to newF and leaves the GPUs it
     raises at `local` at most (below the busiest time cs): the layer time saved, then the margin below cs; -1
@@ -470,6 +485,74 @@ def _compound_gain(F, newF, cs, local, tol):
     if newF > F + tol:
         return -1.0
     return (F - newF) + 1e-3 * (cs - local)
+
+
+@njit
+def _cap_pairs(cap, p):
+    """The most pairs one instance can serve within `cap` seconds (inst_time is non-decreasing in its pairs);
+    -1 if not even one pair fits."""
+    m = np.inf
+    if p[_FLOP] > 0.0:
+        m = (cap - p[_LAUNCH]) / p[_FLOP]
+    if p[_ACT] > 0.0:
+        m = min(m, (cap - p[_LAUNCH] - p[_READ]) / p[_ACT])
+    elif cap < p[_LAUNCH] + p[_READ]:
+        return -1.0
+    return np.floor(m * (1.0 + 1e-12)) if m < np.inf else np.inf
+
+
+@njit
+def _a2a_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, q0, q1, qv1, q2, qv2, c0, cv0, c1, cv1, c2,
+              cv2, pfloor, tol, p):
+    """The paper's max model only: the best move of x pairs of one expert from the GPU that receives the most
+    pairs (q0) to another of its instances, x at most half the two GPUs' difference and at most what keeps the
+    receiving instance within the busiest expert time cs (so the expert time never rises); taken when it does
+    not raise the layer time F (the sorted pairs per GPU fall lexicographically). In that model a GPU's expert
+    time is its largest instance and ties at the layer's largest instance are common, so the moves off the
+    busiest GPU by expert time stall while the all-to-all (the pairs term) can still fall. Applies it (n, room,
+    comp, pairs updated) and returns whether one was found."""
+    best_s = -1.0
+    best_e = -1
+    best_g = -1
+    best_x = 0.0
+    best_a = 0.0
+    best_b = 0.0
+    pq = pairs[q0]
+    for i in range(gcnt[q0]):
+        e = gl[q0, i]
+        n1 = n[e, q0]
+        if n1 < 1.0:
+            continue
+        for k in range(cnt[e]):
+            gb = ig[e, k]
+            if gb == q0:
+                continue
+            n2 = n[e, gb]
+            if n2 < 1.0 and not home[e, gb] and room[gb] <= 0:
+                continue
+            x = min(np.floor((pq - pairs[gb]) / 2.0), n1)
+            if x < 1.0:
+                continue
+            base_b = _gpu_time_without(n, gl, gcnt, gb, e, p)
+            if base_b > cs + tol:
+                continue
+            x = min(x, _cap_pairs(cs + tol, p) - n2)
+            if x < 1.0:
+                continue
+            base_a = _gpu_time_without(n, gl, gcnt, q0, e, p)
+            a, b = _pair_times(n1, n2, x, base_a, base_b, p)
+            cmax = max(_max_except(c0, cv0, c1, cv1, c2, cv2, q0, gb), a, b)
+            pmax = max(_max_except(q0, pq, q1, qv1, q2, qv2, q0, gb), pq - x, pairs[gb] + x, pfloor)
+            newF = cmax + 2.0 * p[_A2A] * pmax
+            if newF > F + tol:
+                continue
+            s = (F - newF) + 1e-3 * 2.0 * p[_A2A] * x
+            if s > best_s + tol:
+                best_s, best_e, best_g, best_x, best_a, best_b = s, e, gb, x, a, b
+    if best_e < 0:
+        return False
+    _apply_move(n, home, room, comp, pairs, best_e, q0, best_g, best_x, best_a, best_b)
+    return True
 
 
 @njit
@@ -828,23 +911,17 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
             # local search's trap in memory-bound layers, where a GPU's time counts its active experts); then an
             # augmenting path, x pairs passed along GPUs to one that shares no expert with the busiest (the trap
             # in compute-bound layers: prefill on rings of replicas)
-            if _chain_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p) or \
+            if (not sum_mode and p[_A2A] > 0.0 and q0 >= 0
+                    and _a2a_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, q0, q1, qv1, q2, qv2, gs,
+                                  cs, c1, cv1, c2, cv2, pfloor, tol, p)) or \
+                    _chain_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p) or \
                     _path_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor, tol, p):
                 moves += 1
                 if new_ok:
                     _resort(order, comp)
                 continue
             break
-        if n[best_e, best_g] < 1.0 and not home[best_e, best_g]:
-            room[best_g] -= 1
-        n[best_e, gs] -= best_x
-        n[best_e, best_g] += best_x
-        if n[best_e, gs] < 1.0 and not home[best_e, gs]:
-            room[gs] += 1
-        comp[gs] = best_a
-        comp[best_g] = best_b
-        pairs[gs] -= best_x
-        pairs[best_g] += best_x
+        _apply_move(n, home, room, comp, pairs, best_e, gs, best_g, best_x, best_a, best_b)
         if best_new:
             has[best_e, best_g] = True
             ig[best_e, cnt[best_e]] = best_g
