@@ -62,11 +62,14 @@ REGIMES = {
 GAINS = {"R2": (0.10, 0.20), "R3": (0.10, 0.20), "R4": (0.10, 0.20)}
 
 
-def run_regime(name: str, esft: str = ESFT, progress: bool = True, prepare_every: int = 1) -> dict | None:
+def run_regime(name: str, esft: str = ESFT, progress: bool = True, prepare_every: int = 1,
+               steady: bool = True) -> dict | None:
     title, kw = REGIMES[name]
     kw = dict(kw)
     if prepare_every != 1:  # (a sensitivity run; the report's default is the library's)
         kw["prepare_every"] = prepare_every
+    if not steady:  # (likewise)
+        kw["steady"] = False
     if "routing" in kw and "{esft}" in kw["routing"]:
         if not os.path.isdir(esft):
             print(f"{name}: skipped, no ESFT routing at {esft} (set MOELESS_ESFT)", file=sys.stderr)
@@ -123,7 +126,9 @@ def markdown(results: list[dict]) -> str:
                   f" simulated); routing: {s['routing']}; history: {s['history']}. "
                   f"Simulated in {r['cpu_s']:.0f} s CPU ({r['wall_s']:.0f} s wall)."
                   + (f" moeless with Engine(prepare_every={s['prepare_every']}), not the library's default."
-                     if s.get("prepare_every", 1) != 1 else ""), "",
+                     if s.get("prepare_every", 1) != 1 else "")
+                  + (" moeless with Engine(steady=False), not the library's default."
+                     if not s.get("steady", True) else ""), "",
                   "| policy | mean ms | p50 ms | p99 ms | memory x time GB-s | cold starts | GB copied |",
                   "|---|---|---|---|---|---|---|"]
         for name, p in r["policies"].items():
@@ -149,6 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "regimes.md"), help="report (a .json beside it)")
     ap.add_argument("--prepare-every", type=int, default=1,
                     help="moeless's Engine(prepare_every=...) for a sensitivity run (default: 1, the library's)")
+    ap.add_argument("--no-steady", dest="steady", action="store_false",
+                    help="moeless with Engine(steady=False) (asks every decision), for a sensitivity run")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.prepare_every < 1:
@@ -160,7 +167,8 @@ def main(argv=None) -> int:
     results = []
     for n in names:
         print(f"{n}: {REGIMES[n][0]} ...", file=sys.stderr, flush=True)
-        r = run_regime(n, args.esft, progress=not args.no_progress, prepare_every=args.prepare_every)
+        r = run_regime(n, args.esft, progress=not args.no_progress, prepare_every=args.prepare_every,
+                       steady=args.steady)
         if r is not None:
             results.append(r)
             for v in verdicts(r):

@@ -244,7 +244,7 @@ def cmd_predict_eval(args) -> int:
 _SIM_FIELDS = ("model", "hardware", "gpus", "slots_per_gpu", "trace", "window_s", "window_start_s", "rate_scale",
                "batching", "batch_window_s", "token_budget", "routing", "predictor", "distance",
                "eplb_interval_s", "eplb_window_iterations", "eplb_step_iterations", "history_s", "keep_alive_s",
-               "prepare_every", "cost_model", "alpha", "beta", "t_misc", "iteration_budget", "seed")
+               "prepare_every", "steady", "cost_model", "alpha", "beta", "t_misc", "iteration_budget", "seed")
 
 
 def _add_simulate_arguments(si: argparse.ArgumentParser) -> None:
@@ -294,6 +294,10 @@ def _add_simulate_arguments(si: argparse.ArgumentParser) -> None:
     _int_arg(si, "--prepare-every", 1, limits.MAX_ITERATIONS, "moeless: decide each layer's plan for the next "
              "iteration only every this many iterations (less CPU, a little less balance; default: "
              f"{d.prepare_every})", default=d.prepare_every)
+    si.add_argument("--no-steady", dest="steady", action="store_false", default=d.steady,
+                    help="moeless: ask every decision even when its inputs (loads within their sampling noise, "
+                         "live instances, copies, look-ahead, warm lives) have not moved since the layer's last one "
+                         "(Engine(steady=False): more CPU, to measure what skipping costs)")
     _float_arg(si, "--eplb-interval-s", 0, "policy eplb: seconds between rebuilds, each from the loads since the "
                "last one (the paper's cadence; default: 600)", lo_open=True, default=d.eplb_interval_s)
     _int_arg(si, "--eplb-window-iterations", 1, limits.MAX_ITERATIONS, "policy eplb-vllm: iterations of load "

@@ -111,6 +111,52 @@ def _observe_counts(counts, layer, last_counts, iter_counts, recent, n_recent, s
 
 
 @njit
+def _steady(loads, k, l, ref_loads, live, ref_live, ready, last_use, model_t, since, ref_flags, link_free, scal, ref_scal,
+            tol, z):
+    """Whether the inputs of layer l's decision of kind k are those of its last one (ref_*[k, l]) within their
+    noise (see Engine's steady): the same live instances (live [L, G*S]), each loaded (ready <= model_t) and
+    pinned (last_use >= since) as then, no copy link busy (link_free [G] <= model_t), the look-ahead, warm lives
+    and heaviest scenario (scal [4]) within a relative `tol` of then, and the loads within the sampling noise of
+    then: the sum over experts of (w - r)^2 / (w + r + 1) (two counts' difference over its Poisson variance:
+    about E - 1 for two samples of one popularity) at most E + z sqrt(2E)."""
+    for s in range(live.shape[1]):
+        v = live[l, s]
+        if v != ref_live[k, l, s] or _flags(v, ready[l, s], last_use[l, s], model_t, since) != ref_flags[k, l, s]:
+            return False
+    for g in range(link_free.shape[0]):
+        if link_free[g] > model_t:
+            return False
+    for i in range(scal.shape[0]):
+        r = ref_scal[k, l, i]
+        if abs(scal[i] - r) > tol * abs(r):
+            return False
+    E = loads.shape[0]
+    stat = 0.0
+    for e in range(E):
+        d = loads[e] - ref_loads[k, l, e]
+        stat += d * d / (loads[e] + ref_loads[k, l, e] + 1.0)
+    return stat <= E + z * np.sqrt(2.0 * E)
+
+
+@njit
+def _steady_record(loads, k, l, ref_loads, live, ref_live, ready, last_use, model_t, since, ref_flags, scal, ref_scal):
+    """Record the inputs of layer l's decision of kind k as its reference (see _steady)."""
+    for e in range(loads.shape[0]):
+        ref_loads[k, l, e] = loads[e]
+    for s in range(live.shape[1]):
+        ref_live[k, l, s] = live[l, s]
+        ref_flags[k, l, s] = _flags(live[l, s], ready[l, s], last_use[l, s], model_t, since)
+    for i in range(scal.shape[0]):
+        ref_scal[k, l, i] = scal[i]
+
+
+@njit
+def _flags(expert, ready, last_use, model_t, since):
+    """A slot's state as _steady compares it: 1 if its copy is in, plus 2 if it holds a pinned instance."""
+    return (1 if ready <= model_t else 0) + (2 if expert >= 0 and last_use >= since else 0)
+
+
+@njit
 def _mark_used(rt, l2p, p2l, made_row, kind_row, last_use_row, now):
     """The slots whose replicas serve pairs (rt > 0) were used at `now`; returns how many of them hold the
     instance this engine cold-started there (made_row), as (point instances, hedges) by kind_row."""
@@ -173,6 +219,7 @@ class EngineStats:
     replicas: list = field(default_factory=list)  # [iterations] of int64 [L]
     plans_made: int = 0  # layers whose plan the policy changed
     plans_kept: int = 0  # decisions that kept the current plan
+    plans_skipped: int = 0  # decisions not asked: the layer's inputs had not moved beyond their noise (Engine.steady)
     cold_starts: int = 0
     warm_starts: int = 0
     rebuilds: int = 0  # whole-model plans from end_iteration (EPLB)
@@ -256,6 +303,16 @@ class Engine:
     averaged over a keep-alive and move slowly, so where the control plane's CPU time is tight most of its
     decisions can be skipped (bench/bench_policy.py measures what that saves, `bench/regimes.py --prepare-every`
     what it costs); the decision d layers ahead, fed the batch's own prediction, always runs every iteration.
+    steady (default on; always off for a policy with free moves, the lossless bound): a decision is not asked of
+    the policy again while its inputs have not moved since the layer's last decision of the same kind (d layers
+    ahead, for the next iteration, or that with the robust alternatives) and that decision's plan is still the
+    layer's: the same live instances, each loaded and pinned as then, no copy in flight, the look-ahead, the warm
+    lives and the robust step's heaviest scenario within STEADY_TOL (10%) of then, and the loads within their
+    sampling noise of then (`_steady`: a chi-square of the two count vectors within STEADY_Z = 3 standard
+    deviations of its mean under one popularity). The plan then stays, as the policy would have kept it on the
+    same inputs; a shift of popularity, a batch of another size, a release, an eviction or a copy's arrival asks
+    again. Stable popularity then costs a check per decision instead of a time-aware split and search
+    (bench/bench_policy.py measures it; `bench/regimes.py --no-steady` what it changes).
     """
 
     # recent true loads per layer kept as the scenarios of the decision well ahead (`prepare`)
@@ -263,12 +320,16 @@ class Engine:
     # the longest warm life (iterations) an instance is expected to have: the cap of horizon() and of the
     # keep-alive's iterations
     MAX_LIFE = 1000.0
+    # steady: the relative change of the look-ahead and warm lives, and the z-score of the loads' change, within
+    # which a layer's decision is not asked again
+    STEADY_TOL = 0.1
+    STEADY_Z = 3.0
 
     def __init__(self, policy: Policy, *, distance: int = 1, pool: FunctionPool | None = None,
                  expert_bytes: float | None = None, keep_alive_s: float = 60.0, link_bandwidth: float = 25e9,
                  peer_bandwidth: float | None = None, link_group: int = 1, copy_s=None, misc=None,
                  horizon_prior: float | None = None, prewarm: bool = True, refresh_every: int = 4,
-                 prepare_every: int = 1):
+                 prepare_every: int = 1, steady: bool = True):
         if not isinstance(policy, Policy):
             raise ValueError(f"policy must be a moeless.policy.Policy (see moeless.policy.make_policy), got "
                              f"{type(policy).__name__}")
@@ -307,6 +368,18 @@ class Engine:
         self.prewarm = bool(prewarm)
         self.refresh_every = _positive_int("refresh_every", refresh_every)
         self.prepare_every = _positive_int("prepare_every", prepare_every)
+        # (see steady in the class docstring) per layer: its last decision's loads, live instances, their loaded /
+        # pinned flags, its look-ahead and warm lives, and the plan it left
+        self.steady = bool(steady) and not getattr(policy, "free_moves", False)
+        P = self.G * self.S
+        # (three references per layer: the decision d layers ahead, kind 0, the next iteration's, kind 1, and
+        # the next iteration's with the robust alternatives, kind 2)
+        self._ref_loads = np.zeros((3, self.L, self.E))
+        self._ref_live = np.full((3, self.L, P), -2, dtype=np.int64)
+        self._ref_flags = np.zeros((3, self.L, P), dtype=np.int64)
+        self._ref_scal = np.zeros((3, self.L, 4))
+        self._scal = np.zeros(4)  # (this decision's look-ahead, warm lives and heaviest scenario)
+        self._ref_plan: list = [[None] * self.L for _ in range(3)]
         self._iterations = 0.0  # real iterations seen (the weights of the simulated ones)
         self._weighted_t = 0.0
         initial = policy.initial_plan()
@@ -445,7 +518,7 @@ class Engine:
             self.stats.replicas.append(self._iteration_replicas.copy())
         if not replan or (self.prewarm and layer + self.distance >= self.L):
             return None
-        return self._decide(target, loads, now, self.distance, total=total)
+        return self._decide(target, loads, now, self.distance, total=total, kind=0)
 
     def prepare(self, layer: int, now: float | None = None):
         """After layer `layer` ran (its instances are free again): decide its plan for the next iteration, so
@@ -464,7 +537,8 @@ class Engine:
         if layer >= self.distance and n % self.prepare_every:
             return None  # (see prepare_every)
         loads, total = _scaled_share(self._share[layer], self._last_counts[layer])
-        return self._decide(layer, loads, now, self.L - self.distance, refresh=refresh, total=total)
+        return self._decide(layer, loads, now, self.L - self.distance, refresh=refresh, total=total,
+                            kind=2 if refresh else 1)
 
     def decide(self, layer: int, loads, now: float | None = None, layers_ahead: int = 0):
         """Ask the policy for layer `layer`'s plan for `loads` [E] now (outside the protocol: the lossless bound
@@ -473,26 +547,41 @@ class Engine:
         return self._decide(self._layer(layer), self._counts(loads, "loads", integral=False), now, int(layers_ahead))
 
     def _decide(self, target: int, loads: np.ndarray, now, layers_ahead: int, refresh: bool = False,
-                total: float | None = None):
+                total: float | None = None, kind: int = -1):
         """The policy's decision for `target` given its predicted loads (`total`: their sum, if known);
         `layers_ahead` layers hide its copies."""
         if not self.policy.serverless or not (_total(loads) if total is None else total) > 0:
             return None
         scenarios = None
+        peak = 0.0
         if refresh:
             k = min(int(self._n_recent[target]), self.SCENARIOS)
             scenarios = self._recent[target, :k]
+            peak = float(scenarios.sum(1).max()) if k else 0.0
         t = self.pool.advance_to(now)
         self._now = t
         life = self._warm_life()
+        lookahead = layers_ahead * (self._layer_s or 0.0)
+        since = t - self.pool.keep_alive_s
+        steady = self.steady and kind >= 0
+        if steady:
+            scal = self._scal
+            scal[0], scal[1], scal[2], scal[3] = lookahead, life[1], life[2], peak
+            if self._ref_plan[kind][target] is self._plans[target] and _steady(
+                    loads, kind, target, self._ref_loads, self.pool.expert, self._ref_live, self._ready,
+                    self._last_use, self.model_t, since, self._ref_flags, self._link_free, scal, self._ref_scal,
+                    self.STEADY_TOL, self.STEADY_Z):
+                self.stats.plans_skipped += 1
+                return None
+        live, ready, last_use = self.pool.expert[target], self._ready[target], self._last_use[target]
         new = self.policy.decide_live(
-            target, loads, self._plans[target], self.pool.expert[target], self._ready[target], self.model_t,
-            self._link_free, self._last_use[target], t - self.pool.keep_alive_s,
-            lookahead=layers_ahead * (self._layer_s or 0.0), horizon=life[1],
-            link_group=self.pool.link_group, tokens=self._tokens, refresh=refresh, scenarios=scenarios,
-            hedge_horizon=life[2])
+            target, loads, self._plans[target], live, ready, self.model_t, self._link_free, last_use, since,
+            lookahead=lookahead, horizon=life[1], link_group=self.pool.link_group, tokens=self._tokens,
+            refresh=refresh, scenarios=scenarios, hedge_horizon=life[2])
         if new is None:
             self.stats.plans_kept += 1
+            if steady:
+                self._steady_record(kind, target, loads, since, scal)
             return None
         # warm identity (layer, GPU, expert): the policy's slot order inside a GPU is arbitrary, so take the
         # order that keeps every instance the pool holds in its slot (balance unchanged)
@@ -503,7 +592,15 @@ class Engine:
         res = self.pool.apply(new, t, layer=target)
         self.applied.append((t, target, new.phy2log[0].copy()))
         self._account_copies(res, int(bool(self.policy.hedged)))
+        if steady:
+            self._steady_record(kind, target, loads, since, scal)
         return target, res
+
+    def _steady_record(self, kind: int, target: int, loads: np.ndarray, since: float, scal: np.ndarray) -> None:
+        """Remember the inputs of layer `target`'s decision of `kind` and the plan it left (see steady)."""
+        _steady_record(loads, kind, target, self._ref_loads, self.pool.expert, self._ref_live, self._ready,
+                       self._last_use, self.model_t, since, self._ref_flags, scal, self._ref_scal)
+        self._ref_plan[kind][target] = self._plans[target]
 
     def end_iteration(self, now: float | None = None, weight: float = 1.0) -> ApplyResult | None:
         """After the last layer: count the warm life of this engine's instances, and realise the policy's
@@ -541,8 +638,10 @@ class Engine:
             keep = self._keep_iterations()
             prior = keep if self.horizon_prior is None else self.horizon_prior
             ended = self._ended()
-            point, hedge = ((self._uses[k] + prior) / (ended[k] + 1) for k in (0, 1))
-            life = self._life = (keep, max(1.0, min(self.MAX_LIFE, point)), max(1.0, min(self.MAX_LIFE, hedge)))
+            cap, uses = self.MAX_LIFE, self._uses
+            point = (uses[0] + prior) / (ended[0] + 1)
+            hedge = (uses[1] + prior) / (ended[1] + 1)
+            life = self._life = (keep, max(1.0, min(cap, point)), max(1.0, min(cap, hedge)))
         return life
 
     def horizon(self, hedges: bool = False) -> float:

@@ -286,3 +286,121 @@ def test_horizon_is_the_censored_mean_life_of_the_instances_it_made():
         t += 0.2
     for kind in (0, 1):  # (of either kind, lives ended while others were live)
         assert sum(rec[4] == kind for rec in records) > ended_seen[kind] > 0 and uses[kind] > 0
+
+
+def _steady_reference(loads, ref_loads, live, ref_live, loaded, pinned, ref_flags, link_busy, scal, ref_scal, tol, z):
+    """engine._steady's rule written out in numpy (the second code path)."""
+    flags = loaded.astype(int) + 2 * ((live >= 0) & pinned)
+    stat = float((((loads - ref_loads) ** 2) / (loads + ref_loads + 1.0)).sum())
+    return bool((live == ref_live).all() and (flags == ref_flags).all() and not link_busy
+                and (np.abs(scal - ref_scal) <= tol * np.abs(ref_scal)).all()
+                and stat <= len(loads) + z * np.sqrt(2.0 * len(loads)))
+
+
+def test_steady_rule_matches_numpy():
+    """The compiled test of whether a decision's inputs moved beyond their noise (engine._steady) against the rule
+    written in numpy, on random inputs near the boundary of each of its conditions."""
+    from moeless.engine import _steady, _steady_record
+    rng = np.random.default_rng(11)
+    Ls, P, Gs, K = 3, 6, 3, 3
+    agree = {True: 0, False: 0}
+    for trial in range(400):
+        k, l = int(rng.integers(K)), int(rng.integers(Ls))
+        live = rng.integers(-1, 5, (Ls, P))
+        ready = rng.uniform(0, 2, (Ls, P))
+        last_use = rng.uniform(0, 2, (Ls, P))
+        model_t, since = 1.0, 1.0
+        ref_loads, ref_live = np.zeros((K, Ls, E)), np.full((K, Ls, P), -2)
+        ref_flags, ref_scal = np.zeros((K, Ls, P), dtype=np.int64), np.zeros((K, Ls, 4))
+        base = rng.uniform(0, 500, E).round()
+        scal0 = rng.uniform(0.5, 2.0, 4)
+        _steady_record(base, k, l, ref_loads, live, ref_live, ready, last_use, model_t, since, ref_flags, scal0,
+                       ref_scal)
+        loads = np.maximum(0.0, base + rng.normal(0, rng.choice([1.0, 20.0, 60.0]), E).round())
+        scal = scal0 * (1 + rng.choice([0.0, 0.05, -0.08, 0.3]))
+        live2, ready2, last2 = live.copy(), ready.copy(), last_use.copy()
+        what = rng.integers(5)
+        if what == 1:
+            live2[l, rng.integers(P)] += 1
+        elif what == 2:
+            ready2[l, rng.integers(P)] += 1.5
+        elif what == 3:
+            last2[l] = rng.uniform(0, 2, P)
+        link_free = rng.uniform(0, 1.0 if what != 4 else 2.0, Gs)
+        got = _steady(loads, k, l, ref_loads, live2, ref_live, ready2, last2, model_t, since, ref_flags, link_free,
+                      scal, ref_scal, 0.1, 3.0)
+        want = _steady_reference(loads, ref_loads[k, l], live2[l], ref_live[k, l], ready2[l] <= model_t,
+                                 last2[l] >= since, ref_flags[k, l], (link_free > model_t).any(), scal,
+                                 ref_scal[k, l], 0.1, 3.0)
+        assert got == want, trial
+        agree[want] += 1
+    assert min(agree.values()) > 50  # both outcomes exercised
+
+
+def _spied(eng, monkeypatch):
+    """Count the decisions the engine asks its policy for."""
+    asked = []
+    inner = eng.policy.decide_live
+    monkeypatch.setattr(eng.policy, "decide_live", lambda layer, *a, **kw: (asked.append(layer),
+                                                                            inner(layer, *a, **kw))[1])
+    return asked
+
+
+def test_steady_asks_the_policy_again_only_when_an_input_moved(monkeypatch):
+    """Engine(steady=True), the default: once a layer's decisions keep its plan under stable popularity, the
+    policy is mostly not asked again while the loads stay within their sampling noise and the live instances, copies,
+    look-ahead and warm lives stay as they were; a shift of popularity, or a release of an instance, asks again.
+    With steady=False every decision is asked."""
+    rng = np.random.default_rng(2)
+    pop = np.full(E, 1.0)
+    pop[3] = 8.0
+    pop /= pop.sum()
+    runs = {}
+    for steady in (False, True):
+        eng = Engine(_moeless(), keep_alive_s=float("inf"), steady=steady)
+        eng.start(0.0)
+        asked = _spied(eng, monkeypatch)
+        per_it = []
+        for it in range(40):
+            loads = np.stack([rng.multinomial(4000, pop) for _ in range(L)])
+            n = len(asked)
+            _drive(eng, loads, t0=it * 0.1, predictions=loads)
+            per_it.append(len(asked) - n)
+        runs[steady] = per_it
+        if steady:
+            # settled: at most one decision in ten is asked (noise beyond z = 3, a warm life grown by 10%)
+            assert sum(per_it[-10:]) <= 0.1 * 10 * (2 * L - 1)
+            # popularity moves: expert 6 becomes the hot one; every layer is asked again
+            pop2 = np.full(E, 1.0)
+            pop2[6] = 8.0
+            loads = np.stack([rng.multinomial(4000, pop2 / pop2.sum()) for _ in range(L)])
+            n = len(asked)
+            _drive(eng, loads, t0=4.0, predictions=loads)
+            assert sorted(set(asked[n:])) == list(range(L))
+    assert all(n == 2 * L - 1 for n in runs[False])  # L - 1 decisions d ahead, L for the next iteration
+
+
+def test_steady_asks_again_when_the_live_instances_change(monkeypatch):
+    """A layer whose live instances changed (here an instance prewarmed into a free slot, as a release or an
+    eviction would empty one) is asked again by both of its decisions, with the loads unchanged."""
+    eng = Engine(_moeless(), keep_alive_s=float("inf"))
+    eng.start(0.0)
+    loads = np.full((L, E), 200)
+    loads[:, 3] = 6000
+    for it in range(120):  # (until the warm lives reach their cap: they grow while no instance ends)
+        _drive(eng, loads, t0=it * 0.01, predictions=loads)
+    asked = _spied(eng, monkeypatch)
+    _drive(eng, loads, t0=1.20, predictions=loads)
+    assert asked == []
+    free = np.flatnonzero(eng.pool.expert[2] < 0)
+    assert len(free)
+    eng.pool.prewarm(2, int(free[0]), 5, 1.205)
+    _drive(eng, loads, t0=1.21, predictions=loads)
+    assert asked.count(2) == 2  # d layers ahead (from layer 1) and for the next iteration
+
+
+def test_the_bound_never_skips():
+    """The lossless bound (free moves, fed the true loads) decides every time: it stays a bound."""
+    bound = _moeless(free_moves=True)
+    assert not Engine(bound).steady
+    assert Engine(_moeless()).steady and not Engine(_moeless(), steady=False).steady

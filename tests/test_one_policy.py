@@ -83,10 +83,11 @@ def test_serving_and_simulation_decide_the_same_plans(tmp_path):
     setup = types.SimpleNamespace(
         model=spec, cost=cost, hardware=cost.hardware, slots_per_gpu=S,
         config=types.SimpleNamespace(gpus=2, distance=rec["distance"], keep_alive_s=float("inf"),
-                                     prepare_every=1))
+                                     prepare_every=1, steady=True))
     runner = ServerlessRunner("moeless", MoelessPolicy(L, E, 2, S, cost), _Recorded(rec["iterations"]), setup)
     for i, it in enumerate(rec["iterations"]):
         runner._step(it["loads"], None, it["tokens"], it["prefill"], float(i), 1.0)
     sim = [(layer, p2l.tolist()) for _, layer, p2l in runner.engine.applied]
     assert len(rec["decided"]) > L  # the initial homes, then decisions
     assert sim == rec["decided"]
+    assert runner.engine.stats.plans_skipped > 0  # (the steady skip is part of what both sides run)

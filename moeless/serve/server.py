@@ -460,6 +460,7 @@ class ExpertParallelServer:
             "plans_made": stats.plans_made,
             "plan_changes": stats.plan_changes,
             "plans_kept": stats.plans_kept,
+            "plans_skipped": stats.plans_skipped,
             "cold_starts": int(meter.cold_starts),
             "warm_starts": int(meter.warm_starts),
             "releases": int(meter.releases),

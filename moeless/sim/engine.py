@@ -62,6 +62,7 @@ class SimConfig:
     #                                 (a running deployment); None: max(eplb_interval_s, 600)
     keep_alive_s: float = 60.0
     prepare_every: int = 1  # moeless: its decision for the next iteration every this many iterations per layer
+    steady: bool = True  # moeless: Engine(steady=...): a decision whose inputs did not move is not asked again
     cost_model: str = "roofline"  # or "paper-linear"
     alpha: float = 1e-6  # paper-linear: seconds per pair of one replica
     beta: float = 1e-7  # paper-linear: seconds per pair a GPU receives in one all-to-all
@@ -431,7 +432,7 @@ def _setup_dict(setup: Setup) -> dict:
         "iterations": setup.full_iterations, "simulated_iterations": len(setup.schedule),
         "decode_stride": setup.extra["decode_stride"], "routing": setup.routing.description or cfg.routing,
         "cost_model": setup.cost.describe(), "keep_alive_s": cfg.keep_alive_s, "eplb_interval_s": cfg.eplb_interval_s,
-        "distance": cfg.distance, "prepare_every": cfg.prepare_every, "seed": cfg.seed, "history": setup.extra.get("history_note", ""),
+        "distance": cfg.distance, "prepare_every": cfg.prepare_every, "steady": cfg.steady, "seed": cfg.seed, "history": setup.extra.get("history_note", ""),
         "eplb_cadences": {"eplb": f"every {cfg.eplb_interval_s:g} s from the loads since the last rebuild",
                           "eplb-vllm": f"every {cfg.eplb_step_iterations} iterations from the last "
                                        f"{cfg.eplb_window_iterations}"},

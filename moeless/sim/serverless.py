@@ -102,7 +102,8 @@ class ServerlessRunner:
         self.G, self.S, self.L, self.E = cfg.gpus, setup.slots_per_gpu, m.num_moe_layers, m.num_experts
         self.distance = cfg.distance
         self.pool = resident_pool(setup, keep_alive_s=float(cfg.keep_alive_s))
-        self.engine = Engine(policy, distance=self.distance, pool=self.pool, prepare_every=cfg.prepare_every)
+        self.engine = Engine(policy, distance=self.distance, pool=self.pool, prepare_every=cfg.prepare_every,
+                             steady=cfg.steady)
         self.engine.start(0.0)  # the homes, loaded before the first batch is ready, like the baselines' weights
         self.initial_loads = int(self.pool.meter.cold_starts)
         self.copy_s = (0.0, 0.0) if bound else (self.pool.cold_start_s, self.pool.peer_cold_start_s)
@@ -226,6 +227,7 @@ class ServerlessRunner:
         pr.extra["peer_copies"] = self.copies[1]
         pr.extra["decisions_changed"] = eng.stats.plans_made
         pr.extra["decisions_kept"] = eng.stats.plans_kept
+        pr.extra["decisions_skipped"] = eng.stats.plans_skipped
         pr.extra["expected_lifetime_iterations"] = round(eng.horizon(), 2)
         pr.extra["expected_hedge_lifetime_iterations"] = round(eng.horizon(hedges=True), 2)
         pr.accounting = (f"serverless (moeless.pool): {self.initial_loads // self.L} resident home instances per layer "
