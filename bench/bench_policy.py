@@ -15,17 +15,18 @@ per layer, multinomial batches), so that its pool holds replicas:
   into the planning (the decisions, `observe` + `prepare` + `end_iteration`: the issue's per-iteration
   target) and the serve-time splits (the data plane's, timed by their own target below): the process CPU time
   of the whole iteration, minus the splits' time measured inside it (perf_counter around each split; on an
-  otherwise idle core wall and CPU time agree); beside it the decisions the policy made per iteration (`observe`'s
-  and `prepare`'s that reached it: plans kept plus plans changed, and of them changed) and the planning time per
+  otherwise idle core wall and CPU time agree); beside it the decisions per iteration (`observe`'s and
+  `prepare`'s that reached the engine: plans kept plus plans changed plus decisions skipped because their inputs
+  had not moved, Engine's steady; of them changed, and skipped) and the planning time per
   decision (planning per iteration / decisions: what one more or one fewer decision per layer costs);
 - the serve-time split of one layer (`Engine.split`: the policy's time-aware split), 64 experts on 8 GPUs x 9
   slots, 512 tokens top-6;
-- where the default's planning goes (`_floors`): of it, the compiled decisions (`_kernels.decide_live` and
+- where a decision's time goes (`_floors`, with Engine(steady=False): every decision asked): of the planning, the compiled decisions (`_kernels.decide_live` and
   `_kernels.robust_pick`, timed around each call inside the iteration; the rest is Python around them), and the
   floor of deciding by time (one split per layer of the iteration's loads on its live plan, by one local search:
   the first step of every decision).
-The table is repeated for Engine(prepare_every=1, the default, and 4) and after 6 and 30 warm-up iterations
-(the first iterations create most replicas; by 30 the engines mostly keep their plans: the steady state).
+The table is repeated for Engine(prepare_every=1, the default, and 4; and steady=False: every decision asked)
+and after 6 and 30 warm-up iterations (the first iterations create most replicas; by 30 the engines mostly keep their plans: the steady state).
 Targets (issue 8): planning 0.5 ms and 5 ms per iteration, 50 us per split. Benchmarks measure; they never
 assert a time.
 """
@@ -64,12 +65,13 @@ class Driver:
 
     ITERATION_S = 0.05
 
-    def __init__(self, case: str, phase: str, seed: int = 0, prepare_every: int = 1):
+    def __init__(self, case: str, phase: str, seed: int = 0, prepare_every: int = 1, steady: bool = True):
         name, hw, L, E, K, G, S = CASES[case]
         cost = RooflineCost(model_spec(name), hardware_spec(hw))
         self.L, self.E, self.K = L, E, K
         self.tokens = TOKENS[case][phase]
-        self.engine = Engine(MoelessPolicy(L, E, G, S, cost), keep_alive_s=60.0, prepare_every=prepare_every)
+        self.engine = Engine(MoelessPolicy(L, E, G, S, cost), keep_alive_s=60.0, prepare_every=prepare_every,
+                             steady=steady)
         self.engine.start(0.0)
         rng = np.random.default_rng(seed)
         pop = rng.dirichlet(np.full(E, 0.3), size=L)
@@ -116,15 +118,18 @@ def test_split_one_layer(benchmark):
     benchmark(split_driver)
 
 
-def test_iteration_parts_counts_every_decision():
+@pytest.mark.parametrize("steady", [False, True])
+def test_iteration_parts_counts_every_decision(steady):
     """The table's decision count against the protocol's: per iteration the decision d = 1 layers ahead of every
     layer whose target is in this iteration (L - 1 of them) and, with prepare_every=1, one next-iteration decision
-    per layer (L): every one reaches the policy, as every layer of the driver's batches has pairs."""
-    d = Driver("mixtral", "decode")
+    per layer (L): every one reaches the engine, as every layer of the driver's batches has pairs; asked of the
+    policy or, with steady, skipped."""
+    d = Driver("mixtral", "decode", steady=steady)
     d.iteration()
-    whole, splits, decisions, changed = _iteration_parts(d, 2)
+    whole, splits, decisions, changed, skipped = _iteration_parts(d, 2)
     assert decisions == (d.L - 1) + d.L
-    assert 0 <= changed <= decisions
+    assert 0 <= changed <= decisions - skipped
+    assert skipped == 0 if not steady else 0 <= skipped <= decisions
     assert whole > 0 and splits > 0
 
 
@@ -134,7 +139,7 @@ def test_floors_time_every_decision():
     from moeless.policy import _kernels
 
     before = _kernels.decide_live
-    d = Driver("mixtral", "decode")
+    d = Driver("mixtral", "decode", steady=False)  # (every decision asked: the table's setting)
     d.iteration()
     kernels, floor, plan, decisions, calls = _floors(d, 2)
     assert _kernels.decide_live is before
@@ -172,39 +177,42 @@ def _cpu_per_call(fn, n: int) -> float:
     return (time.process_time() - c) / n
 
 
-def _iteration_parts(d: Driver, n: int) -> tuple[float, float, float, float]:
+def _iteration_parts(d: Driver, n: int) -> tuple[float, float, float, float, float]:
     """(whole iteration, its splits) seconds per iteration over n iterations (see the module docstring), and the
-    decisions the policy made per iteration, of which changed a plan."""
+    decisions per iteration (asked of the policy or skipped by Engine's steady), of which changed a plan, and
+    of which were skipped."""
     d.iteration()
     st = d.engine.stats
-    made, kept = st.plans_made, st.plans_kept
+    made, kept, skipped = st.plans_made, st.plans_kept, st.plans_skipped
     before = d.split_s
     s = _cpu_per_call(d.iteration, n)
     changed = (st.plans_made - made) / (n + 1)
-    return s, (d.split_s - before) / (n + 1), changed + (st.plans_kept - kept) / (n + 1), changed
+    skipped = (st.plans_skipped - skipped) / (n + 1)
+    return (s, (d.split_s - before) / (n + 1), changed + (st.plans_kept - kept) / (n + 1) + skipped, changed,
+            skipped)
 
 
-def _warm_drivers(warmup: int, prepare_every: int = 1):
+def _warm_drivers(warmup: int, prepare_every: int = 1, steady: bool = True):
     """(case, phase, Driver) of every case and batch, each run `warmup` iterations first."""
     for case in CASES:
         for phase in ("prefill", "decode"):
-            d = Driver(case, phase, prepare_every=prepare_every)
+            d = Driver(case, phase, prepare_every=prepare_every, steady=steady)
             for _ in range(warmup):
                 d.iteration()
             yield case, phase, d
 
 
-def _table(prepare_every: int, rounds: int, warmup: int = 6) -> list[str]:
+def _table(prepare_every: int, rounds: int, warmup: int = 6, steady: bool = True) -> list[str]:
     rows = ["| case | batch | planning per iteration (all layers) | per layer | target | decisions per iteration "
-            "(changed a plan) | per decision | + serve-time splits | whole control plane |",
+            "(changed a plan; skipped) | per decision | + serve-time splits | whole control plane |",
             "|---|---|---|---|---|---|---|---|---|"]
-    for case, phase, d in _warm_drivers(warmup, prepare_every):
-        whole, splits, decisions, changed = _iteration_parts(d, rounds)
+    for case, phase, d in _warm_drivers(warmup, prepare_every, steady):
+        whole, splits, decisions, changed, skipped = _iteration_parts(d, rounds)
         plan = whole - splits
         target = TARGETS[case]
         per = f"{plan / decisions * 1e6:.0f} us" if decisions else "-"
         rows.append(f"| {case} | {phase} ({d.tokens} tokens) | {plan * 1e3:.2f} ms | {plan / d.L * 1e6:.0f} us "
-                    f"| {target} | {decisions:.1f} ({changed:.1f}) | {per} "
+                    f"| {target} | {decisions:.1f} ({changed:.1f}; {skipped:.1f}) | {per} "
                     f"| {splits * 1e3:.2f} ms ({splits / d.L * 1e6:.0f} us per layer) | {whole * 1e3:.2f} ms |")
     return rows
 
@@ -234,7 +242,7 @@ def _floors(d: Driver, n: int) -> tuple[float, float, float, float, int]:
     for name, fn in saved.items():
         setattr(_kernels, name, timed(fn))
     try:
-        whole, splits, decisions, _ = _iteration_parts(d, n)
+        whole, splits, decisions, _, _ = _iteration_parts(d, n)
         kernels = spent[0] / (n + 2)  # (_iteration_parts runs n + 2 iterations, the last n + 1 timed)
     finally:
         for name, fn in saved.items():
@@ -259,7 +267,7 @@ def _floors(d: Driver, n: int) -> tuple[float, float, float, float, int]:
 def _floor_table(rounds: int, warmup: int) -> list[str]:
     rows = ["| case | batch | planning per iteration | of it, the compiled decisions | floor: one one-search split per "
             "layer | target |", "|---|---|---|---|---|---|"]
-    for case, phase, d in _warm_drivers(warmup):
+    for case, phase, d in _warm_drivers(warmup, steady=False):
         kernels, floor, plan, _, _ = _floors(d, rounds)
         target = TARGETS[case]
         rows.append(f"| {case} | {phase} ({d.tokens} tokens) | {plan * 1e3:.2f} ms | {kernels * 1e3:.2f} ms "
@@ -298,15 +306,18 @@ def main(argv=None) -> int:
             f"{os.environ.get('OMP_NUM_THREADS', 'unset')}); {datetime.date.today().isoformat()}")
     lines = [head, ""]
     print(head)
+    configs = [(k, True) for k in args.prepare_every] + [(1, False)]
     for w in args.warmup:
-        for k in args.prepare_every:
-            title = (f"Engine(prepare_every={k})" + (" (the default)" if k == 1 else "")
+        for k, steady in configs:
+            title = (f"Engine(prepare_every={k}" + (")" if steady else ", steady=False)")
+                     + (" (the default)" if k == 1 and steady else "")
                      + f", after {w} warm-up iterations: process CPU time per iteration, mean of {args.rounds}")
-            rows = _table(k, args.rounds, w)
+            rows = _table(k, args.rounds, w, steady)
             print("\n" + title + "\n" + "\n".join(rows))
             lines += [f"### {title}", ""] + rows + [""]
-    title = (f"Where the default's planning goes, after {max(args.warmup)} warm-up iterations (the compiled "
-             f"decisions timed inside the iteration; the floor timed apart, mean of {args.rounds})")
+    title = (f"Where a decision's time goes, Engine(steady=False) (every decision asked), after {max(args.warmup)} "
+             f"warm-up iterations (the compiled decisions timed inside the iteration; the floor timed apart, mean "
+             f"of {args.rounds})")
     rows = _floor_table(args.rounds, max(args.warmup))
     print("\n" + title + "\n" + "\n".join(rows))
     lines += [f"### {title}", ""] + rows + [""]
