@@ -21,12 +21,13 @@ per layer, multinomial batches), so that its pool holds replicas:
   decision (planning per iteration / decisions: what one more or one fewer decision per layer costs);
 - the serve-time split of one layer (`Engine.split`: the policy's time-aware split), 64 experts on 8 GPUs x 9
   slots, 512 tokens top-6;
-- where a decision's time goes (`_floors`, with Engine(steady=False): every decision asked): of the planning, the compiled decisions (`_kernels.decide_live` and
-  `_kernels.robust_pick`, timed around each call inside the iteration; the rest is Python around them), and the
-  floor of deciding by time (one split per layer of the iteration's loads on its live plan, by one local search:
-  the first step of every decision).
+- where a decision's time goes (`_floors`, with Engine(steady=False): every decision asked): of the planning,
+  the compiled decisions (`_kernels.decide_live` and `_kernels.robust_pick`, timed around each call inside the
+  iteration; the rest is Python around them), and the floor of deciding by time (one split per layer of the
+  iteration's loads on its live plan, by one local search: the first step of every decision).
 The table is repeated for Engine(prepare_every=1, the default, and 4; and steady=False: every decision asked)
-and after 6 and 30 warm-up iterations (the first iterations create most replicas; by 30 the engines mostly keep their plans: the steady state).
+and after 6 and 30 warm-up iterations (the first iterations create most replicas; by 30 the engines mostly
+keep their plans: the steady state).
 Targets (issue 8): planning 0.5 ms and 5 ms per iteration, 50 us per split. Benchmarks measure; they never
 assert a time.
 """

@@ -111,8 +111,8 @@ def _observe_counts(counts, layer, last_counts, iter_counts, recent, n_recent, s
 
 
 @njit
-def _steady(loads, k, l, ref_loads, live, ref_live, ready, last_use, model_t, since, ref_flags, link_free, scal, ref_scal,
-            tol, z):
+def _steady(loads, k, l, ref_loads, live, ref_live, ready, last_use, model_t, since, ref_flags, link_free, scal,
+            ref_scal, tol, z):
     """Whether the inputs of layer l's decision of kind k are those of its last one (ref_*[k, l]) within their
     noise (see Engine's steady): the same live instances (live [L, G*S]), each loaded (ready <= model_t) and
     pinned (last_use >= since) as then, no copy link busy (link_free [G] <= model_t), the look-ahead, warm lives
