@@ -368,12 +368,11 @@ class Engine:
         self.prewarm = bool(prewarm)
         self.refresh_every = _positive_int("refresh_every", refresh_every)
         self.prepare_every = _positive_int("prepare_every", prepare_every)
-        # (see steady in the class docstring) per layer: its last decision's loads, live instances, their loaded /
-        # pinned flags, its look-ahead and warm lives, and the plan it left
+        # (see steady in the class docstring) per kind of decision (0: d layers ahead, 1: for the next iteration,
+        # 2: that with the robust alternatives) and layer: the last asked decision's loads, live instances, their
+        # loaded / pinned flags, its look-ahead, warm lives and heaviest scenario, and the plan it left
         self.steady = bool(steady) and not getattr(policy, "free_moves", False)
         P = self.G * self.S
-        # (three references per layer: the decision d layers ahead, kind 0, the next iteration's, kind 1, and
-        # the next iteration's with the robust alternatives, kind 2)
         self._ref_loads = np.zeros((3, self.L, self.E))
         self._ref_live = np.full((3, self.L, P), -2, dtype=np.int64)
         self._ref_flags = np.zeros((3, self.L, P), dtype=np.int64)
@@ -581,7 +580,7 @@ class Engine:
         if new is None:
             self.stats.plans_kept += 1
             if steady:
-                self._steady_record(kind, target, loads, since, scal)
+                self._remember(kind, target, loads, since, scal)
             return None
         # warm identity (layer, GPU, expert): the policy's slot order inside a GPU is arbitrary, so take the
         # order that keeps every instance the pool holds in its slot (balance unchanged)
@@ -593,10 +592,10 @@ class Engine:
         self.applied.append((t, target, new.phy2log[0].copy()))
         self._account_copies(res, int(bool(self.policy.hedged)))
         if steady:
-            self._steady_record(kind, target, loads, since, scal)
+            self._remember(kind, target, loads, since, scal)
         return target, res
 
-    def _steady_record(self, kind: int, target: int, loads: np.ndarray, since: float, scal: np.ndarray) -> None:
+    def _remember(self, kind: int, target: int, loads: np.ndarray, since: float, scal: np.ndarray) -> None:
         """Remember the inputs of layer `target`'s decision of `kind` and the plan it left (see steady)."""
         _steady_record(loads, kind, target, self._ref_loads, self.pool.expert, self._ref_live, self._ready,
                        self._last_use, self.model_t, since, self._ref_flags, scal, self._ref_scal)
