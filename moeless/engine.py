@@ -47,7 +47,7 @@ from moeless.planner import Plan
 from moeless.planner.plan import _positive_int
 from moeless.policy import Policy
 from moeless.policy.base import _I64, _SCANNED, check_count_values, raise_count_status as _raise_count_status
-from moeless.policy._kernels import count_status, total as _total
+from moeless.policy._kernels import count_status, slot_flags, total as _total
 from moeless.pool import ApplyResult, FunctionPool, Meter, SimulatedClock
 
 __all__ = ["Engine", "EngineStats", "GateReplicaLoads", "cost_pool", "default_slots_per_gpu"]
@@ -152,8 +152,10 @@ def _steady_record(loads, k, l, ref_loads, live, ref_live, ready, last_use, mode
 
 @njit
 def _flags(expert, ready, last_use, model_t, since):
-    """A slot's state as _steady compares it: 1 if its copy is in, plus 2 if it holds a pinned instance."""
-    return (1 if ready <= model_t else 0) + (2 if expert >= 0 and last_use >= since else 0)
+    """A slot's state as _steady compares it: 1 if its copy is in, plus 2 if it holds a pinned instance (the
+    policy's context, _kernels.slot_flags)."""
+    loaded, pinned = slot_flags(expert, ready, last_use, model_t, since)
+    return (1 if loaded else 0) + (2 if pinned else 0)
 
 
 @njit

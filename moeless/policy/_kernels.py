@@ -1471,11 +1471,17 @@ def context_arrays(live, ready, model_t, link_free, last_use, since, loaded, lin
     model_t), link_wait [G] (seconds until each GPU's links are free) and pinned [G*S] (a live instance used
     since `since`)."""
     for s in range(live.shape[0]):
-        loaded[s] = ready[s] <= model_t
-        pinned[s] = live[s] >= 0 and last_use[s] >= since
+        loaded[s], pinned[s] = slot_flags(live[s], ready[s], last_use[s], model_t, since)
     for g in range(link_free.shape[0]):
         w = link_free[g] - model_t
         link_wait[g] = w if w > 0.0 else 0.0
+
+
+@njit
+def slot_flags(expert, ready, last_use, model_t, since):
+    """(loaded, pinned) of one slot holding `expert` (-1: free): its copy is in by model time model_t, and it
+    holds a live instance used since `since` (the keep-alive's start)."""
+    return ready <= model_t, expert >= 0 and last_use >= since
 
 
 @njit
