@@ -194,17 +194,113 @@ def _count_live_made(made, kind, expert):
 
 
 @njit
-def _scaled_share(share, counts):
-    """(loads, their sum): share [E] times the pairs of counts [E] (prepare's loads), in one pass."""
+def _scaled_share(share, counts, out):
+    """out [E] = share [E] times the pairs of counts [E] (prepare's loads), in one pass; returns their sum."""
     pairs = 0
     for e in range(counts.shape[0]):
         pairs += counts[e]
-    out = np.empty(share.shape[0])
     tot = 0.0
     for e in range(share.shape[0]):
         out[e] = share[e] * float(pairs)
         tot += out[e]
-    return out, tot
+    return tot
+
+
+# the engine's scalar state: one float64 array (Engine._sc) that the compiled steps below read and write, so that a
+# layer's bookkeeping and its steady check are one compiled call: model time, the recent mean layer seconds (NaN
+# before the first layer), the last layer's seconds, the iterations' seconds weighted and their weights, the
+# pairs served by the instances this engine made (point, hedge), the iteration's weight and non-expert seconds per
+# layer, the pool's keep-alive, the warm-life prior (NaN: the keep-alive's iterations) and the ended instances
+_MODEL_T, _LAYER_S, _LAST_S, _WEIGHTED_T, _ITERATIONS, _USES, _HEDGE_USES, _WEIGHT, _MISC_S, _KEEP_ALIVE, _PRIOR, \
+    _ENDED, _HEDGES_ENDED = range(13)
+
+
+@njit
+def _life(sc, cap):
+    """(iterations in one keep-alive at the mean iteration time so far (1 before any), the expected warm life of a
+    point decision's new instance, that of a hedged one's; see Engine.horizon), each at most `cap`, from the
+    engine's scalars sc."""
+    it = sc[_ITERATIONS]
+    mean_it = sc[_WEIGHTED_T] / it if it > 0 else 0.0
+    keep = 1.0 if mean_it <= 0 else min(cap, max(1.0, sc[_KEEP_ALIVE] / mean_it))
+    prior = keep if np.isnan(sc[_PRIOR]) else sc[_PRIOR]
+    point = (sc[_USES] + prior) / (sc[_ENDED] + 1.0)
+    hedge = (sc[_HEDGE_USES] + prior) / (sc[_HEDGES_ENDED] + 1.0)
+    return keep, max(1.0, min(cap, point)), max(1.0, min(cap, hedge))
+
+
+@njit
+def _split_account(rt, l2p, p2l, made_row, kind_row, last_use_row, now, sc, t):
+    """A layer's split ran (replica_tokens rt, predicted seconds t): its used instances (_mark_used), the warm-life
+    pairs, the layer's seconds (plus the non-expert ones) into the mean layer time and model time."""
+    uses, hedges = _mark_used(rt, l2p, p2l, made_row, kind_row, last_use_row, now)
+    w = sc[_WEIGHT]
+    if uses:
+        sc[_USES] += w * uses
+    if hedges:
+        sc[_HEDGE_USES] += w * hedges
+    last = t + sc[_MISC_S]
+    sc[_LAST_S] = last
+    ls = sc[_LAYER_S]
+    sc[_LAYER_S] = last if np.isnan(ls) else 0.9 * ls + 0.1 * last
+    sc[_MODEL_T] += last
+    sc[_WEIGHTED_T] += last * w  # (real iterations' seconds: thinned ones weighted)
+
+
+@njit
+def _steady_now(loads, k, l, ref_loads, live, ref_live, ready, last_use, since, ref_flags, link_free, ref_scal, sc,
+                cap, layers_ahead, peak, tol, z, scal):
+    """A decision's scalars into scal [4] (its look-ahead: `layers_ahead` mean layers; the warm lives; the
+    heaviest scenario `peak`), then whether layer l's decision of kind k is steady (_steady; never for k < 0)."""
+    point, hedge = _life(sc, cap)[1:]
+    ls = sc[_LAYER_S]
+    scal[0] = layers_ahead * (0.0 if np.isnan(ls) else ls)
+    scal[1] = point
+    scal[2] = hedge
+    scal[3] = peak
+    if k < 0:
+        return False
+    return _steady(loads, k, l, ref_loads, live, ref_live, ready, last_use, sc[_MODEL_T], since, ref_flags, link_free,
+                   scal, ref_scal, tol, z)
+
+
+@njit
+def _observe_step(counts, layer, loads, check, k, target, since, last_counts, iter_counts, recent, n_recent, share,
+                  has_share, plan_reps, iteration_replicas, ref_loads, live, ref_live, ready, last_use, ref_flags,
+                  link_free, ref_scal, sc, cap, layers_ahead, tol, z, scal):
+    """Engine.observe's bookkeeping in one pass (_observe_counts with the shares' weight from the keep-alive's
+    iterations; the layer's replicas this iteration), then, for k >= 0 and some load, whether the decision of
+    kind k for `target` is steady (_steady_now). Returns (status, the loads' sum, steady)."""
+    w = 0.5 ** (sc[_WEIGHT] / _life(sc, cap)[0]) if has_share[layer] else 0.0
+    status, total = _observe_counts(counts, layer, last_counts, iter_counts, recent, n_recent, share, has_share, w,
+                                    loads, check)
+    if status:
+        return status, total, False
+    iteration_replicas[layer] = plan_reps[layer]
+    if k < 0 or not total > 0:
+        return 0, total, False
+    return 0, total, _steady_now(loads, k, target, ref_loads, live, ref_live, ready, last_use, since, ref_flags,
+                                 link_free, ref_scal, sc, cap, layers_ahead, 0.0, tol, z, scal)
+
+
+@njit
+def _prepare_step(l, refresh, k, since, loads, share, counts, recent, n_recent, ref_loads, live, ref_live, ready,
+                  last_use, ref_flags, link_free, ref_scal, sc, cap, layers_ahead, tol, z, scal):
+    """Engine.prepare's loads into loads [E] (_scaled_share of layer l's shares and counts), then, for k >= 0 and
+    some load, whether its decision of kind k is steady (_steady_now; with `refresh`, the heaviest of the layer's
+    recent scenarios, the first n_recent[l] of recent [L, SCENARIOS, E]). Returns (the loads' sum, steady)."""
+    total = _scaled_share(share[l], counts[l], loads)
+    if k < 0 or not total > 0:
+        return total, False
+    peak = 0.0
+    if refresh:
+        for r in range(min(n_recent[l], recent.shape[1])):
+            s = 0.0
+            for e in range(recent.shape[2]):
+                s += recent[l, r, e]
+            peak = max(peak, s)
+    return total, _steady_now(loads, k, l, ref_loads, live, ref_live, ready, last_use, since, ref_flags, link_free,
+                              ref_scal, sc, cap, layers_ahead, peak, tol, z, scal)
 
 
 def default_slots_per_gpu(num_experts: int, gpus: int, extra: int = 1) -> int:
@@ -380,9 +476,14 @@ class Engine:
         self._ref_flags = np.zeros((3, self.L, P), dtype=np.int64)
         self._ref_scal = np.zeros((3, self.L, 4))
         self._scal = np.zeros(4)  # (this decision's look-ahead, warm lives and heaviest scenario)
+        self._prepare_loads = np.empty(self.E)  # (prepare's loads, written by its compiled step)
         self._ref_plan: list = [[None] * self.L for _ in range(3)]
-        self._iterations = 0.0  # real iterations seen (the weights of the simulated ones)
-        self._weighted_t = 0.0
+        # the scalars the compiled steps share (see _MODEL_T and below): model time, the mean layer seconds, ...
+        self._sc = np.zeros(_HEDGES_ENDED + 1)
+        self._sc[_LAYER_S] = np.nan
+        self._sc[_WEIGHT] = 1.0
+        self._sc[_KEEP_ALIVE] = pool.keep_alive_s
+        self._sc[_PRIOR] = np.nan if self.horizon_prior is None else self.horizon_prior
         initial = policy.initial_plan()
         self._plans = [initial[l] for l in range(self.L)]
         self._last_counts = np.zeros((self.L, self.E), dtype=np.int64)  # true counts, latest iteration
@@ -393,15 +494,11 @@ class Engine:
         self._iter_counts = np.zeros((self.L, self.E), dtype=np.int64)
         self._iteration_replicas = np.zeros(self.L, dtype=np.int64)
         self._plan_reps = np.array([int(p.logcnt.sum()) for p in self._plans], dtype=np.int64)  # replicas per plan
-        # model time: the cost model's seconds of the layers served so far; each GPU's copy link is free at
-        # link_free (model time); the recent mean layer seconds (moe + misc) give the look-ahead
-        self.model_t = 0.0
+        # model time (model_t, in _sc): the cost model's seconds of the layers served so far; each GPU's copy link is
+        # free at link_free (model time); the recent mean layer seconds (moe + misc, in _sc) give the look-ahead
         self._link_free = np.zeros(self.G)
-        self._layer_s = None
-        self.last_layer_s = 0.0
         self._tokens = 0.0
         self._prefill = False
-        self._misc_s = 0.0
         # warm life of the instances this engine cold-started: slots' expert if made here (-1 otherwise), and
         # their kind (1: made by a hedged decision, see Policy.hedged; 0: a point decision); per kind: how many
         # were made, the iterations in which they served pairs, how many of them ended
@@ -410,16 +507,30 @@ class Engine:
         self._last_use = np.full((self.L, self.G * self.S), -np.inf)  # when each slot's instance last served
         self._ready = np.zeros((self.L, self.G * self.S))  # model time at which each slot's copy is in
         self._n_made = [0, 0]
-        self._uses = [0.0, 0.0]
-        self._n_ended = [0, 0]  # (see _ended), recounted when _ended_key changes
-        self._ended_key = (0, 0, 0, 0)
-        self._releases = 0  # the pool's releases when _life was computed
-        self._life = None  # (see _warm_life) until what it reads changes
-        self._weight = 1.0
+        self._ended_key = (0, 0, 0, 0)  # (see _ended) the ended counts in _sc are recounted when it changes
         self.stats = EngineStats()
         self.applied: list[tuple[float, int, np.ndarray]] = []  # (now, layer, phy2log [G*S]) in pool order
+        # the arrays (updated in place, never rebound) and constants that observe's and prepare's compiled steps
+        # read after their per-call arguments
+        steady_state = (self._ref_loads, self.pool.expert, self._ref_live, self._ready, self._last_use,
+                        self._ref_flags, self._link_free, self._ref_scal, self._sc, self.MAX_LIFE)
+        self._observe_state = (self._last_counts, self._iter_counts, self._recent, self._n_recent, self._share,
+                               self._has_share, self._plan_reps, self._iteration_replicas, *steady_state,
+                               self.distance, self.STEADY_TOL, self.STEADY_Z, self._scal)
+        self._prepare_state = (self._prepare_loads, self._share, self._last_counts, self._recent, self._n_recent,
+                               *steady_state, self.L - self.distance, self.STEADY_TOL, self.STEADY_Z, self._scal)
         self._started = False
         self._now = 0.0
+
+    @property
+    def model_t(self) -> float:
+        """Model time: the cost model's predicted seconds of the layers served so far."""
+        return float(self._sc[_MODEL_T])
+
+    @property
+    def last_layer_s(self) -> float:
+        """The last layer's predicted seconds (its experts' split plus the non-expert work)."""
+        return float(self._sc[_LAST_S])
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self, now: float | None = None) -> ApplyResult:
@@ -449,8 +560,8 @@ class Engine:
             raise ValueError(f"weight must be a finite number > 0, got {weight!r}")
         self._tokens = float(tokens)
         self._prefill = bool(prefill)
-        self._weight = float(weight)
-        self._misc_s = float(self._misc(self._tokens))
+        self._sc[_WEIGHT] = weight
+        self._sc[_MISC_S] = self._misc(self._tokens)
 
     def wants_plan(self, batch_tokens: int, top_k: int = 1) -> bool:
         """Whether the policy decides per layer at all for a batch of `batch_tokens` tokens (a serverful policy
@@ -469,18 +580,10 @@ class Engine:
         counts = self._counts(counts, "counts")
         plan = self._plans[layer]
         rt, t = self.policy.split(layer, plan, counts)
-        # the instances that serve pairs now were used now; warm life: how many of them this engine made
-        uses, hedges = _mark_used(rt, plan.log2phy[0], plan.phy2log[0], self._made[layer], self._made_kind[layer],
-                                  self._last_use[layer], self._now)
-        if uses:
-            self._uses[0] += self._weight * uses
-        if hedges:
-            self._uses[1] += self._weight * hedges
-        self.last_layer_s = float(t) + self._misc_s
-        self._layer_s = self.last_layer_s if self._layer_s is None else 0.9 * self._layer_s + 0.1 * self.last_layer_s
-        self.model_t += self.last_layer_s
-        self._weighted_t += self.last_layer_s * self._weight  # real iterations' seconds (thinned ones weighted)
-        self._life = None
+        # the instances that serve pairs now were used now (warm life: how many of them this engine made); model
+        # time and the mean layer time move on
+        _split_account(rt, plan.log2phy[0], plan.phy2log[0], self._made[layer], self._made_kind[layer],
+                       self._last_use[layer], self._now, self._sc, float(t))
         return rt
 
     def observe(self, layer: int, counts, predicted=None, now: float | None = None, *, replan: bool = True):
@@ -506,20 +609,22 @@ class Engine:
                 loads = self._counts(predicted, "predicted", integral=False)
         else:
             loads = self._last_counts[target]  # the previous iteration's true counts of the target layer
-        # the layer's counts, and its load shares averaged over one keep-alive
-        w = 0.5 ** (self._weight / self._warm_life()[0]) if self._has_share[layer] else 0.0
-        status, total = _observe_counts(counts, layer, self._last_counts, self._iter_counts, self._recent,
-                                        self._n_recent, self._share, self._has_share, w, loads, check)
+        decide = replan and not (self.prewarm and layer + self.distance >= self.L)
+        # the layer's counts, and its load shares averaged over one keep-alive; then whether the decision is steady
+        # (checked here, in the same compiled pass, where the pool's clock moves to `now` without a release)
+        k, since = self._steady_kind(0, target, now) if decide else (-1, 0.0)
+        status, total, skip = _observe_step(counts, layer, loads, check, k, target, since, *self._observe_state)
         if status:
             _raise_count_status(status % 3, "counts" if status < 3 else "predicted")
-        if check:
-            loads = loads.astype(np.float64)  # (a copy: the policy's context must not alias the caller's array)
-        self._iteration_replicas[layer] = self._plan_reps[layer]
         if layer == self.L - 1:
             self.stats.replicas.append(self._iteration_replicas.copy())
-        if not replan or (self.prewarm and layer + self.distance >= self.L):
+        if not decide:
             return None
-        return self._decide(target, loads, now, self.distance, total=total, kind=0)
+        if skip:
+            return self._skip(now)
+        if check:
+            loads = loads.astype(np.float64)  # (a copy: the policy's context must not alias the caller's array)
+        return self._decide(target, loads, now, self.distance, total=total, kind=0, checked=k >= 0)
 
     def prepare(self, layer: int, now: float | None = None):
         """After layer `layer` ran (its instances are free again): decide its plan for the next iteration, so
@@ -537,9 +642,15 @@ class Engine:
         refresh = n % self.refresh_every == 0
         if layer >= self.distance and n % self.prepare_every:
             return None  # (see prepare_every)
-        loads, total = _scaled_share(self._share[layer], self._last_counts[layer])
-        return self._decide(layer, loads, now, self.L - self.distance, refresh=refresh, total=total,
-                            kind=2 if refresh else 1)
+        kind = 2 if refresh else 1
+        k, since = self._steady_kind(kind, layer, now)
+        loads = self._prepare_loads
+        total, skip = _prepare_step(layer, refresh, k, since, *self._prepare_state)
+        if skip:
+            return self._skip(now)
+        # (a copy: the policy's context keeps no engine buffer)
+        return self._decide(layer, loads.copy(), now, self.L - self.distance, refresh=refresh, total=total,
+                            kind=kind, checked=k >= 0)
 
     def decide(self, layer: int, loads, now: float | None = None, layers_ahead: int = 0):
         """Ask the policy for layer `layer`'s plan for `loads` [E] now (outside the protocol: the lossless bound
@@ -547,10 +658,26 @@ class Engine:
         or None."""
         return self._decide(self._layer(layer), self._counts(loads, "loads", integral=False), now, int(layers_ahead))
 
+    def _steady_kind(self, kind: int, target: int, now) -> tuple[int, float]:
+        """(kind, the keep-alive's start) when observe / prepare can check in their compiled pass whether the
+        decision of `kind` for `target` is steady (see steady): its plan is still the layer's, and advancing the
+        pool to `now` releases nothing (FunctionPool.quiet), so the check sees what _decide would after the
+        advance. Else (-1, 0.0): _decide checks."""
+        if not (self.steady and self._ref_plan[kind][target] is self._plans[target] and self.pool.quiet(now)):
+            return -1, 0.0
+        self._ended()
+        return kind, now - self.pool.keep_alive_s
+
+    def _skip(self, now) -> None:
+        """A steady decision is not asked (see steady): the pool's clock still moves to `now`."""
+        self._now = self.pool.advance_to(now)
+        self.stats.plans_skipped += 1
+        return None
+
     def _decide(self, target: int, loads: np.ndarray, now, layers_ahead: int, refresh: bool = False,
-                total: float | None = None, kind: int = -1):
+                total: float | None = None, kind: int = -1, checked: bool = False):
         """The policy's decision for `target` given its predicted loads (`total`: their sum, if known);
-        `layers_ahead` layers hide its copies."""
+        `layers_ahead` layers hide its copies. `checked`: the caller found the decision of `kind` not steady."""
         if not self.policy.serverless or not (_total(loads) if total is None else total) > 0:
             return None
         scenarios = None
@@ -561,28 +688,26 @@ class Engine:
             peak = float(scenarios.sum(1).max()) if k else 0.0
         t = self.pool.advance_to(now)
         self._now = t
-        life = self._warm_life()
-        lookahead = layers_ahead * (self._layer_s or 0.0)
         since = t - self.pool.keep_alive_s
         steady = self.steady and kind >= 0
-        if steady:
-            scal = self._scal
-            scal[0], scal[1], scal[2], scal[3] = lookahead, life[1], life[2], peak
-            if self._ref_plan[kind][target] is self._plans[target] and _steady(
-                    loads, kind, target, self._ref_loads, self.pool.expert, self._ref_live, self._ready,
-                    self._last_use, self.model_t, since, self._ref_flags, self._link_free, scal, self._ref_scal,
-                    self.STEADY_TOL, self.STEADY_Z):
-                self.stats.plans_skipped += 1
-                return None
+        self._ended()
+        # the look-ahead and warm lives into _scal; a steady decision is not asked again
+        check = kind if steady and not checked and self._ref_plan[kind][target] is self._plans[target] else -1
+        if _steady_now(loads, check, target, self._ref_loads, self.pool.expert, self._ref_live, self._ready,
+                       self._last_use, since, self._ref_flags, self._link_free, self._ref_scal, self._sc,
+                       self.MAX_LIFE, layers_ahead, peak, self.STEADY_TOL, self.STEADY_Z, self._scal):
+            self.stats.plans_skipped += 1
+            return None
+        scal = self._scal
         live, ready, last_use = self.pool.expert[target], self._ready[target], self._last_use[target]
         new = self.policy.decide_live(
             target, loads, self._plans[target], live, ready, self.model_t, self._link_free, last_use, since,
-            lookahead=lookahead, horizon=life[1], link_group=self.pool.link_group, tokens=self._tokens,
-            refresh=refresh, scenarios=scenarios, hedge_horizon=life[2])
+            lookahead=float(scal[0]), horizon=float(scal[1]), link_group=self.pool.link_group, tokens=self._tokens,
+            refresh=refresh, scenarios=scenarios, hedge_horizon=float(scal[2]))
         if new is None:
             self.stats.plans_kept += 1
             if steady:
-                self._remember(kind, target, loads, since, scal)
+                self._remember(kind, target, loads, since)
             return None
         # warm identity (layer, GPU, expert): the policy's slot order inside a GPU is arbitrary, so take the
         # order that keeps every instance the pool holds in its slot (balance unchanged)
@@ -594,27 +719,27 @@ class Engine:
         self.applied.append((t, target, new.phy2log[0].copy()))
         self._account_copies(res, int(bool(self.policy.hedged)))
         if steady:
-            self._remember(kind, target, loads, since, scal)
+            self._remember(kind, target, loads, since)
         return target, res
 
-    def _remember(self, kind: int, target: int, loads: np.ndarray, since: float, scal: np.ndarray) -> None:
-        """Remember the inputs of layer `target`'s decision of `kind` and the plan it left (see steady)."""
+    def _remember(self, kind: int, target: int, loads: np.ndarray, since: float) -> None:
+        """Remember the inputs of layer `target`'s decision of `kind` (its scalars in _scal) and the plan it left
+        (see steady)."""
         _steady_record(loads, kind, target, self._ref_loads, self.pool.expert, self._ref_live, self._ready,
-                       self._last_use, self.model_t, since, self._ref_flags, scal, self._ref_scal)
+                       self._last_use, self.model_t, since, self._ref_flags, self._scal, self._ref_scal)
         self._ref_plan[kind][target] = self._plans[target]
 
     def end_iteration(self, now: float | None = None, weight: float = 1.0) -> ApplyResult | None:
         """After the last layer: count the warm life of this engine's instances, and realise the policy's
         whole-model plan if it has one (EPLB's rebuild at its cadence)."""
-        self._iterations += weight
-        self._life = None
+        self._sc[_ITERATIONS] += weight
         new = self.policy.end_iteration(self._iter_counts.copy(), float(self._now if now is None else now), weight)
         if new is None:
             return None
         t = self.pool.advance_to(now)
         self._now = t
         self._plans = [new[l] for l in range(self.L)]
-        self._plan_reps = new.logcnt.sum(1).astype(np.int64)
+        self._plan_reps[:] = new.logcnt.sum(1)
         res = self.pool.apply(new, t)
         for l in range(self.L):
             self.applied.append((t, l, new.phy2log[l].copy()))
@@ -623,27 +748,9 @@ class Engine:
         return res
 
     def _keep_iterations(self) -> float:
-        """Iterations in one keep-alive at the mean iteration time so far (1 before any), at most 1,000."""
-        mean_it = self._weighted_t / self._iterations if self._iterations > 0 else 0.0
-        if mean_it <= 0:
-            return 1.0
-        return min(self.MAX_LIFE, max(1.0, self.pool.keep_alive_s / mean_it))
-
-    def _warm_life(self) -> tuple[float, float, float]:
-        """(_keep_iterations(), the expected warm life of a point decision's new instance, that of a hedged one's:
-        see horizon), computed once until a split, a cold start, a release or the end of an iteration changes what
-        they read (each layer asks for them up to three times)."""
-        life = self._life
-        if life is None or self._releases != self.pool.meter.releases:  # (a release ends a life)
-            self._releases = self.pool.meter.releases
-            keep = self._keep_iterations()
-            prior = keep if self.horizon_prior is None else self.horizon_prior
-            ended = self._ended()
-            cap, uses = self.MAX_LIFE, self._uses
-            point = (uses[0] + prior) / (ended[0] + 1)
-            hedge = (uses[1] + prior) / (ended[1] + 1)
-            life = self._life = (keep, max(1.0, min(cap, point)), max(1.0, min(cap, hedge)))
-        return life
+        """Iterations in one keep-alive at the mean iteration time so far (1 before any), at most MAX_LIFE: the warm
+        life's prior unless horizon_prior is given, and the half-life of prepare's load shares."""
+        return float(_life(self._sc, self.MAX_LIFE)[0])
 
     def horizon(self, hedges: bool = False) -> float:
         """Expected warm life, in iterations, of an instance cold-started now by a point decision (by a hedged
@@ -661,19 +768,20 @@ class Engine:
         The two kinds are measured apart because they live differently long: a point decision's replica serves
         while its expert stays hot at that moment, a hedge serves across the load scenarios it was chosen for;
         one estimate over both would over-credit the marginal point replica wherever hedges live long."""
-        return self._warm_life()[2 if hedges else 1]
+        self._ended()
+        return float(_life(self._sc, self.MAX_LIFE)[2 if hedges else 1])
 
-    def _ended(self) -> list[int]:
-        """How many of the instances this engine cold-started are no longer live, per kind (point, hedge):
-        recounted (one compiled pass over the slots) only when the pool released or evicted an instance or this
-        engine made one since."""
+    def _ended(self) -> None:
+        """How many of the instances this engine cold-started are no longer live, per kind (point, hedge), into
+        the scalars (_ENDED, _HEDGES_ENDED) that the warm lives read: recounted (one compiled pass over the slots)
+        only when the pool released or evicted an instance or this engine made one since."""
         m = self.pool.meter
         key = (m.releases, m.evictions, self._n_made[0], self._n_made[1])
         if key != self._ended_key:
             self._ended_key = key
             live = _count_live_made(self._made, self._made_kind, self.pool.expert)
-            self._n_ended = [self._n_made[0] - live[0], self._n_made[1] - live[1]]
-        return self._n_ended
+            self._sc[_ENDED] = self._n_made[0] - live[0]
+            self._sc[_HEDGES_ENDED] = self._n_made[1] - live[1]
 
     def _account_copies(self, res: ApplyResult, kind: int = 0) -> None:
         """The cold starts of a decision (`kind` 1: a hedged one): model-time link queues, warm-life tracking,
@@ -687,11 +795,10 @@ class Engine:
         self._made_kind[layer, slot] = kind
         self._last_use[layer, slot] = self._now  # a new instance is kept for a keep-alive, used or not
         self._n_made[kind] += len(res.cold)
-        self._life = None
         secs = np.where(res.from_peer, self.copy_peer, self.copy_host) if len(res.from_peer) == len(res.cold) \
             else np.full(len(res.cold), self.copy_host)
         add = np.bincount(slot // self.S, weights=secs, minlength=self.G)
-        self._link_free = np.where(add > 0, np.maximum(self._link_free, self.model_t) + add, self._link_free)
+        self._link_free[:] = np.where(add > 0, np.maximum(self._link_free, self.model_t) + add, self._link_free)
         self._ready[layer, slot] = self._link_free[slot // self.S]  # in when its GPU's queue is (at the latest)
 
     # -- checks --------------------------------------------------------------------------------------------

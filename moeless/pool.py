@@ -356,6 +356,12 @@ class FunctionPool:
         # an instance in the current plan is in use until the next apply; keep-alive starts at its last use
         return np.where(self.expert >= 0, self.last_used + self.keep_alive_s, -np.inf)
 
+    def quiet(self, now) -> bool:
+        """Whether advancing to `now` (a float, not before the pool's time) only charges the meter: no keep-alive
+        runs out by then and nothing changed since the last pass (see advance_to)."""
+        quiet = self._quiet
+        return quiet is not None and type(now) is float and self._t <= now < quiet[0]
+
     def advance_to(self, now=None) -> float:
         """Charge the meter up to `now` and release the instances whose keep-alive ran out.
 
@@ -364,10 +370,17 @@ class FunctionPool:
         prewarm, close), nothing can be released, so a later call charges those counts times the elapsed time in
         O(1). The engine advances the pool at every decision, two per layer on a serving clock: a pass over
         DeepSeek-V3's 58 x 512 slots each time would cost several times the decision."""
+        quiet = self._quiet
+        if self.quiet(now):  # (the common case, in O(1) and without the checks of _now)
+            if now > self._t:
+                dt = now - self._t
+                self.meter.gb_seconds += quiet[1] * dt * self.expert_bytes / 1e9
+                self.meter.gpu_seconds += quiet[2] * dt
+                self._t = now
+            return now
         t = self._now(now)
         if t == self._t:
             return t  # nothing to charge, and releases due by t happened when the clock reached t
-        quiet = self._quiet
         if quiet is not None and t < quiet[0]:
             dt = t - self._t
             self.meter.gb_seconds += quiet[1] * dt * self.expert_bytes / 1e9

@@ -171,8 +171,9 @@ def test_wants_plan_only_for_serverless_policies_and_real_batches():
 @pytest.mark.parametrize("every", [1, 3])
 def test_prepare_every_skips_the_decisions_well_ahead_but_not_the_first_layers(every, monkeypatch):
     """prepare decides a layer once every `prepare_every` iterations (staggered); the first d layers, which no
-    decision d layers ahead covers, and the decisions d layers ahead run every iteration."""
-    eng = Engine(_moeless(), keep_alive_s=60.0, prepare_every=every)
+    decision d layers ahead covers, and the decisions d layers ahead run every iteration. (steady off: a steady
+    decision is skipped before it reaches _decide, which this test counts.)"""
+    eng = Engine(_moeless(), keep_alive_s=60.0, prepare_every=every, steady=False)
     eng.start(0.0)
     calls = []
     inner = eng._decide
