@@ -246,7 +246,8 @@ _STEP = st.tuples(
                (0.5, "advance", [-1] * 8, 0), (0.5, "advance", [-1] * 8, 0)])
 def test_meter_matches_a_whole_array_reference(keep_alive, steps):
     """advance_to's compiled pass and its O(1) charge between releases give the meter and the releases that the
-    whole-array formula gives, step by step, whatever plans, prewarms and clock steps come between."""
+    whole-array formula gives, step by step, whatever plans, prewarms and clock steps come between; where the pool
+    says the step is quiet (FunctionPool.quiet: only the meter moves), nothing is released."""
     pool = FunctionPool(2, 2, 2, expert_bytes=GB, link_bandwidth=GB, keep_alive_s=keep_alive)
     ref_expert = pool.expert.copy()
     inst_s = gpu_s = 0.0
@@ -254,10 +255,12 @@ def test_meter_matches_a_whole_array_reference(keep_alive, steps):
     t = 0.0
     for dt, action, p2l, slot in steps:
         t0, t = t, t + dt
+        quiet = pool.quiet(t)
         if t > t0:
             i, g, r = _reference_advance(ref_expert, pool.in_plan.copy(), pool.last_used.copy(), keep_alive, t0, t,
                                          pool.slots_per_gpu)
             inst_s, gpu_s, releases = inst_s + i, gpu_s + g, releases + r
+            assert not (quiet and r)
         pool.advance_to(t)
         np.testing.assert_array_equal(pool.expert, ref_expert)
         assert pool.meter.gb_seconds == pytest.approx(inst_s, rel=1e-12, abs=1e-12)
