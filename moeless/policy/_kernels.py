@@ -466,6 +466,13 @@ def _shift(n, room, home, e, g, delta):
 
 
 @njit
+def _no_slot(n, home, room, e, g):
+    """Whether GPU g cannot take pairs of expert e: e has no instance there carrying a pair (n[e, g] < 1), none
+    that is its home, and the GPU has no free slot for a new one (room [G], kept by _shift)."""
+    return n[e, g] < 1.0 and not home[e, g] and room[g] <= 0
+
+
+@njit
 def _apply_move(n, home, room, comp, pairs, e, ga, gb, x, ta, tb):
     """Move x pairs of expert e from GPU ga to gb (slots kept in step, _shift), whose expert times become ta and
     tb."""
@@ -528,7 +535,7 @@ def _a2a_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, q0, q1, qv1,
             if gb == q0:
                 continue
             n2 = n[e, gb]
-            if n2 < 1.0 and not home[e, gb] and room[gb] <= 0:
+            if _no_slot(n, home, room, e, gb):
                 continue
             x = min(np.floor((pq - pairs[gb]) / 2.0), n1)
             if x < 1.0:
@@ -581,7 +588,7 @@ def _chain_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor
             continue
         for k in range(cnt[e]):
             gb = ig[e, k]
-            if gb == gs or (n[e, gb] < 1.0 and not home[e, gb] and room[gb] <= 0):
+            if gb == gs or _no_slot(n, home, room, e, gb):
                 continue
             a, b0 = _pair_times(x, n[e, gb], x, comp[gs] - inst_time(x, p), comp[gb] - inst_time(n[e, gb], p), p)
             if a >= cs - tol:
@@ -593,7 +600,7 @@ def _chain_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor
                     continue
                 for j in range(cnt[f]):
                     gc = ig[f, j]
-                    if gc == gb or gc == gs or (n[f, gc] < 1.0 and not home[f, gc] and room[gc] <= 0):
+                    if gc == gb or gc == gs or _no_slot(n, home, room, f, gc):
                         continue
                     # gb loses f's pairs after gaining e's: price f's instance there with e's added
                     b = b0 - inst_time(y, p)
@@ -695,7 +702,7 @@ def _path_move(n, ig, cnt, gl, gcnt, home, room, comp, pairs, F, cs, gs, pfloor,
                 continue
             for k in range(cnt[e]):
                 h = ig[e, k]
-                if par[h] != -2 or (n[e, h] < 1.0 and not home[e, h] and room[h] <= 0):
+                if par[h] != -2 or _no_slot(n, home, room, e, h):
                     continue
                 par[h] = g
                 via[h] = e
@@ -863,7 +870,7 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
                 gb = ig[e, k]
                 if gb == gs:
                     continue
-                if n[e, gb] < 1.0 and not home[e, gb] and room[gb] <= 0:
+                if _no_slot(n, home, room, e, gb):
                     continue
                 if comp[gb] >= cs - tol:  # gb's time only rises with x: the busiest GPU could not get lighter
                     continue
