@@ -690,14 +690,15 @@ class Engine:
         self._now = t
         since = t - self.pool.keep_alive_s
         steady = self.steady and kind >= 0
-        self._ended()
-        # the look-ahead and warm lives into _scal; a steady decision is not asked again
-        check = kind if steady and not checked and self._ref_plan[kind][target] is self._plans[target] else -1
-        if _steady_now(loads, check, target, self._ref_loads, self.pool.expert, self._ref_live, self._ready,
-                       self._last_use, since, self._ref_flags, self._link_free, self._ref_scal, self._sc,
-                       self.MAX_LIFE, layers_ahead, peak, self.STEADY_TOL, self.STEADY_Z, self._scal):
-            self.stats.plans_skipped += 1
-            return None
+        if not checked:  # (else the caller's compiled step filled _scal with the same scalars)
+            # the look-ahead and warm lives into _scal; a steady decision is not asked again
+            self._ended()
+            check = kind if steady and self._ref_plan[kind][target] is self._plans[target] else -1
+            if _steady_now(loads, check, target, self._ref_loads, self.pool.expert, self._ref_live, self._ready,
+                           self._last_use, since, self._ref_flags, self._link_free, self._ref_scal, self._sc,
+                           self.MAX_LIFE, layers_ahead, peak, self.STEADY_TOL, self.STEADY_Z, self._scal):
+                self.stats.plans_skipped += 1
+                return None
         scal = self._scal
         live, ready, last_use = self.pool.expert[target], self._ready[target], self._last_use[target]
         new = self.policy.decide_live(
