@@ -114,11 +114,13 @@ def _observe_counts(counts, layer, last_counts, iter_counts, recent, n_recent, s
 def _steady(loads, k, l, ref_loads, live, ref_live, ready, last_use, model_t, since, ref_flags, link_free, scal,
             ref_scal, tol, z):
     """Whether the inputs of layer l's decision of kind k are those of its last one (ref_*[k, l]) within their
-    noise (see Engine's steady): the same live instances (live [L, G*S]), each loaded (ready <= model_t) and
-    pinned (last_use >= since) as then, no copy link busy (link_free [G] <= model_t), the look-ahead, warm lives
-    and heaviest scenario (scal [4]) within a relative `tol` of then, and the loads within the sampling noise of
-    then: the sum over experts of (w - r)^2 / (w + r + 1) (two counts' difference over its Poisson variance:
-    about E - 1 for two samples of one popularity) at most E + z sqrt(2E)."""
+    noise (see Engine's steady): the same live instances (live [L, G*S]), each loaded (ready <= model_t) and pinned
+    (last_use >= since) as then, no copy link busy (link_free [G] <= model_t), the look-ahead, warm lives and
+    heaviest scenario (scal [4]) within a relative `tol` of then (ref_scal [K, L, 8]: the four, then the range of
+    each warm life, lo and hi, for which the decision is known to stay the same (Policy.life_range): where known, a
+    warm life counts as unchanged if it is then's or strictly inside it, instead of within tol), and the loads
+    within the sampling noise of then: the sum over experts of (w - r)^2 / (w + r + 1) (two counts' difference over
+    its Poisson variance: about E - 1 for two samples of one popularity) at most E + z sqrt(2E)."""
     for s in range(live.shape[1]):
         v = live[l, s]
         if v != ref_live[k, l, s] or _flags(v, ready[l, s], last_use[l, s], model_t, since) != ref_flags[k, l, s]:
@@ -127,8 +129,17 @@ def _steady(loads, k, l, ref_loads, live, ref_live, ready, last_use, model_t, si
         if link_free[g] > model_t:
             return False
     for i in range(scal.shape[0]):
+        v = scal[i]
         r = ref_scal[k, l, i]
-        if abs(scal[i] - r) > tol * abs(r):
+        if v == r:
+            continue
+        if i == 1 or i == 2:
+            lo = ref_scal[k, l, 2 + 2 * i]
+            if not np.isnan(lo):
+                if not lo < v < ref_scal[k, l, 3 + 2 * i]:
+                    return False
+                continue
+        if abs(v - r) > tol * abs(r):
             return False
     E = loads.shape[0]
     stat = 0.0
@@ -139,8 +150,10 @@ def _steady(loads, k, l, ref_loads, live, ref_live, ready, last_use, model_t, si
 
 
 @njit
-def _steady_record(loads, k, l, ref_loads, live, ref_live, ready, last_use, model_t, since, ref_flags, scal, ref_scal):
-    """Record the inputs of layer l's decision of kind k as its reference (see _steady)."""
+def _steady_record(loads, k, l, ref_loads, live, ref_live, ready, last_use, model_t, since, ref_flags, scal, ref_scal,
+                   life_range):
+    """Record the inputs of layer l's decision of kind k as its reference (see _steady), with the warm lives'
+    range life_range [4] within which its plan stays the same (NaN: not known)."""
     for e in range(loads.shape[0]):
         ref_loads[k, l, e] = loads[e]
     for s in range(live.shape[1]):
@@ -148,6 +161,11 @@ def _steady_record(loads, k, l, ref_loads, live, ref_live, ready, last_use, mode
         ref_flags[k, l, s] = _flags(live[l, s], ready[l, s], last_use[l, s], model_t, since)
     for i in range(scal.shape[0]):
         ref_scal[k, l, i] = scal[i]
+    for i in range(4):
+        ref_scal[k, l, 4 + i] = life_range[i]
+
+
+_UNKNOWN_RANGE = np.full(4, np.nan)  # (a policy that does not say where its decision holds: Policy.life_range)
 
 
 @njit
@@ -404,8 +422,10 @@ class Engine:
     steady (default on; always off for a policy with free moves, the lossless bound): a decision is not asked of
     the policy again while its inputs have not moved since the layer's last decision of the same kind (d layers
     ahead, for the next iteration, or that with the robust alternatives) and that decision's plan is still the
-    layer's: the same live instances, each loaded and pinned as then, no copy in flight, the look-ahead, the warm
-    lives and the robust step's heaviest scenario within STEADY_TOL (10%) of then, and the loads within their
+    layer's: the same live instances, each loaded and pinned as then, no copy in flight, the look-ahead and the
+    robust step's heaviest scenario within STEADY_TOL (10%) of then, the warm lives inside the range for which the
+    policy said its decision holds (Policy.life_range: MoelessPolicy's is exact; a policy that does not say,
+    within STEADY_TOL), and the loads within their
     sampling noise of then (`_steady`: a chi-square of the two count vectors within STEADY_Z = 3 standard
     deviations of its mean under one popularity). The plan then stays, as the policy would have kept it on the
     same inputs; a shift of popularity, a batch of another size, a release, an eviction or a copy's arrival asks
@@ -418,8 +438,8 @@ class Engine:
     # the longest warm life (iterations) an instance is expected to have: the cap of horizon() and of the
     # keep-alive's iterations
     MAX_LIFE = 1000.0
-    # steady: the relative change of the look-ahead and warm lives, and the z-score of the loads' change, within
-    # which a layer's decision is not asked again
+    # steady: the relative change of the look-ahead (and of the warm lives where the policy gives no range), and
+    # the z-score of the loads' change, within which a layer's decision is not asked again
     STEADY_TOL = 0.1
     STEADY_Z = 3.0
 
@@ -474,7 +494,7 @@ class Engine:
         self._ref_loads = np.zeros((3, self.L, self.E))
         self._ref_live = np.full((3, self.L, P), -2, dtype=np.int64)
         self._ref_flags = np.zeros((3, self.L, P), dtype=np.int64)
-        self._ref_scal = np.zeros((3, self.L, 4))
+        self._ref_scal = np.zeros((3, self.L, 8))  # (see _steady)
         self._scal = np.zeros(4)  # (this decision's look-ahead, warm lives and heaviest scenario)
         self._prepare_loads = np.empty(self.E)  # (prepare's loads, written by its compiled step)
         self._ref_plan: list = [[None] * self.L for _ in range(3)]
@@ -726,8 +746,10 @@ class Engine:
     def _remember(self, kind: int, target: int, loads: np.ndarray, since: float) -> None:
         """Remember the inputs of layer `target`'s decision of `kind` (its scalars in _scal) and the plan it left
         (see steady)."""
+        life_range = self.policy.life_range
         _steady_record(loads, kind, target, self._ref_loads, self.pool.expert, self._ref_live, self._ready,
-                       self._last_use, self.model_t, since, self._ref_flags, self._scal, self._ref_scal)
+                       self._last_use, self.model_t, since, self._ref_flags, self._scal, self._ref_scal,
+                       _UNKNOWN_RANGE if life_range is None else life_range)
         self._ref_plan[kind][target] = self._plans[target]
 
     def end_iteration(self, now: float | None = None, weight: float = 1.0) -> ApplyResult | None:

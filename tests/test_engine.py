@@ -289,12 +289,17 @@ def test_horizon_is_the_censored_mean_life_of_the_instances_it_made():
         assert sum(rec[4] == kind for rec in records) > ended_seen[kind] > 0 and uses[kind] > 0
 
 
-def _steady_reference(loads, ref_loads, live, ref_live, loaded, pinned, ref_flags, link_busy, scal, ref_scal, tol, z):
-    """engine._steady's rule written out in numpy (the second code path)."""
+def _steady_reference(loads, ref_loads, live, ref_live, loaded, pinned, ref_flags, link_busy, scal, ref_scal,
+                      life_range, tol, z):
+    """engine._steady's rule written out in numpy (the second code path): the warm lives (scal [1:3]) inside
+    life_range (point lo, hi, hedge lo, hi) where it is known, every other scalar within tol."""
     flags = loaded.astype(int) + 2 * ((live >= 0) & pinned)
     stat = float((((loads - ref_loads) ** 2) / (loads + ref_loads + 1.0)).sum())
-    return bool((live == ref_live).all() and (flags == ref_flags).all() and not link_busy
-                and (np.abs(scal - ref_scal) <= tol * np.abs(ref_scal)).all()
+    near = np.abs(scal - ref_scal) <= tol * np.abs(ref_scal)
+    if not np.isnan(life_range).any():
+        for i, (lo, hi) in ((1, life_range[:2]), (2, life_range[2:])):
+            near[i] = scal[i] == ref_scal[i] or lo < scal[i] < hi
+    return bool((live == ref_live).all() and (flags == ref_flags).all() and not link_busy and near.all()
                 and stat <= len(loads) + z * np.sqrt(2.0 * len(loads)))
 
 
@@ -305,20 +310,26 @@ def test_steady_rule_matches_numpy():
     rng = np.random.default_rng(11)
     Ls, P, Gs, K = 3, 6, 3, 3
     agree = {True: 0, False: 0}
-    for trial in range(400):
+    for trial in range(600):
         k, l = int(rng.integers(K)), int(rng.integers(Ls))
         live = rng.integers(-1, 5, (Ls, P))
         ready = rng.uniform(0, 2, (Ls, P))
         last_use = rng.uniform(0, 2, (Ls, P))
         model_t, since = 1.0, 1.0
         ref_loads, ref_live = np.zeros((K, Ls, E)), np.full((K, Ls, P), -2)
-        ref_flags, ref_scal = np.zeros((K, Ls, P), dtype=np.int64), np.zeros((K, Ls, 4))
+        ref_flags, ref_scal = np.zeros((K, Ls, P), dtype=np.int64), np.zeros((K, Ls, 8))
         base = rng.uniform(0, 500, E).round()
         scal0 = rng.uniform(0.5, 2.0, 4)
+        life_range = np.full(4, np.nan)  # (not known: the lives within tol)
+        if trial % 2:  # known: each life's range around it, up to 60% either way
+            life_range = np.repeat(scal0[1:3], 2) * (1 + np.tile([-1, 1], 2) * rng.uniform(0, 0.6, 4))
         _steady_record(base, k, l, ref_loads, live, ref_live, ready, last_use, model_t, since, ref_flags, scal0,
-                       ref_scal)
+                       ref_scal, life_range)
         loads = np.maximum(0.0, base + rng.normal(0, rng.choice([1.0, 20.0, 60.0]), E).round())
         scal = scal0 * (1 + rng.choice([0.0, 0.05, -0.08, 0.3]))
+        if rng.random() < 0.5:  # the lives alone move, each its own way
+            scal = scal0.copy()
+            scal[1:3] *= 1 + rng.choice([0.0, 0.05, -0.08, 0.3, -0.4, 0.5], 2)
         live2, ready2, last2 = live.copy(), ready.copy(), last_use.copy()
         what = rng.integers(5)
         if what == 1:
@@ -332,7 +343,7 @@ def test_steady_rule_matches_numpy():
                       scal, ref_scal, 0.1, 3.0)
         want = _steady_reference(loads, ref_loads[k, l], live2[l], ref_live[k, l], ready2[l] <= model_t,
                                  last2[l] >= since, ref_flags[k, l], (link_free > model_t).any(), scal,
-                                 ref_scal[k, l], 0.1, 3.0)
+                                 ref_scal[k, l, :4], life_range, 0.1, 3.0)
         assert got == want, trial
         agree[want] += 1
     assert min(agree.values()) > 50  # both outcomes exercised

@@ -326,10 +326,11 @@ def test_compiled_loops_agree_with_their_python():
         outs = []
         for fn in (_kernels.decide_layer, _kernels.decide_layer.py_func):
             inst = np.zeros((16, 4), dtype=bool)
+            rng_life = np.array([0.0, np.inf])
             code = fn(np.rint(W), live, live >= 0, np.zeros(live.size, dtype=bool), 6, d.has, d.count, pol.home,
                       pol.home_gpu, p, 1000, QWEN.cold_start_s(False), QWEN.cold_start_s(True), 8, np.zeros(4),
-                      0.01, 50.0, inst)
-            outs.append((code, inst.tobytes()))
+                      0.01, 50.0, inst, rng_life)
+            outs.append((code, inst.tobytes(), rng_life.tobytes()))
         assert outs[0] == outs[1]
 
 
@@ -448,6 +449,58 @@ def test_decide_live_is_decide_on_its_context(seed, T, skew, refresh, free_moves
         np.testing.assert_array_equal(got.phy2log, want.phy2log)
 
 
+def _inside(lo, hi, h):
+    """Warm lives strictly inside (lo, hi) around h: h itself, near each end and halfway (past a finite end:
+    far out)."""
+    out = [h]
+    if lo < h:
+        out += [lo + (h - lo) * 1e-6 if lo > 0 else h * 1e-3, (lo + h) / 2]
+    if hi > h:
+        out += [hi - (hi - h) * 1e-6, (h + hi) / 2] if np.isfinite(hi) else [h * 10.0, h * 1e4]
+    return out
+
+
+def test_decision_holds_across_its_life_range():
+    """MoelessPolicy.life_range (where the engine need not ask again as the warm lives move) is exact: on 300
+    random layers (decode to prefill sizes, with and without the robust step), the decision at any warm lives
+    strictly inside the range it reported, near its ends included, is the same plan and of the same kind as at the
+    given ones; a second code path: the policy asked again at those lives. Some ranges are short of the whole
+    line (the lives matter), and just past some of them the decision does change (the ranges are not merely
+    conservative)."""
+    rng = np.random.default_rng(21)
+    E, G, S = 8, 4, 4
+    pol = MoelessPolicy(1, E, G, S, MIXTRAL)
+    bounded = changed = 0
+    for trial in range(300):
+        T = int(rng.choice([8, 64, 512, 4096, 16384]))
+        skew = float(rng.choice([0.2, 1.0, 5.0]))
+        W = rng.multinomial(2 * T, rng.dirichlet(np.full(E, skew))).astype(float)
+        scen = np.stack([rng.multinomial(2 * T, rng.dirichlet(np.full(E, skew))) for _ in range(3)]).astype(float)
+        live, current = _live_and_current(rng, pol)
+        state = dict(layer=0, loads=W, current=current, live=live, ready=1.0 + (rng.random(G * S) - 0.7) * 0.01,
+                     model_t=1.0, link_free=1.0 + (rng.random(G) - 0.5) * 0.02, last_use=rng.random(G * S) * 10.0,
+                     since=float(rng.random() * 10.0))
+        refresh = bool(trial % 2)
+        kw = dict(lookahead=float(rng.random() * 0.01), link_group=int(rng.integers(1, 3)), tokens=float(T),
+                  refresh=refresh, scenarios=scen if refresh else None)
+        h, hh = float(10.0 ** rng.uniform(0, 3)), float(10.0 ** rng.uniform(0, 3))
+
+        def decision(a, b):
+            plan = pol.decide_live(*state.values(), horizon=a, hedge_horizon=b, **kw)
+            return None if plan is None else plan.phy2log.tobytes(), pol.hedged
+
+        want = decision(h, hh)
+        lo, hi, hlo, hhi = pol.life_range.tolist()
+        assert lo <= h <= hi and hlo <= hh <= hhi
+        bounded += np.isfinite(hi) or lo > 0
+        for a in _inside(lo, hi, h):
+            for b in _inside(hlo, hhi, hh):
+                assert decision(a, b) == want, (trial, h, hh, a, b, pol.life_range)
+        past = [x for x in (lo * (1 - 1e-6), hi * (1 + 1e-6)) if 1.0 <= x < np.inf and lo < hi]
+        changed += any(decision(a, hh) != want for a in past)
+    assert bounded > 30 and changed > 5
+
+
 def test_decide_live_refuses_malformed_state():
     """decide_live's compiled call indexes the engine's arrays without bounds checks: arrays of other lengths,
     a live slot holding an expert that does not exist, or a two-dimensional array are a ValueError."""
@@ -537,13 +590,18 @@ def _robust_layer(rng, T, group):
             1000)
 
 
+def _box(horizon, hedge_horizon, factor=2.0):
+    """robust_pick's box of inverse warm lives: within `factor` of the given ones (as MoelessPolicy's)."""
+    return np.array([1 / (factor * horizon), factor / horizon, 1 / (factor * hedge_horizon), factor / hedge_horizon])
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31), T=st.sampled_from([64, 256, 1024, 8192]), group=st.sampled_from([1, 2]))
 def test_robust_pick_is_the_python_pricing(seed, T, group):
     """robust_pick (the robust step's pricing in one compiled call) picks the candidate that the Python pricing
     loop picks (_robust_pick_reference) on random layers (_robust_layer)."""
     args = _robust_layer(np.random.default_rng(seed), T, group)
-    assert _kernels.robust_pick(*args) == _robust_pick_reference(*args)[1]
+    assert _kernels.robust_pick(*args, _box(args[8], args[9])) == _robust_pick_reference(*args)[1]
 
 
 def test_robust_pick_exact_pricing_decides_like_python():
@@ -556,7 +614,7 @@ def test_robust_pick_exact_pricing_decides_like_python():
     for _ in range(800):
         args = _robust_layer(rng, int(rng.choice([128, 256, 512])), int(rng.integers(1, 3)))
         estimated, want = _robust_pick_reference(*args)
-        assert _kernels.robust_pick(*args) == want
+        assert _kernels.robust_pick(*args, _box(args[8], args[9])) == want
         overturned += estimated != want
     assert overturned > 0
 
@@ -624,7 +682,7 @@ def test_fill_replicas_follows_its_rule(seed, T, group):
     args = (W, keep, live_has, S, p, QWEN.cold_start_s(False), QWEN.cold_start_s(True), holder, group,
             float(10.0 ** rng.uniform(0, 4)))
     out = np.zeros((E, G), dtype=bool)
-    placed = _kernels.fill_replicas(*args, out)
+    placed = _kernels.fill_replicas(*args, out, np.array([0.0, np.inf, 0.0, np.inf]))
     np.testing.assert_array_equal(out, _fill_reference(*args))
     assert placed == int((out & ~keep).sum())
     assert (out | ~keep).all() and (out.sum(0) <= S).all()

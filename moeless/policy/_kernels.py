@@ -428,28 +428,80 @@ def _best_x(n1, n2, base_a, base_b, p):
 def _eval_move(n1, n2, base_a, base_b, new, F, cs, rest_c, rest_p, pairs_s, pairs_b, pfloor, tol, p, extra,
                horizon):
     """Score of moving pairs of an expert from the busiest GPU gs (n1 of its pairs there, n2 on gb) to gb (<= 0:
-    not worth it), with x and the two GPUs' new times; on scalars (see _pair_times): base_a / base_b
-    (_base_times), rest_c / rest_p the largest expert time and pairs of the other GPUs, pairs_s / pairs_b the two
-    GPUs' pairs; for a new instance, `extra` seconds of stall its copy adds (beyond what the look-ahead hides
-    and the layer already waits), spread over its expected warm life `horizon`."""
+    not worth it), with x, the two GPUs' new times and the score's part that does not depend on the horizon (for a
+    new instance the layer time's fall F - newF, 0 where not reached; for a free move the score); on scalars (see
+    _pair_times): base_a / base_b (_base_times), rest_c / rest_p the largest expert time and pairs of the other
+    GPUs, pairs_s / pairs_b the two GPUs' pairs; for a new instance, `extra` seconds of stall its copy adds (beyond
+    what the look-ahead hides and the layer already waits), spread over its expected warm life `horizon`."""
     x, a, b = _best_x(n1, n2, base_a, base_b, p)
     if x <= 0.0:
-        return -1.0, 0.0, 0.0, 0.0
+        return -1.0, 0.0, 0.0, 0.0, 0.0
     local = a if a > b else b
     if local >= cs - tol:
-        return -1.0, 0.0, 0.0, 0.0  # the busiest GPU would not get lighter
+        return -1.0, 0.0, 0.0, 0.0, 0.0  # the busiest GPU would not get lighter
     cmax = max(rest_c, local)
     pmax = max(rest_p, max(pairs_s - x, pairs_b + x), pfloor)
     newF = cmax + 2.0 * p[_A2A] * pmax
     if new:
-        score = F - newF - extra / horizon
-        if F - newF <= tol or score <= tol:
-            return -1.0, 0.0, 0.0, 0.0
-        return score, x, a, b
+        d = F - newF
+        if d <= tol:
+            return -1.0, 0.0, 0.0, 0.0, d
+        score = d - extra / horizon
+        if score <= tol:
+            return -1.0, 0.0, 0.0, 0.0, d
+        return score, x, a, b, d
     if newF > F + tol:
-        return -1.0, 0.0, 0.0, 0.0
+        return -1.0, 0.0, 0.0, 0.0, 0.0
     # free moves: rank by how much the busiest GPU falls (the layer time may tie)
-    return (F - newF) + 1e-3 * (cs - local), x, a, b
+    score = (F - newF) + 1e-3 * (cs - local)
+    return score, x, a, b, score
+
+
+@njit
+def _narrow(rng, i, a, b, z0):
+    """Narrow the interval (rng[i], rng[i + 1]) of an inverse warm life z (1 / horizon), which holds z0, to where
+    a comparison whose value is a + b z keeps the sign it has at z0, by a margin of 1e-9 of its terms (so that
+    the decision's float arithmetic, dividing by the horizon, cannot flip it inside). A value within that margin
+    of 0 at z0 leaves only z0 itself."""
+    if b == 0.0:
+        return
+    v = a + b * z0
+    m = 1e-9 * (abs(a) + abs(b * z0))
+    s = 1.0 if v > 0.0 else -1.0
+    if s * v <= m:
+        rng[i] = z0
+        rng[i + 1] = z0
+        return
+    zc = (s * m - a) / b  # where s (a + b z) falls to the margin
+    if zc > z0:
+        if zc < rng[i + 1]:
+            rng[i + 1] = zc
+    elif zc > rng[i]:
+        rng[i] = zc
+
+
+@njit
+def _narrow2(rng, a, bx, by, x0, y0):
+    """_narrow for a comparison a + bx x + by y on both inverse warm lives (x in rng[0:2], y in rng[2:4]): a
+    box around (x0, y0) on which its sign holds, each life given half of the margin at (x0, y0)."""
+    if bx == 0.0 or by == 0.0:
+        if bx != 0.0:
+            _narrow(rng, 0, a + by * y0, bx, x0)
+        elif by != 0.0:
+            _narrow(rng, 2, a + bx * x0, by, y0)
+        return
+    v = a + bx * x0 + by * y0
+    room = abs(v) - 1e-9 * (abs(a) + abs(bx * x0) + abs(by * y0))
+    if room <= 0.0:
+        rng[0] = rng[1] = x0
+        rng[2] = rng[3] = y0
+        return
+    dx = 0.5 * room / abs(bx)
+    dy = 0.5 * room / abs(by)
+    rng[0] = max(rng[0], x0 - dx)
+    rng[1] = min(rng[1], x0 + dx)
+    rng[2] = max(rng[2], y0 - dy)
+    rng[3] = min(rng[3], y0 + dy)
 
 
 @njit
@@ -816,7 +868,7 @@ def _insert_sorted(gl, gcnt, g, e):
 
 @njit
 def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, copy_host, copy_peer, holder,
-            link_group, link_wait, lookahead, horizon, stall):
+            link_group, link_wait, lookahead, horizon, stall, rng):
     """Local search on n [E, G] in place (see the module docstring). Returns the number of moves.
 
     home [E, G]: the instances that always stay in the plan; any other instance takes one of its GPU's room [G]
@@ -826,7 +878,9 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
     a peer GPU of its link group: where holder [E, groups] marks a loaded instance of e in g's group of
     link_group GPUs), link_wait [G] (seconds each GPU's links are already busy, this layer's copies included:
     updated), lookahead (seconds the look-ahead hides), horizon (iterations a new instance is expected to
-    serve) and stall [1] (the layer's stall so far: updated)."""
+    serve) and stall [1] (the layer's stall so far: updated). rng [2]: an interval of 1 / horizon holding the
+    given one, narrowed (_narrow) to where every comparison the search made on a new instance's score keeps its
+    outcome, so that the search takes the same moves for any horizon whose inverse lies strictly inside."""
     E, G = n.shape
     comp = np.zeros(G)
     pairs = np.zeros(G)
@@ -835,6 +889,7 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
     pfloor = total / G if p[_FLOOR] > 0.0 else 0.0
     peer = link_group > 1 and copy_peer < copy_host
     sum_mode = p[_SUM] > 0.0
+    x0 = 1.0 / horizon
     order = np.argsort(comp, kind="mergesort") if new_ok else np.zeros(1, dtype=np.int64)
     moves = 0
     while moves < max_moves:
@@ -856,6 +911,8 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
         qv1 = pairs[q1] if q1 >= 0 else 0.0
         qv2 = pairs[q2] if q2 >= 0 else 0.0
         best_score = 0.0
+        best_d = 0.0  # best_score = best_d - best_c / horizon
+        best_c = 0.0
         best_e = -1
         best_g = -1
         best_x = 0.0
@@ -878,12 +935,15 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
                     ba, bb = cs - inst_time(n[e, gs], p), comp[gb] - inst_time(n[e, gb], p)  # (_base_times)
                 else:
                     ba, bb = _base_times(n, gl, gcnt, e, gs, gb, cs, comp[gb], p)
-                s, x, a, b = _eval_move(n[e, gs], n[e, gb], ba, bb, False, F, cs,
-                                        _max_except(gs, cs, c1, cv1, c2, cv2, gs, gb),
-                                        _max_except(q0, qv0, q1, qv1, q2, qv2, gs, gb), pairs[gs], pairs[gb],
-                                        pfloor, tol, p, 0.0, horizon)
+                s, x, a, b, d = _eval_move(n[e, gs], n[e, gb], ba, bb, False, F, cs,
+                                           _max_except(gs, cs, c1, cv1, c2, cv2, gs, gb),
+                                           _max_except(q0, qv0, q1, qv1, q2, qv2, gs, gb), pairs[gs], pairs[gb],
+                                           pfloor, tol, p, 0.0, horizon)
+                if s >= 0.0 and best_c != 0.0:  # (against a new instance's score)
+                    _narrow(rng, 0, d - best_d - tol, best_c, x0)
                 if s > best_score + tol:
                     best_score, best_e, best_g, best_x, best_new, best_a, best_b = s, e, gb, x, False, a, b
+                    best_d, best_c = d, 0.0
             if not new_ok:
                 continue
             tried = 0
@@ -903,12 +963,17 @@ def improve(n, has, ig, cnt, gl, gcnt, home, p, total, max_moves, new_ok, room, 
                 # already waits), spread over the instance's expected warm life
                 s_g = link_wait[gb] + cs_e - lookahead
                 extra = s_g - stall[0] if s_g > stall[0] else 0.0
-                s, x, a, b = _eval_move(n[e, gs], 0.0, ba, bb, True, F, cs,
-                                        _max_except(gs, cs, c1, cv1, c2, cv2, gs, gb),
-                                        _max_except(q0, qv0, q1, qv1, q2, qv2, gs, gb), pairs[gs], pairs[gb],
-                                        pfloor, tol, p, extra, horizon)
+                s, x, a, b, d = _eval_move(n[e, gs], 0.0, ba, bb, True, F, cs,
+                                           _max_except(gs, cs, c1, cv1, c2, cv2, gs, gb),
+                                           _max_except(q0, qv0, q1, qv1, q2, qv2, gs, gb), pairs[gs], pairs[gb],
+                                           pfloor, tol, p, extra, horizon)
+                if d > tol and extra > 0.0:  # (the score against tol: d - extra / horizon)
+                    _narrow(rng, 0, d - tol, -extra, x0)
+                if s >= 0.0 and best_c != extra:  # (against the best so far)
+                    _narrow(rng, 0, d - best_d - tol, best_c - extra, x0)
                 if s > best_score + tol:
                     best_score, best_e, best_g, best_x, best_new, best_a, best_b = s, e, gb, x, True, a, b
+                    best_d, best_c = d, extra
                 tried += 1
                 if tried >= _NEW_TARGETS:
                     break
@@ -1144,8 +1209,9 @@ def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out, one_se
     if run1:  # from the faster of the primary seed (in n_out) and LPT
         if f_lpt < best * (1.0 - 1e-12):
             _copy(n_out, cand, ig, cnt)
+        # (no new instances: nothing depends on the horizon, and the interval (wait) is never narrowed)
         improve(n_out, has, ig, cnt, gl, gcnt, has, p, total, max_moves, False, room, 0.0, 0.0, holder, 1, wait,
-                0.0, 1.0, stall)
+                0.0, 1.0, stall, wait)
         gpu_times(n_out, ig, cnt, p, comp, pairs)
         best = layer_time(comp, pairs, total, p)
     if not run2:
@@ -1156,7 +1222,7 @@ def _split_lists(W, has, ig, cnt, gl, gcnt, primary, p, max_moves, n_out, one_se
     if f_even < f_wf * (1.0 - 1e-12):  # from the faster of water-filling and the even split
         _copy(wf, even, ig, cnt)
     improve(wf, has, ig, cnt, gl, gcnt, has, p, total, max_moves, False, room, 0.0, 0.0, holder, 1, wait, 0.0,
-            1.0, stall)
+            1.0, stall, wait)
     gpu_times(wf, ig, cnt, p, comp, pairs)
     f = layer_time(comp, pairs, total, p)
     if f < best * (1.0 - 1e-12) or not run1:
@@ -1248,7 +1314,7 @@ def _split_of(W, mask, ig, cnt, primary, p, max_moves, total_mask):
 
 
 @njit
-def fill_replicas(W, keep, live_has, S, p, copy_host, copy_peer, holder, link_group, horizon, out):
+def fill_replicas(W, keep, live_has, S, p, copy_host, copy_peer, holder, link_group, horizon, out, rng):
     """The fill candidate of a compute-bound layer: out [E, G] (all False on entry) gets the instances `keep` [E, G]
     (the robust step passes the homes alone) plus replicas in every GPU's free slots (S minus its kept instances)
     for the experts whose pairs a split shortens: replicas go one at a time to the expert with the most pairs per
@@ -1260,7 +1326,8 @@ def fill_replicas(W, keep, live_has, S, p, copy_host, copy_peer, holder, link_gr
     `improve`) is least. The robust step's layout for a layer's spikes (MoelessPolicy._robust, on its heaviest
     scenario): the local search moves pairs off the busiest GPU one expert at a time and stops short of such layouts
     where every spare slot must change hands (few large experts, one spare slot per GPU). Returns the number of
-    replicas placed."""
+    replicas placed. rng [4]: its entries 2 and 3, an interval of 1 / horizon holding the given one, are narrowed
+    (_narrow) to where every choice of GPU stays the same."""
     E, G = keep.shape
     ridge = p[_READ] / (p[_FLOP] - p[_ACT]) if p[_FLOP] > p[_ACT] else np.inf
     cnt = np.zeros(E, dtype=np.int64)
@@ -1317,6 +1384,7 @@ def fill_replicas(W, keep, live_has, S, p, copy_host, copy_peer, holder, link_gr
     order = np.argsort(key, kind="mergesort")  # (ties: the lower expert first)
     peer = link_group > 1 and copy_peer < copy_host
     wait = np.zeros(G)  # (a decision well ahead: nothing queued before it, no look-ahead counted)
+    y0 = 1.0 / horizon
     placed = 0
     for i in range(E):
         e = order[i]
@@ -1326,18 +1394,27 @@ def fill_replicas(W, keep, live_has, S, p, copy_host, copy_peer, holder, link_gr
             bg = -1
             bv = np.inf
             bc = 0.0
+            b_fixed = 0.0  # bv = b_fixed + b_stall / horizon
+            b_stall = 0.0
             for g in range(G):
                 if free[g] <= 0 or out[e, g]:
                     continue
                 v = _add_time(est[g], per[e], p)
+                fixed = v
+                stall = 0.0
                 cs = 0.0
                 if not live_has[e, g]:
                     cs = copy_peer if peer and holder[e, g // link_group] else copy_host
-                    v += (wait[g] + cs) / horizon
+                    stall = wait[g] + cs
+                    v += stall / horizon
+                if bg >= 0 and stall != b_stall:
+                    _narrow(rng, 2, b_fixed - fixed, b_stall - stall, y0)
                 if v < bv:
                     bg = g
                     bv = v
                     bc = cs
+                    b_fixed = fixed
+                    b_stall = stall
             if bg < 0:
                 break
             out[e, bg] = True
@@ -1350,7 +1427,7 @@ def fill_replicas(W, keep, live_has, S, p, copy_host, copy_peer, holder, link_gr
 
 @njit
 def decide_layer(W, live, loaded, pinned, S, cur_has, n_cur, home, home_gpu, p, max_moves, copy_host, copy_peer,
-                 link_group, link_wait, lookahead, horizon, has_out):
+                 link_group, link_wait, lookahead, horizon, has_out, rng):
     """moeless's decision for one layer (moeless.policy.serverless): has_out [E, G] (all False on entry) gets the
     chosen instances.
 
@@ -1358,7 +1435,8 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, n_cur, home, home_gpu, p, 
     whether the plan keeps it whatever its predicted pairs (used within its keep-alive: a hedge the split can
     use for free); home [E, G]: the homes, home_gpu [E] (home[e, g] holds exactly where g = home_gpu[e]);
     n_cur: the instances of cur_has (its True entries); link_wait [G]: seconds
-    until each GPU's copy links are free (read only). Returns 0 (the new plan), 1 (keep the current plan) or 2
+    until each GPU's copy links are free (read only); rng [2]: an interval of 1 / horizon, narrowed to where the
+    decision stays the same (improve's). Returns 0 (the new plan), 1 (keep the current plan) or 2
     (the homes alone)."""
     E, G = home.shape
     total = 0.0
@@ -1390,7 +1468,7 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, n_cur, home, home_gpu, p, 
     stall = np.zeros(1)
     wait = link_wait.copy()
     improve(n, has, ig, cnt, gl, gcnt, keep, p, total, max_moves, True, room, copy_host, copy_peer, holder,
-            link_group, wait, lookahead, horizon, stall)
+            link_group, wait, lookahead, horizon, stall, rng)
     # the chosen instances (all among the lists), and whether they are the current plan's
     n_out = 0
     n_out_first = 0  # of them among the first split's instances
@@ -1446,11 +1524,12 @@ def decide_layer(W, live, loaded, pinned, S, cur_has, n_cur, home, home_gpu, p, 
 
 @njit
 def decide_live(loads, live, ready, model_t, link_free, last_use, since, pins, S, cur_has, n_cur, home, home_gpu, p,
-                max_moves, copy_host, copy_peer, link_group, lookahead, horizon, W, loaded, link_wait, pinned, has_out):
+                max_moves, copy_host, copy_peer, link_group, lookahead, horizon, W, loaded, link_wait, pinned, has_out,
+                rng):
     """The engine's decision in one call (MoelessPolicy.decide_live): the context arrays from the engine's live
     state (context_arrays; pinned all False unless `pins`), the loads rounded into W (round_loads) and
     decide_layer (link_group at least 1, horizon at least 1e-9). loaded / link_wait / pinned / W / has_out are
-    written (has_out is cleared first).
+    written (has_out is cleared first), rng narrowed (decide_layer's).
     Returns (code, largest rounded load): decide_layer's code, -1 when the rounded loads hold no pair, -2 when an
     array has another length than the layer's E experts, G*S slots and G GPUs or a live expert lies outside
     [-1, E) (nothing is read past the checks then)."""
@@ -1469,7 +1548,7 @@ def decide_live(loads, live, ready, model_t, link_free, last_use, since, pins, S
         return -1, w_max
     has_out[:, :] = False
     return decide_layer(W, live, loaded, pinned, S, cur_has, n_cur, home, home_gpu, p, max_moves, copy_host,
-                        copy_peer, max(1, link_group), link_wait, lookahead, max(horizon, 1e-9), has_out), w_max
+                        copy_peer, max(1, link_group), link_wait, lookahead, max(horizon, 1e-9), has_out, rng), w_max
 
 
 @njit
@@ -1670,6 +1749,13 @@ def mean_time(scen, has, primary, p, max_moves, bound=np.inf, one_search=False):
     """Mean layer time of the instances `has` over the load scenarios scen [K, E] (each split on its own, by
     time_split, or by the faster seed's search alone with one_search: an estimate, never below it); inf as soon
     as the sum so far exceeds `bound` (a candidate that can no longer win is not priced further)."""
+    return time_sum(scen, has, primary, p, max_moves, bound, one_search) / scen.shape[0]
+
+
+@njit
+def time_sum(scen, has, primary, p, max_moves, bound, one_search):
+    """mean_time's sum over the scenarios (inf once it exceeds `bound`: the sum so far only grows, so exactly
+    where the whole sum would)."""
     K, E = scen.shape
     G = has.shape[1]
     ig, cnt, gl, gcnt = instance_lists(has)
@@ -1679,7 +1765,7 @@ def mean_time(scen, has, primary, p, max_moves, bound=np.inf, one_search=False):
         tot += _split_lists(scen[k], has, ig, cnt, gl, gcnt, primary, p, max_moves, n, one_search)
         if tot > bound:
             return np.inf
-    return tot / K
+    return tot
 
 
 @njit
@@ -1695,21 +1781,63 @@ def same_instances(a, b):
 
 
 @njit
-def _robust_price(scen, has, prim, copies, p, max_moves, best_cost, estimate):
-    """The robust step's price of one candidate: its mean time over the scenarios (mean_time: by the estimate,
-    or exact) plus its copies' seconds per warm life `copies`; inf once it cannot win against best_cost (the
-    slack keeps every possible winner priced whole)."""
-    bound = np.inf
-    if np.isfinite(best_cost):
-        bound = (best_cost * (1 - 1e-12) - copies) * scen.shape[0] * (1 + 1e-9)
-    if bound < 0:
+def _robust_price(scen, has, prim, i, j, ref_cost, mean, raw, copies, p, max_moves, estimate, rng, x0, y0):
+    """The robust step's price of candidate i (has, prim): its mean time over the scenarios (mean_time: by the
+    estimate, or exact; into mean[i]) plus its copies' seconds per warm life copies[i]; inf once it cannot win
+    against ref_cost, candidate j's price (inf: none; the slack keeps every possible winner priced whole).
+
+    Both prices are linear in the inverse warm lives (x0 for candidates 0 to 2, y0 from 3 on: copies = raw /
+    life), and so is the bound the sum is cut at. The sum is priced up to that bound's largest value on the
+    box rng [4] (its corners): a candidate cut there is cut for every life in the box; one priced whole has
+    its cut at (x0, y0) decided as the bound says, and rng narrowed to where that outcome holds (_narrow2)."""
+    K = scen.shape[0]
+    if not ref_cost < np.inf:
+        mean[i] = time_sum(scen, has, prim, p, max_moves, np.inf, estimate) / K
+        return mean[i] + copies[i]
+    bound = (ref_cost * (1 - 1e-12) - copies[i]) * K * (1 + 1e-9)  # (as mean_time's callers wrote it)
+    kf = K * (1 + 1e-9)
+    # bound(x, y) = a + bx x + by y
+    a = kf * (1 - 1e-12) * mean[j]
+    bx, by = _on_life(j, kf * (1 - 1e-12) * raw[j], 0.0, 0.0)
+    bx, by = _on_life(i, -kf * raw[i], bx, by)
+    top = a
+    if bx != 0.0:
+        top += bx * (rng[1] if bx > 0.0 else rng[0])
+    if by != 0.0:
+        top += by * (rng[3] if by > 0.0 else rng[2])
+    top += 1e-9 * abs(top)  # (float rounding: the cut priced past, never short of, where the bound may reach)
+    if max(bound, top) < 0.0:
+        return np.inf  # (its copies alone lose everywhere in the box)
+    tot = time_sum(scen, has, prim, p, max_moves, max(bound, top), estimate)
+    if not tot < np.inf:
         return np.inf
-    return mean_time(scen, has, prim, p, max_moves, bound, estimate) + copies
+    _narrow2(rng, tot - a, -bx, -by, x0, y0)  # (the cut: tot > bound)
+    if tot > bound:
+        return np.inf
+    mean[i] = tot / K
+    return mean[i] + copies[i]
+
+
+@njit
+def _on_life(i, c, bx, by):
+    """(bx, by) plus c on candidate i's inverse warm life (x for candidates 0 to 2, y from 3 on)."""
+    if i < 3:
+        return bx + c, by
+    return bx, by + c
+
+
+@njit
+def _narrow_win(rng, i, j, mean, raw, x0, y0):
+    """Narrow rng (_narrow2) to where candidate i's price (mean[i] + raw[i] x_i) against candidate j's in
+    robust_pick's test (i < j (1 - 1e-12)) keeps its outcome."""
+    bx, by = _on_life(j, (1 - 1e-12) * raw[j], 0.0, 0.0)
+    bx, by = _on_life(i, -raw[i], bx, by)
+    _narrow2(rng, (1 - 1e-12) * mean[j] - mean[i], bx, by, x0, y0)
 
 
 @njit
 def robust_pick(scen, cands, live_has, holder, link_group, peer, copy_host, copy_peer, horizon, hedge_horizon,
-                home_gpu, p, max_moves):
+                home_gpu, p, max_moves, rng):
     """The index of the robust step's winner (moeless.policy.serverless) among the candidates cands [C, E, G]
     (0: the current plan, 1: the homes alone, then the others) over the load scenarios scen [K, E]: each
     candidate priced by its mean time over the scenarios plus the copies it needs (copy_seconds: its instances
@@ -1720,10 +1848,18 @@ def robust_pick(scen, cands, live_has, holder, link_group, peer, copy_host, copy
     Every candidate is priced by the estimate (mean_time's one_search) except one with the same instances as an
     earlier one; the cheapest wins, a later one only when strictly cheaper (relative 1e-12). A winner other
     than 0 is then priced exactly, with candidate 0 and candidate 1 (unless it has candidate 0's instances), and
-    kept only if it is still strictly the cheapest of them, compared in index order."""
+    kept only if it is still strictly the cheapest of them, compared in index order.
+
+    rng [4]: a box of inverse warm lives (1 / horizon in entries 0 and 1, 1 / hedge_horizon in 2 and 3) holding
+    the given ones, finite (the cuts are priced over it), narrowed to where every comparison keeps its outcome:
+    the same pick for any lives whose inverses lie strictly inside."""
     C, E, G = cands.shape
+    x0 = 1.0 / horizon
+    y0 = 1.0 / hedge_horizon
     prim = np.empty((C, E), dtype=np.int64)
+    raw = np.zeros(C)
     copies = np.zeros(C)
+    mean = np.zeros(C)
     best = 0
     best_cost = np.inf
     for i in range(C):
@@ -1735,9 +1871,12 @@ def robust_pick(scen, cands, live_has, holder, link_group, peer, copy_host, copy
         if dup:
             continue
         primary_of(cands[i], home_gpu, prim[i])
-        copies[i] = copy_seconds(cands[i], live_has, holder, link_group, peer, copy_host, copy_peer) \
-            / (horizon if i < 3 else hedge_horizon)
-        cost = _robust_price(scen, cands[i], prim[i], copies[i], p, max_moves, best_cost, True)
+        raw[i] = copy_seconds(cands[i], live_has, holder, link_group, peer, copy_host, copy_peer)
+        copies[i] = raw[i] / (horizon if i < 3 else hedge_horizon)
+        cost = _robust_price(scen, cands[i], prim[i], i, best, best_cost, mean, raw, copies, p, max_moves, True,
+                             rng, x0, y0)
+        if cost < np.inf and best_cost < np.inf:
+            _narrow_win(rng, i, best, mean, raw, x0, y0)
         if cost < best_cost * (1 - 1e-12):
             best = i
             best_cost = cost
@@ -1745,18 +1884,26 @@ def robust_pick(scen, cands, live_has, holder, link_group, peer, copy_host, copy
         return 0
     # the winner, priced exactly against the current plan and the homes (each priced above: its copies and
     # primaries are known)
-    e0 = _robust_price(scen, cands[0], prim[0], copies[0], p, max_moves, np.inf, False)
+    exact = np.zeros(C)
+    e0 = _robust_price(scen, cands[0], prim[0], 0, 0, np.inf, exact, raw, copies, p, max_moves, False, rng, x0, y0)
     same01 = same_instances(cands[1], cands[0])
     e1 = np.inf
     if not same01:
-        e1 = _robust_price(scen, cands[1], prim[1], copies[1], p, max_moves, np.inf, False)
+        e1 = _robust_price(scen, cands[1], prim[1], 1, 0, np.inf, exact, raw, copies, p, max_moves, False, rng, x0,
+                           y0)
+        _narrow_win(rng, 1, 0, exact, raw, x0, y0)
+        _narrow2(rng, exact[1] - exact[0], raw[1] - raw[0], 0.0, x0, y0)  # (which is the least: e0 <= e1)
     pick = 0
     pick_cost = e0
     if not same01 and e1 < pick_cost * (1 - 1e-12):
         pick = 1
         pick_cost = e1
     if best != 1:
-        eb = _robust_price(scen, cands[best], prim[best], copies[best], p, max_moves, min(e0, e1), False)
+        low = 0 if e0 <= e1 else 1
+        eb = _robust_price(scen, cands[best], prim[best], best, low, min(e0, e1), exact, raw, copies, p, max_moves,
+                           False, rng, x0, y0)
+        if eb < np.inf:
+            _narrow_win(rng, best, pick, exact, raw, x0, y0)
         if eb < pick_cost * (1 - 1e-12):
             pick = best
     return pick

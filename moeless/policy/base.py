@@ -168,6 +168,11 @@ class Policy:
     # whether the plan the last decide / decide_live returned is a hedge (a layout for several load scenarios:
     # MoelessPolicy's robust step) rather than a point decision: the engine tracks the two kinds' warm lives apart
     hedged = False
+    # the warm lives (point lo, hi, hedge lo, hi: iterations; LayerContext.horizon and hedge_horizon) for which
+    # the last decide / decide_live would return the same plan: its comparisons keep their outcomes strictly
+    # inside them (MoelessPolicy's are exact up to a margin of 1e-9 for float rounding). None: not known; the
+    # engine then treats lives within Engine.STEADY_TOL of the decision's as unchanged (see Engine's steady)
+    life_range: np.ndarray | None = None
 
     def __init__(self, num_layers: int, num_experts: int, gpus: int, slots_per_gpu: int):
         self.L = _positive_int("num_layers", num_layers)

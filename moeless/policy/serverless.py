@@ -36,6 +36,12 @@ from moeless.policy.base import _F64, _I64, LayerContext, Policy
 
 __all__ = ["HALF_LIFE_FRACTION", "MoelessPolicy", "forecast_loads", "rebalance_plan"]
 
+# the robust step prices its candidates' cuts over warm lives within this factor of the given ones (either way),
+# so its pick, and the decision's life_range, hold at most that far (a layer's robust decision is asked again at
+# most every 16-fold change of a warm life); wider prices more before a cut (measured: within 4% of the robust
+# step's time from a factor of 2 to no bound, at Mixtral's and DeepSeek-V3's prefill)
+_LIFE_BOX = 16.0
+
 
 def _horizons(horizon, hedge_horizon) -> tuple[float, float]:
     """(horizon, hedge_horizon) as the compiled loops take them: at least 1e-9 iterations (they divide by them),
@@ -78,6 +84,10 @@ class MoelessPolicy(Policy):
         P = self.G * self.S
         self._scratch = (np.empty(self.E), np.empty(P, dtype=np.bool_), np.empty(self.G), np.empty(P, dtype=np.bool_),
                          np.empty((self.E, self.G), dtype=np.bool_))
+        # the inverse warm lives (1 / horizon, 1 / hedge_horizon: [lo, hi] each) within which the decision's
+        # comparisons keep their outcomes: narrowed by the compiled loops, read into life_range
+        self._rng = np.empty(4)
+        self.life_range = np.array([0.0, np.inf, 0.0, np.inf])
 
     # -- the serve-time split ------------------------------------------------------------------------------
     def split(self, layer: int, plan: Plan, counts) -> tuple[np.ndarray, float]:
@@ -103,7 +113,9 @@ class MoelessPolicy(Policy):
             raise ValueError(f"ctx.loads must have shape [E={self.E}], got {loads.shape}")
         W = np.empty(self.E)
         total, w_max = _kernels.round_loads(loads, W)
+        rng = self._open_range()
         if not total > 0:
+            self._close_range()
             return None
         live = np.asarray(ctx.live, dtype=np.int64)
         loaded = np.asarray(ctx.loaded, dtype=np.bool_)
@@ -125,7 +137,7 @@ class MoelessPolicy(Policy):
         code = _kernels.decide_layer(
             W, live, loaded, pinned, self.S, cur.has, cur.count, self.home, self.home_gpu, self.profile,
             self.max_moves, self.copy_host, self.copy_peer, max(1, int(ctx.link_group)), link_wait,
-            float(ctx.lookahead), horizon, inst)
+            float(ctx.lookahead), horizon, inst, rng)
         return self._conclude(code, inst, W, w_max, ctx.current, ctx.refresh, ctx.scenarios, ctx.link_group, live,
                               loaded, pinned, horizon, hedge_horizon)
 
@@ -149,11 +161,14 @@ class MoelessPolicy(Policy):
         if loads.dtype != _F64:
             loads = loads.astype(np.float64)
         W, loaded, link_wait, pinned, inst = self._scratch  # (inst: cleared by the kernel)
+        rng = self._open_range()
         code, w_max = _kernels.decide_live(
             loads, live, ready, float(model_t), link_free, last_use, float(since), not self.free_moves, self.S,
             cur.has, cur.count, self.home, self.home_gpu, self.profile, self.max_moves, self.copy_host,
-            self.copy_peer, int(link_group), float(lookahead), float(horizon), W, loaded, link_wait, pinned, inst)
+            self.copy_peer, int(link_group), float(lookahead), float(horizon), W, loaded, link_wait, pinned, inst,
+            rng)
         if code == -1 or (code == 1 and not refresh):  # (no pair; or the current plan's instances again)
+            self._close_range()
             return None
         if code == -2:
             raise ValueError(f"loads must have shape [E={self.E}], live, ready and last_use [G*S={self.G * self.S}] "
@@ -168,6 +183,7 @@ class MoelessPolicy(Policy):
         robust = refresh and scenarios is not None and len(scenarios) \
             and max(w_max, float(np.max(scenarios))) > self.ridge
         if code == 1 and not robust:  # (the kernel found the current plan's instances again)
+            self._close_range()
             return None
         point = current if code == 1 else self._home_layer if code == 2 else self._plan_of(inst)
         if robust:
@@ -175,9 +191,23 @@ class MoelessPolicy(Policy):
             # instance reads its weights whatever its pairs, so the robust alternatives are not weighed)
             point = self._robust(W, scenarios, current, link_group, live, loaded, pinned, horizon, hedge_horizon,
                                  point)
+        self._close_range()
         if self._same_instances(point, current):
             return None
         return point
+
+    def _open_range(self) -> np.ndarray:
+        """The decision's interval of inverse warm lives, before the compiled loops narrow it: all of them."""
+        rng = self._rng
+        rng[0] = rng[2] = 0.0
+        rng[1] = rng[3] = np.inf
+        return rng
+
+    def _close_range(self) -> None:
+        """life_range (see Policy.life_range) from the narrowed inverse lives."""
+        lo_x, hi_x, lo_y, hi_y = self._rng.tolist()
+        self.life_range = np.array([1.0 / hi_x if hi_x > 0 else np.inf, 1.0 / lo_x if lo_x > 0 else np.inf,
+                                    1.0 / hi_y if hi_y > 0 else np.inf, 1.0 / lo_y if lo_y > 0 else np.inf])
 
     def _robust(self, W, scenarios, current: Plan, link_group: int, live, loaded, pinned, horizon, hedge_horizon,
                 point: Plan) -> Plan:
@@ -216,10 +246,14 @@ class MoelessPolicy(Policy):
         # the fill candidate (_kernels.fill_replicas) of the heaviest scenario: the layout for the layer's spikes
         # (a prefill chunk) over every spare slot, pinned instances included (what dropping them loses is
         # priced over the scenarios), live instances preferred to copies
+        # (the inverse lives' box: the cuts of robust_pick's pricing hold over it)
+        rng = self._rng
+        rng[0], rng[1] = max(rng[0], 1.0 / (_LIFE_BOX * horizon)), min(rng[1], _LIFE_BOX / horizon)
+        rng[2], rng[3] = max(rng[2], 1.0 / (_LIFE_BOX * hedge_horizon)), min(rng[3], _LIFE_BOX / hedge_horizon)
         _kernels.fill_replicas(scen[int(np.argmax(scen.sum(1)))], self.home, live_has, S, self.profile,
-                               self.copy_host, self.copy_peer, holder, group, hedge_horizon, cands[5])
+                               self.copy_host, self.copy_peer, holder, group, hedge_horizon, cands[5], rng)
         best = _kernels.robust_pick(scen, cands, live_has, holder, group, peer, self.copy_host, self.copy_peer,
-                                    horizon, hedge_horizon, self.home_gpu, self.profile, self.max_moves)
+                                    horizon, hedge_horizon, self.home_gpu, self.profile, self.max_moves, rng)
         if best == 0:
             return current
         if best == 1:
