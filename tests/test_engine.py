@@ -380,7 +380,7 @@ def test_steady_asks_the_policy_again_only_when_an_input_moved(monkeypatch):
             per_it.append(len(asked) - n)
         runs[steady] = per_it
         if steady:
-            # settled: at most one decision in ten is asked (noise beyond z = 3, a warm life grown by 10%)
+            # settled: at most one decision in ten is asked (noise beyond z = 3, a warm life past its decision's range)
             assert sum(per_it[-10:]) <= 0.1 * 10 * (2 * L - 1)
             # popularity moves: expert 6 becomes the hot one; every layer is asked again
             pop2 = np.full(E, 1.0)
