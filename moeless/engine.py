@@ -425,9 +425,8 @@ class Engine:
     layer's: the same live instances, each loaded and pinned as then, no copy in flight, the look-ahead and the
     robust step's heaviest scenario within STEADY_TOL (10%) of then, the warm lives inside the range for which the
     policy said its decision holds (Policy.life_range: MoelessPolicy's is exact; a policy that does not say,
-    within STEADY_TOL), and the loads within their
-    sampling noise of then (`_steady`: a chi-square of the two count vectors within STEADY_Z = 3 standard
-    deviations of its mean under one popularity). The plan then stays, as the policy would have kept it on the
+    within STEADY_TOL), and the loads within their sampling noise of then (`_steady`: a chi-square of the two
+    count vectors within STEADY_Z = 3 standard deviations of its mean under one popularity). The plan then stays, as the policy would have kept it on the
     same inputs; a shift of popularity, a batch of another size, a release, an eviction or a copy's arrival asks
     again. Stable popularity then costs a check per decision instead of a time-aware split and search
     (bench/bench_policy.py measures it; `bench/regimes.py --no-steady` what it changes).
@@ -683,10 +682,15 @@ class Engine:
         decision of `kind` for `target` is steady (see steady): its plan is still the layer's, and advancing the
         pool to `now` releases nothing (FunctionPool.quiet), so the check sees what _decide would after the
         advance. Else (-1, 0.0): _decide checks."""
-        if not (self.steady and self._ref_plan[kind][target] is self._plans[target] and self.pool.quiet(now)):
+        if not (self._has_reference(kind, target) and self.pool.quiet(now)):
             return -1, 0.0
         self._ended()
         return kind, now - self.pool.keep_alive_s
+
+    def _has_reference(self, kind: int, target: int) -> bool:
+        """Whether a steady check can skip the decision of `kind` (>= 0) for `target`: the plan its last asked
+        decision left is still the layer's (see steady)."""
+        return self.steady and kind >= 0 and self._ref_plan[kind][target] is self._plans[target]
 
     def _skip(self, now) -> None:
         """A steady decision is not asked (see steady): the pool's clock still moves to `now`."""
@@ -713,7 +717,7 @@ class Engine:
         if not checked:  # (else the caller's compiled step filled _scal with the same scalars)
             # the look-ahead and warm lives into _scal; a steady decision is not asked again
             self._ended()
-            check = kind if steady and self._ref_plan[kind][target] is self._plans[target] else -1
+            check = kind if self._has_reference(kind, target) else -1
             if _steady_now(loads, check, target, self._ref_loads, self.pool.expert, self._ref_live, self._ready,
                            self._last_use, since, self._ref_flags, self._link_free, self._ref_scal, self._sc,
                            self.MAX_LIFE, layers_ahead, peak, self.STEADY_TOL, self.STEADY_Z, self._scal):

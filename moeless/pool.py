@@ -371,14 +371,7 @@ class FunctionPool:
         O(1). The engine advances the pool at every decision, two per layer on a serving clock: a pass over
         DeepSeek-V3's 58 x 512 slots each time would cost several times the decision."""
         quiet = self._quiet
-        if self.quiet(now):  # (the common case, in O(1) and without the checks of _now)
-            if now > self._t:
-                dt = now - self._t
-                self.meter.gb_seconds += quiet[1] * dt * self.expert_bytes / 1e9
-                self.meter.gpu_seconds += quiet[2] * dt
-                self._t = now
-            return now
-        t = self._now(now)
+        t = now if self.quiet(now) else self._now(now)  # (the common case without the checks of _now)
         if t == self._t:
             return t  # nothing to charge, and releases due by t happened when the clock reached t
         if quiet is not None and t < quiet[0]:
