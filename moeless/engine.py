@@ -419,16 +419,16 @@ class Engine:
     averaged over a keep-alive and move slowly, so where the control plane's CPU time is tight most of its
     decisions can be skipped (bench/bench_policy.py measures what that saves, `bench/regimes.py --prepare-every`
     what it costs); the decision d layers ahead, fed the batch's own prediction, always runs every iteration.
-    steady (default on; always off for a policy with free moves, the lossless bound): a decision is not asked of
-    the policy again while its inputs have not moved since the layer's last decision of the same kind (d layers
-    ahead, for the next iteration, or that with the robust alternatives) and that decision's plan is still the
-    layer's: the same live instances, each loaded and pinned as then, no copy in flight, the look-ahead and the
-    robust step's heaviest scenario within STEADY_TOL (10%) of then, the warm lives inside the range for which the
-    policy said its decision holds (Policy.life_range: MoelessPolicy's is exact; a policy that does not say,
-    within STEADY_TOL), and the loads within their sampling noise of then (`_steady`: a chi-square of the two
-    count vectors within STEADY_Z = 3 standard deviations of its mean under one popularity). The plan then stays, as the policy would have kept it on the
-    same inputs; a shift of popularity, a batch of another size, a release, an eviction or a copy's arrival asks
-    again. Stable popularity then costs a check per decision instead of a time-aware split and search
+    steady (default on; always off for a policy with free moves, the lossless bound): a decision is not asked of the
+    policy again while its inputs have not moved since the layer's last decision of the same kind (d layers ahead,
+    for the next iteration, or that with the robust alternatives) and that decision's plan is still the layer's: the
+    same live instances, each loaded and pinned as then, no copy in flight, the look-ahead and the robust step's
+    heaviest scenario within STEADY_TOL (10%) of then, the warm lives inside the range for which the policy said its
+    decision holds (Policy.life_range: MoelessPolicy's is exact; a policy that does not say, within STEADY_TOL), and
+    the loads within their sampling noise of then (`_steady`: a chi-square of the two count vectors within STEADY_Z
+    = 3 standard deviations of its mean under one popularity). The plan then stays, as the policy would have kept it
+    on the same inputs; a shift of popularity, a batch of another size, a release, an eviction or a copy's arrival
+    asks again. Stable popularity then costs a check per decision instead of a time-aware split and search
     (bench/bench_policy.py measures it; `bench/regimes.py --no-steady` what it changes).
     """
 
