@@ -37,6 +37,7 @@ does) and never changes routing.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -106,7 +107,7 @@ def _observe_counts(counts, layer, last_counts, iter_counts, recent, n_recent, s
         else:
             for e in range(E):
                 share[layer, e] = counts[e] / total
-            has_share[layer] = True
+            has_share[layer] = 1
     return 0, target_total
 
 
@@ -282,31 +283,108 @@ def _steady_now(loads, k, l, ref_loads, live, ref_live, ready, last_use, since, 
                    scal, ref_scal, tol, z)
 
 
+# observe's and prepare's compiled steps run for every layer and read some twenty of the engine's arrays; passed one
+# by one, numba unboxes each (about 0.1 us apiece: most of a skipped decision's time). So the engine keeps these
+# arrays as views into two flat ones, a float64 and an int64 (_pack), and the steps take the two and cut the same
+# views (_state). The int64 one begins with the layout: per section, in the order below, its offset and its shape
+# (three dimensions, 1 where unused).
+_F_SHARE, _F_RECENT, _F_REF_LOADS, _F_READY, _F_LAST_USE, _F_LINK_FREE, _F_REF_SCAL, _F_SC, _F_SCAL, _F_PREPARE, \
+    _I_LAST_COUNTS, _I_ITER_COUNTS, _I_N_RECENT, _I_HAS_SHARE, _I_PLAN_REPS, _I_ITER_REPS, _I_REF_LIVE, \
+    _I_REF_FLAGS = range(18)
+_N_FLOAT = _I_LAST_COUNTS  # (the float64 sections come first)
+_SECTIONS = ("_share", "_recent", "_ref_loads", "_ready", "_last_use", "_link_free", "_ref_scal", "_sc", "_scal",
+             "_prepare_loads", "_last_counts", "_iter_counts", "_n_recent", "_has_share", "_plan_reps",
+             "_iteration_replicas", "_ref_live", "_ref_flags")  # (the Engine attributes of the sections, in order)
+
+
+def _pack(arrays: list) -> tuple[np.ndarray, np.ndarray, list]:
+    """The flat float64 and int64 arrays holding `arrays` (one per section, in section order: see _F_SHARE), the
+    int64 one headed by the layout; returns them and the views of each section (holding its array's values)."""
+    head = 4 * len(arrays)
+    fs = np.empty(sum(a.size for a in arrays[:_N_FLOAT]))
+    is_ = np.empty(head + sum(a.size for a in arrays[_N_FLOAT:]), dtype=np.int64)
+    views, at = [], [0, head]
+    for i, a in enumerate(arrays):
+        flat, o = (fs, 0) if i < _N_FLOAT else (is_, 1)
+        is_[4 * i:4 * i + 4] = (at[o], *a.shape, *(1,) * (3 - a.ndim))
+        view = flat[at[o]:at[o] + a.size].reshape(a.shape)
+        view[...] = a
+        views.append(view)
+        at[o] += a.size
+    return fs, is_, views
+
+
 @njit
-def _observe_step(counts, layer, loads, check, k, target, since, last_counts, iter_counts, recent, n_recent, share,
-                  has_share, plan_reps, iteration_replicas, ref_loads, live, ref_live, ready, last_use, ref_flags,
-                  link_free, ref_scal, sc, cap, layers_ahead, tol, z, scal):
+def _section(flat, is_, i):
+    """Section i of flat (see _pack), 1-D; _section2 / _section3: in its shape."""
+    o = is_[4 * i]
+    return flat[o:o + is_[4 * i + 1] * is_[4 * i + 2] * is_[4 * i + 3]]
+
+
+@njit
+def _section2(flat, is_, i):
+    return _section(flat, is_, i).reshape((is_[4 * i + 1], is_[4 * i + 2]))
+
+
+@njit
+def _section3(flat, is_, i):
+    return _section(flat, is_, i).reshape((is_[4 * i + 1], is_[4 * i + 2], is_[4 * i + 3]))
+
+
+@njit
+def _state(fs, is_):
+    """The views of the sections of the engine's flat arrays fs and is_ (see _pack), in section order."""
+    return (_section2(fs, is_, _F_SHARE), _section3(fs, is_, _F_RECENT), _section3(fs, is_, _F_REF_LOADS),
+            _section2(fs, is_, _F_READY), _section2(fs, is_, _F_LAST_USE), _section(fs, is_, _F_LINK_FREE),
+            _section3(fs, is_, _F_REF_SCAL), _section(fs, is_, _F_SC), _section(fs, is_, _F_SCAL),
+            _section(fs, is_, _F_PREPARE), _section2(is_, is_, _I_LAST_COUNTS), _section2(is_, is_, _I_ITER_COUNTS),
+            _section(is_, is_, _I_N_RECENT), _section(is_, is_, _I_HAS_SHARE), _section(is_, is_, _I_PLAN_REPS),
+            _section(is_, is_, _I_ITER_REPS), _section3(is_, is_, _I_REF_LIVE), _section3(is_, is_, _I_REF_FLAGS))
+
+
+@njit
+def _observe_step(counts, layer, loads, check, k, target, since, decide, refs, live, fs, is_, cap, distance, tol, z,
+                  refresh_every, prepare_every):
     """Engine.observe's bookkeeping in one pass (_observe_counts with the shares' weight from the keep-alive's
     iterations; the layer's replicas this iteration), then, for k >= 0 and some load, whether the decision of
-    kind k for `target` is steady (_steady_now). Returns (status, the loads' sum, steady)."""
+    kind k for `target` is steady (_steady_now; `decide`: observe asks for one). Then, where observe asks the
+    policy nothing (not decide, or steady), whether prepare(layer) would find its decision steady at once: its
+    kind's plan still the layer's (refs: bit 0 for kind 1, bit 1 for kind 2; see Engine._checks) and
+    _prepare_check steady. The engine's state: live (the pool's experts [L, G*S]) and the views of fs and is_
+    (_state). Returns (status, the loads' sum, steady, prepare's steady)."""
+    state = _state(fs, is_)
+    share, recent, ref_loads, ready, last_use, link_free, ref_scal, sc, scal, _, last_counts, iter_counts, \
+        n_recent, has_share, plan_reps, iteration_replicas, ref_live, ref_flags = state
     w = 0.5 ** (sc[_WEIGHT] / _life(sc, cap)[0]) if has_share[layer] else 0.0
     status, total = _observe_counts(counts, layer, last_counts, iter_counts, recent, n_recent, share, has_share, w,
                                     loads, check)
     if status:
-        return status, total, False
+        return status, total, False, False
     iteration_replicas[layer] = plan_reps[layer]
-    if k < 0 or not total > 0:
-        return 0, total, False
-    return 0, total, _steady_now(loads, k, target, ref_loads, live, ref_live, ready, last_use, since, ref_flags,
-                                 link_free, ref_scal, sc, cap, layers_ahead, 0.0, tol, z, scal)
+    steady = False
+    if k >= 0 and total > 0:
+        steady = _steady_now(loads, k, target, ref_loads, live, ref_live, ready, last_use, since, ref_flags,
+                             link_free, ref_scal, sc, cap, distance, 0.0, tol, z, scal)
+    if (decide and not steady) or not refs or not has_share[layer]:
+        return 0, total, steady, False
+    # prepare's gating and kind (as Engine.prepare's, on the counts just booked)
+    n = n_recent[layer] + layer
+    refresh = n % refresh_every == 0
+    kind = 2 if refresh else 1
+    if (layer >= distance and n % prepare_every) or not (refs >> (kind - 1)) & 1:
+        return 0, total, steady, False
+    return 0, total, steady, _prepare_check(layer, refresh, kind, since, live, state, cap, live.shape[0] - distance,
+                                            tol, z)[1]
 
 
 @njit
-def _prepare_step(l, refresh, k, since, loads, share, counts, recent, n_recent, ref_loads, live, ref_live, ready,
-                  last_use, ref_flags, link_free, ref_scal, sc, cap, layers_ahead, tol, z, scal):
-    """Engine.prepare's loads into loads [E] (_scaled_share of layer l's shares and counts), then, for k >= 0 and
-    some load, whether its decision of kind k is steady (_steady_now; with `refresh`, the heaviest of the layer's
-    recent scenarios, the first n_recent[l] of recent [L, SCENARIOS, E]). Returns (the loads' sum, steady)."""
+def _prepare_check(l, refresh, k, since, live, state, cap, layers_ahead, tol, z):
+    """Engine.prepare's loads into its buffer (the section _F_PREPARE: _scaled_share of layer l's shares and
+    counts), then, for k >= 0 and some load, whether its decision of kind k is steady (_steady_now; with
+    `refresh`, the heaviest of the layer's recent scenarios, the first n_recent[l] of recent [L, SCENARIOS, E]).
+    state: the views of the engine's flat arrays (_state). Returns (the loads' sum, steady)."""
+    share, recent, ref_loads, ready, last_use, link_free, ref_scal, sc, scal, loads, counts, _, n_recent, _, _, _, \
+        ref_live, ref_flags = state
     total = _scaled_share(share[l], counts[l], loads)
     if k < 0 or not total > 0:
         return total, False
@@ -319,6 +397,12 @@ def _prepare_step(l, refresh, k, since, loads, share, counts, recent, n_recent, 
             peak = max(peak, s)
     return total, _steady_now(loads, k, l, ref_loads, live, ref_live, ready, last_use, since, ref_flags, link_free,
                               ref_scal, sc, cap, layers_ahead, peak, tol, z, scal)
+
+
+@njit
+def _prepare_step(l, refresh, k, since, live, fs, is_, cap, layers_ahead, tol, z):
+    """_prepare_check on the engine's flat arrays fs and is_ (see _pack)."""
+    return _prepare_check(l, refresh, k, since, live, _state(fs, is_), cap, layers_ahead, tol, z)
 
 
 def default_slots_per_gpu(num_experts: int, gpus: int, extra: int = 1) -> int:
@@ -429,7 +513,9 @@ class Engine:
     = 3 standard deviations of its mean under one popularity). The plan then stays, as the policy would have kept it
     on the same inputs; a shift of popularity, a batch of another size, a release, an eviction or a copy's arrival
     asks again. Stable popularity then costs a check per decision instead of a time-aware split and search
-    (bench/bench_policy.py measures it; `bench/regimes.py --no-steady` what it changes).
+    (bench/bench_policy.py measures it; `bench/regimes.py --no-steady` what it changes). observe's compiled pass
+    also checks the layer's next prepare decision on the state it leaves, so a prepare(layer, now) that follows
+    with nothing in between (no other call of this engine, the pool unchanged) and finds it steady only skips it.
     """
 
     # recent true loads per layer kept as the scenarios of the decision well ahead (`prepare`)
@@ -476,8 +562,9 @@ class Engine:
         self.copy_host, self.copy_peer = (float(c) for c in copy_s)
         if getattr(policy, "free_moves", False):
             self.copy_host = self.copy_peer = 0.0
-        if misc is None:
-            misc = (lambda t: float(cost.misc_time(t, self.G))) if cost is not None else (lambda t: 0.0)
+        if misc is None:  # (the cost model's, cached per token count: numpy's per-call overhead, once per iteration)
+            misc = functools.lru_cache(4096)(lambda t: float(cost.misc_time(t, self.G))) if cost is not None \
+                else (lambda t: 0.0)
         self._misc = misc
         if horizon_prior is not None and not (math.isfinite(horizon_prior) and horizon_prior >= 1):
             raise ValueError(f"horizon_prior must be None or a finite number >= 1, got {horizon_prior!r}")
@@ -507,7 +594,7 @@ class Engine:
         self._plans = [initial[l] for l in range(self.L)]
         self._last_counts = np.zeros((self.L, self.E), dtype=np.int64)  # true counts, latest iteration
         self._share = np.zeros((self.L, self.E))  # per layer, load shares averaged over one keep-alive
-        self._has_share = np.zeros(self.L, dtype=np.bool_)
+        self._has_share = np.zeros(self.L, dtype=np.int64)
         self._recent = np.zeros((self.L, self.SCENARIOS, self.E))  # per layer, its last true counts (a ring)
         self._n_recent = np.zeros(self.L, dtype=np.int64)
         self._iter_counts = np.zeros((self.L, self.E), dtype=np.int64)
@@ -529,15 +616,19 @@ class Engine:
         self._ended_key = (0, 0, 0, 0)  # (see _ended) the ended counts in _sc are recounted when it changes
         self.stats = EngineStats()
         self.applied: list[tuple[float, int, np.ndarray]] = []  # (now, layer, phy2log [G*S]) in pool order
-        # the arrays (updated in place, never rebound) and constants that observe's and prepare's compiled steps
-        # read after their per-call arguments
-        steady_state = (self._ref_loads, self.pool.expert, self._ref_live, self._ready, self._last_use,
-                        self._ref_flags, self._link_free, self._ref_scal, self._sc, self.MAX_LIFE)
-        self._observe_state = (self._last_counts, self._iter_counts, self._recent, self._n_recent, self._share,
-                               self._has_share, self._plan_reps, self._iteration_replicas, *steady_state,
-                               self.distance, self.STEADY_TOL, self.STEADY_Z, self._scal)
-        self._prepare_state = (self._prepare_loads, self._share, self._last_counts, self._recent, self._n_recent,
-                               *steady_state, self.L - self.distance, self.STEADY_TOL, self.STEADY_Z, self._scal)
+        # the arrays above that observe's and prepare's compiled steps read become views into two flat ones (see
+        # _pack; updated in place, never rebound), which the steps take after their per-call arguments with the
+        # pool's experts and the constants
+        self._fs, self._is, views = _pack([getattr(self, name) for name in _SECTIONS])
+        for name, view in zip(_SECTIONS, views):
+            setattr(self, name, view)
+        state = (self.pool.expert, self._fs, self._is, self.MAX_LIFE)
+        self._observe_state = (*state, self.distance, self.STEADY_TOL, self.STEADY_Z, self.refresh_every,
+                               self.prepare_every)
+        self._prepare_state = (*state, self.L - self.distance, self.STEADY_TOL, self.STEADY_Z)
+        # (layer, now, the pool's quiet_token) of the decision prepare(layer, now) is to skip: observe's pass found it
+        # steady (see _checks); any other call in between drops it
+        self._early = None
         self._started = False
         self._now = 0.0
 
@@ -555,6 +646,7 @@ class Engine:
     def start(self, now: float | None = None) -> ApplyResult:
         """Realise the policy's initial plan in the pool: every slot of every layer cold-starts (before the first
         batch, as a serverful deployment loads its weights)."""
+        self._early = None  # (see observe)
         if self._started:
             raise ValueError("engine already started")
         self._started = True
@@ -569,10 +661,12 @@ class Engine:
 
     def close(self, now: float | None = None) -> Meter:
         """Charge the pool up to `now`, release everything, return the meter."""
+        self._early = None  # (see observe)
         return self.pool.close(now)
 
     def begin_iteration(self, tokens: float, prefill: bool = False, weight: float = 1.0) -> None:
         """The coming iteration's tokens, phase and weight (how many real iterations it stands for)."""
+        self._early = None  # (see observe)
         if not (math.isfinite(tokens) and tokens >= 0):
             raise ValueError(f"tokens must be a finite number >= 0, got {tokens!r}")
         if not (math.isfinite(weight) and weight > 0):
@@ -595,6 +689,7 @@ class Engine:
     def split(self, layer: int, counts) -> np.ndarray:
         """replica_tokens int64 [E, R] of `layer` for its true global counts [E] (pairs per expert), by the
         policy's split; advances the model clock by the layer's predicted seconds."""
+        self._early = None  # (see observe)
         layer = self._layer(layer)
         counts = self._counts(counts, "counts")
         plan = self._plans[layer]
@@ -630,9 +725,12 @@ class Engine:
             loads = self._last_counts[target]  # the previous iteration's true counts of the target layer
         decide = replan and not (self.prewarm and layer + self.distance >= self.L)
         # the layer's counts, and its load shares averaged over one keep-alive; then whether the decision is steady
-        # (checked here, in the same compiled pass, where the pool's clock moves to `now` without a release)
-        k, since = self._steady_kind(0, target, now) if decide else (-1, 0.0)
-        status, total, skip = _observe_step(counts, layer, loads, check, k, target, since, *self._observe_state)
+        # (checked here, in the same compiled pass, where the pool's clock moves to `now` without a release), and
+        # whether prepare(layer, now)'s will be
+        k, refs, since = self._checks(decide, target, layer, now)
+        status, total, skip, early = _observe_step(counts, layer, loads, check, k, target, since, decide, refs,
+                                                   *self._observe_state)
+        self._early = (layer, now, self.pool.quiet_token) if early else None
         if status:
             _raise_count_status(status % 3, "counts" if status < 3 else "predicted")
         if layer == self.L - 1:
@@ -654,6 +752,9 @@ class Engine:
         the homes alone (LayerContext.refresh, every `refresh_every` iterations) and decides only every
         `prepare_every` iterations (see the class docstring). Returns (layer, ApplyResult) or None; nothing with
         `prewarm` off."""
+        early, self._early = self._early, None
+        if early is not None and type(layer) is int and early[:2] == (layer, now) and early[2] is self.pool.quiet_token:
+            return self._skip(now)  # (observe's pass found this decision steady, and nothing moved since)
         layer = self._layer(layer)
         if not self.prewarm or not self._has_share[layer]:
             return None
@@ -675,6 +776,7 @@ class Engine:
         """Ask the policy for layer `layer`'s plan for `loads` [E] now (outside the protocol: the lossless bound
         decides the first d layers of an iteration from their true loads with it). Returns (layer, ApplyResult)
         or None."""
+        self._early = None  # (see observe)
         return self._decide(self._layer(layer), self._counts(loads, "loads", integral=False), now, int(layers_ahead))
 
     def _steady_kind(self, kind: int, target: int, now) -> tuple[int, float]:
@@ -686,6 +788,20 @@ class Engine:
             return -1, 0.0
         self._ended()
         return kind, now - self.pool.keep_alive_s
+
+    def _checks(self, decide: bool, target: int, layer: int, now) -> tuple[int, int, float]:
+        """The steady checks observe's compiled pass can make (see _steady_kind): the kind of its decision for
+        `target` (0; -1: none, or not `decide`), which of prepare's next decisions for `layer` have their plan still
+        the layer's (bit 0: kind 1, bit 1: kind 2; 0: none; with prewarm), and the keep-alive's start."""
+        if not (self.steady and self.pool.quiet(now)):
+            return -1, 0, 0.0
+        k = 0 if decide and self._has_reference(0, target) else -1
+        plan = self._plans[layer]
+        refs = (self._ref_plan[1][layer] is plan) + 2 * (self._ref_plan[2][layer] is plan) if self.prewarm else 0
+        if k < 0 and not refs:
+            return -1, 0, 0.0
+        self._ended()
+        return k, refs, now - self.pool.keep_alive_s
 
     def _has_reference(self, kind: int, target: int) -> bool:
         """Whether a steady check can skip the decision of `kind` (>= 0) for `target`: the plan its last asked
@@ -759,6 +875,7 @@ class Engine:
     def end_iteration(self, now: float | None = None, weight: float = 1.0) -> ApplyResult | None:
         """After the last layer: count the warm life of this engine's instances, and realise the policy's
         whole-model plan if it has one (EPLB's rebuild at its cadence)."""
+        self._early = None  # (see observe)
         self._sc[_ITERATIONS] += weight
         new = self.policy.end_iteration(self._iter_counts.copy(), float(self._now if now is None else now), weight)
         if new is None:

@@ -362,6 +362,12 @@ class FunctionPool:
         quiet = self._quiet
         return quiet is not None and type(now) is float and self._t <= now < quiet[0]
 
+    @property
+    def quiet_token(self):
+        """An object that stays the same (by identity) while advancing the pool only charges its meter (see quiet):
+        apply, prewarm, close and every pass of advance_to over the slots replace it."""
+        return self._quiet
+
     def advance_to(self, now=None) -> float:
         """Charge the meter up to `now` and release the instances whose keep-alive ran out.
 

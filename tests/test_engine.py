@@ -416,3 +416,89 @@ def test_the_bound_never_skips():
     bound = _moeless(free_moves=True)
     assert not Engine(bound).steady
     assert Engine(_moeless()).steady and not Engine(_moeless(), steady=False).steady
+
+
+@pytest.mark.parametrize("distance,prepare_every,refresh_every", [(1, 1, 4), (2, 3, 1)])
+def test_prepare_settled_by_observes_pass_as_on_its_own(distance, prepare_every, refresh_every):
+    """observe's compiled pass also checks whether prepare(layer, now), called next, will find its decision steady;
+    prepare then only skips it (Engine._early). Against a twin engine whose prepare always checks on its own (the
+    early verdict dropped before each call), over popularity that holds and shifts, batches of several sizes,
+    releases (a keep-alive shorter than some gaps), iterations that do not replan, and calls in between that move
+    the state prepare reads (a second split, a decision of another layer, another `now`): the same decisions,
+    plans, statistics, bill and pool."""
+    rng = np.random.default_rng(distance)
+    engines = [Engine(_moeless(), distance=distance, keep_alive_s=0.5, prepare_every=prepare_every,
+                      refresh_every=refresh_every) for _ in range(2)]
+    for eng in engines:
+        eng.start(0.0)
+    early = 0
+    pop = rng.dirichlet(np.full(E, 0.3))
+    t = 0.0
+    for it in range(200):
+        if rng.random() < 0.05:
+            pop = rng.dirichlet(np.full(E, 0.3))
+        tokens = int(rng.choice([64, 64, 64, 512]))
+        loads = np.stack([rng.multinomial(2 * tokens, pop) for _ in range(L)])
+        replan = bool(rng.random() > 0.05)
+        t += 0.8 if rng.random() < 0.1 else 0.01
+        between, what = int(rng.integers(0, 2 * L)), int(rng.integers(0, 3))
+        results = []
+        for i, eng in enumerate(engines):
+            out = []
+            eng.begin_iteration(float(tokens))
+            for layer in range(L):
+                now = t + 0.001 * layer
+                eng.split(layer, loads[layer])
+                pred = loads[layer + distance] if layer + distance < L else None
+                out.append(eng.observe(layer, loads[layer], pred, now, replan=replan))
+                if layer == between and what == 0:
+                    eng.split(layer, loads[layer])
+                elif layer == between and what == 1:
+                    out.append(eng.decide((layer + 1) % L, loads[(layer + 1) % L].astype(float), now))
+                elif layer == between:
+                    now += 1e-4
+                if i == 0:
+                    early += eng._early is not None
+                else:
+                    eng._early = None
+                out.append(eng.prepare(layer, now))
+            eng.end_iteration(now)
+            results.append([None if r is None else (r[0], r[1].cold.tolist(), r[1].warm.tolist()) for r in out])
+        assert results[0] == results[1], it
+    a, b = engines
+    assert early > 100  # (the early verdict served)
+    assert a.stats.plans_skipped > 100 and a.stats.plans_made > 10 and a.pool.meter.releases > 0
+    for name in ("plans_made", "plans_kept", "plans_skipped", "cold_starts", "warm_starts"):
+        assert getattr(a.stats, name) == getattr(b.stats, name), name
+    assert [(t, l, p.tolist()) for t, l, p in a.applied] == [(t, l, p.tolist()) for t, l, p in b.applied]
+    assert a.pool.meter == b.pool.meter and a.model_t == b.model_t
+    np.testing.assert_array_equal(a.pool.expert, b.pool.expert)
+
+
+@pytest.mark.parametrize("between", ["prewarm", "split"])
+def test_a_change_between_observe_and_prepare_makes_prepare_check_again(monkeypatch, between):
+    """Once observe's pass found prepare's decision steady, a change in between (an instance prewarmed into the
+    layer's free slot: the pool; a far heavier split of the layer: the look-ahead's mean layer time) has prepare
+    ask the policy again, as it would without observe's verdict."""
+    eng = Engine(_moeless(), keep_alive_s=float("inf"))
+    eng.start(0.0)
+    loads = np.full((L, E), 200)
+    loads[:, 3] = 6000
+    for it in range(120):  # (settled, as in the test above)
+        _drive(eng, loads, t0=it * 0.01, predictions=loads)
+    asked = _spied(eng, monkeypatch)
+    now = 1.2
+    eng.begin_iteration(float(loads[0].sum()) / 2)
+    for layer in range(3):
+        eng.split(layer, loads[layer])
+        eng.observe(layer, loads[layer], loads[layer + 1], now)
+        if layer < 2:
+            eng.prepare(layer, now)
+    assert eng._early is not None and asked == []  # (observe's verdict for prepare(2))
+    if between == "prewarm":
+        free = np.flatnonzero(eng.pool.expert[2] < 0)
+        eng.pool.prewarm(2, int(free[0]), 5, now)
+    else:
+        eng.split(2, loads[2] * 50)
+    eng.prepare(2, now)
+    assert asked == [2]
