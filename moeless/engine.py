@@ -367,14 +367,24 @@ def _observe_step(counts, layer, loads, check, k, target, since, decide, refs, l
                              link_free, ref_scal, sc, cap, distance, 0.0, tol, z, scal)
     if (decide and not steady) or not refs or not has_share[layer]:
         return 0, total, steady, False
-    # prepare's gating and kind (as Engine.prepare's, on the counts just booked)
-    n = n_recent[layer] + layer
-    refresh = n % refresh_every == 0
-    kind = 2 if refresh else 1
-    if (layer >= distance and n % prepare_every) or not (refs >> (kind - 1)) & 1:
+    kind = _prepare_kind(n_recent[layer] + layer, layer, distance, refresh_every, prepare_every)  # (counts booked)
+    if not kind or not (refs >> (kind - 1)) & 1:
         return 0, total, steady, False
-    return 0, total, steady, _prepare_check(layer, refresh, kind, since, live, state, cap, live.shape[0] - distance,
-                                            tol, z)[1]
+    return 0, total, steady, _prepare_check(layer, kind == 2, kind, since, live, state, cap,
+                                            live.shape[0] - distance, tol, z)[1]
+
+
+@njit
+def _prepare_kind(n, layer, distance, refresh_every, prepare_every):
+    """The kind of Engine.prepare's decision for `layer` once its n-th counts are booked (n: n_recent + layer, so
+    that the layers take turns): 0 when it decides nothing this iteration (only every prepare_every-th; the first
+    `distance` layers always), 2 with the robust alternatives (every refresh_every-th), else 1."""
+    if layer >= distance and n % prepare_every:
+        return 0
+    return 2 if n % refresh_every == 0 else 1
+
+
+_prepare_kind_py = getattr(_prepare_kind, "py_func", _prepare_kind)  # (prepare calls it from Python: no dispatch)
 
 
 @njit
@@ -459,7 +469,8 @@ class GateReplicaLoads:
             rep = torch.from_numpy(np.ascontiguousarray(self.predictor.replicas)).to(device=device, dtype=dtype)
             bias = None
             if self.predictor.bias is not None:
-                bias = torch.from_numpy(np.ascontiguousarray(self.predictor.bias)).to(device=device, dtype=torch.float32)
+                bias = torch.from_numpy(np.ascontiguousarray(self.predictor.bias))
+                bias = bias.to(device=device, dtype=torch.float32)
             self._weights[key] = (rep, bias)
         return self._weights[key]
 
@@ -758,11 +769,11 @@ class Engine:
         layer = self._layer(layer)
         if not self.prewarm or not self._has_share[layer]:
             return None
-        n = int(self._n_recent[layer]) + layer
-        refresh = n % self.refresh_every == 0
-        if layer >= self.distance and n % self.prepare_every:
+        kind = _prepare_kind_py(int(self._n_recent[layer]) + layer, layer, self.distance, self.refresh_every,
+                                self.prepare_every)
+        if not kind:
             return None  # (see prepare_every)
-        kind = 2 if refresh else 1
+        refresh = kind == 2
         k, since = self._steady_kind(kind, layer, now)
         loads = self._prepare_loads
         total, skip = _prepare_step(layer, refresh, k, since, *self._prepare_state)

@@ -502,3 +502,17 @@ def test_a_change_between_observe_and_prepare_makes_prepare_check_again(monkeypa
         eng.split(2, loads[2] * 50)
     eng.prepare(2, now)
     assert asked == [2]
+
+
+def test_compiled_steps_see_the_engines_arrays():
+    """observe's and prepare's compiled steps cut their views of the engine's two flat arrays (engine._state) as
+    the engine laid them out (engine._pack): each the same memory and shape as the engine's attribute."""
+    from moeless.engine import _SECTIONS, _state
+
+    eng = Engine(_moeless(), distance=2)
+    views = _state(eng._fs, eng._is)
+    assert len(views) == len(_SECTIONS)
+    for name, view in zip(_SECTIONS, views):
+        mine = getattr(eng, name)
+        assert view.shape == mine.shape and view.dtype == mine.dtype, name
+        assert view.__array_interface__["data"][0] == mine.__array_interface__["data"][0], name
