@@ -774,7 +774,8 @@ class Engine:
         if not kind:
             return None  # (see prepare_every)
         refresh = kind == 2
-        k, since = self._steady_kind(kind, layer, now)
+        _, refs, since = self._checks(False, layer, layer, now)
+        k = kind if (refs >> (kind - 1)) & 1 else -1
         loads = self._prepare_loads
         total, skip = _prepare_step(layer, refresh, k, since, *self._prepare_state)
         if skip:
@@ -790,20 +791,12 @@ class Engine:
         self._early = None  # (see observe)
         return self._decide(self._layer(layer), self._counts(loads, "loads", integral=False), now, int(layers_ahead))
 
-    def _steady_kind(self, kind: int, target: int, now) -> tuple[int, float]:
-        """(kind, the keep-alive's start) when observe / prepare can check in their compiled pass whether the
-        decision of `kind` for `target` is steady (see steady): its plan is still the layer's, and advancing the
-        pool to `now` releases nothing (FunctionPool.quiet), so the check sees what _decide would after the
-        advance. Else (-1, 0.0): _decide checks."""
-        if not (self._has_reference(kind, target) and self.pool.quiet(now)):
-            return -1, 0.0
-        self._ended()
-        return kind, now - self.pool.keep_alive_s
-
     def _checks(self, decide: bool, target: int, layer: int, now) -> tuple[int, int, float]:
-        """The steady checks observe's compiled pass can make (see _steady_kind): the kind of its decision for
-        `target` (0; -1: none, or not `decide`), which of prepare's next decisions for `layer` have their plan still
-        the layer's (bit 0: kind 1, bit 1: kind 2; 0: none; with prewarm), and the keep-alive's start."""
+        """The steady checks observe's and prepare's compiled passes can make: the kind of observe's decision for
+        `target` (0; -1: none, or not `decide`), which of prepare's decisions for `layer` (bit 0: kind 1, bit 1:
+        kind 2; 0: none; with prewarm), and the keep-alive's start. A decision can be checked there when its plan
+        is still the layer's (see steady) and advancing the pool to `now` releases nothing (FunctionPool.quiet), so
+        the check sees what _decide would after the advance; else _decide checks."""
         if not (self.steady and self.pool.quiet(now)):
             return -1, 0, 0.0
         k = 0 if decide and self._has_reference(0, target) else -1
